@@ -22,10 +22,16 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from raysae.train import run_single_process
+    from raysae.train import run_single_process, train_distributed
 
     cfg = load_run_config(args.config, _parse_sets(args.set))
-    run_single_process(cfg, args.out, overwrite=args.overwrite)
+    if args.local or cfg.data.toy is not None:
+        run_single_process(cfg, args.out, overwrite=args.overwrite)
+        return 0
+    import ray
+
+    ray.init(address=args.address, log_to_driver=True)
+    train_distributed(cfg, args.out, name=args.name, overwrite=args.overwrite)
     return 0
 
 
@@ -38,11 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train", help="train one SAE from a run config (YAML)",
-        description="Train one SAE. The config has sections sae:, train: and data: "
-                    "(see raysae/config.py for every field). Writes OUT/sae (safetensors + JSON) "
-                    "and OUT/metrics.json.")
+        description="Train one SAE. The config has sections sae:, train:, data: and scaling: "
+                    "(see raysae/config.py for every field). With data.uri (a dataset) it runs on "
+                    "Ray Train: scaling.num_workers DDP workers on the cluster at --address (a new "
+                    "local one by default), checkpoints every scaling.checkpoint_every_tokens, and "
+                    "re-running the same command resumes the run. Writes OUT/NAME/sae "
+                    "(safetensors + JSON) and OUT/NAME/metrics.json. With data.toy, or --local, it "
+                    "trains in this process and writes OUT/sae and OUT/metrics.json.")
     train.add_argument("config", help="run config YAML, e.g. sweeps/toy-train.yaml")
-    train.add_argument("--out", required=True, help="output directory for the checkpoint and metrics")
+    train.add_argument("--out", required=True,
+                       help="output location: a local directory or s3://bucket/prefix")
+    train.add_argument("--name", default=None,
+                       help="run name under --out (default: architecture, size and a hash of "
+                            "the config, so the same config resumes the same run)")
+    train.add_argument("--address", default=None,
+                       help="Ray cluster address (default: start a local Ray)")
+    train.add_argument("--local", action="store_true",
+                       help="train in this process without Ray")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set sae.k=64 (repeatable)")
     train.add_argument("--overwrite", action="store_true",

@@ -77,3 +77,61 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(str(tmp))
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints: the SAE plus everything needed to continue exactly where training was.
+#
+#     sae.safetensors + config.json   the SAE, unfolded (training continues in scaled units)
+#     optimizer.safetensors           Adam's per-parameter tensors, keyed "<param index>.<name>"
+#     train_state.safetensors         tokens_since_fired (dead-latent counters)
+#     train_state.json                counters, the data position, Adam's hyperparameters
+
+OPTIMIZER = "optimizer.safetensors"
+TRAIN_TENSORS = "train_state.safetensors"
+TRAIN_JSON = "train_state.json"
+
+
+def save_training_checkpoint(directory: str | os.PathLike, model: SparseAutoencoder,
+                             optimizer: torch.optim.Optimizer, state, progress: dict) -> Path:
+    """Write model, optimizer and TrainState (`raysae.trainer.TrainState`) plus `progress`
+    (a JSON-safe dict: where in the data stream the run is)."""
+    directory = save_sae(model, directory)
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, param_state in opt["state"].items():
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    _atomic_write(directory / OPTIMIZER, lambda p: save_file(tensors, p))
+    _atomic_write(directory / TRAIN_TENSORS, lambda p: save_file(
+        {"tokens_since_fired": state.tokens_since_fired.contiguous().cpu()}, p))
+    meta = {"tokens": state.tokens, "step": state.step, "progress": progress,
+            "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+    _atomic_write(directory / TRAIN_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    return directory
+
+
+def load_training_checkpoint(directory: str | os.PathLike, model: SparseAutoencoder,
+                             optimizer: torch.optim.Optimizer) -> tuple[int, int, torch.Tensor, dict]:
+    """Restore model and optimizer in place; returns (tokens, step, tokens_since_fired, progress)."""
+    directory = Path(directory)
+    saved = load_sae(directory)
+    model.load_state_dict(saved.state_dict())
+    meta = json.loads((directory / TRAIN_JSON).read_text())
+    state: dict[int, dict] = {}
+    for key, value in load_file(str(directory / OPTIMIZER)).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["optimizer_scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = meta["param_groups"]
+    for group in groups:  # JSON turned tuples into lists
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    since = load_file(str(directory / TRAIN_TENSORS))["tokens_since_fired"]
+    return meta["tokens"], meta["step"], since, meta["progress"]

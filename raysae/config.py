@@ -172,10 +172,49 @@ class DataConfig:
     """A raysae dataset: a local directory or s3://bucket/prefix holding Parquet parts + manifest.json."""
     toy: Optional[ToyDataConfig] = None
     """Synthetic data with ground truth, generated on the fly."""
+    eval_parts: int = 1
+    """data.uri: the dataset's last eval_parts Parquet parts are held out for the final evaluation."""
+    eval_tokens: int = 65_536
+    """Held-out tokens evaluated at the end of a run (at most)."""
+    shuffle_buffer_tokens: int = 0
+    """Ray Data local shuffle buffer per worker, in rows (0: parts are read in shuffled order only)."""
 
     def __post_init__(self) -> None:
         if (self.uri is None) == (self.toy is None):
             raise ConfigError("data: give exactly one of data.uri (a dataset) or data.toy (synthetic)")
+        _non_negative(self, "eval_parts", "shuffle_buffer_tokens")
+        _positive(self, "eval_tokens")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How a run uses the Ray cluster (ignored by the single-process trainer)."""
+
+    num_workers: int = 1
+    """Ray Train workers (one process each, DDP). With min_workers set, the most workers."""
+    min_workers: Optional[int] = None
+    """Elastic training: start with at least this many workers and grow to num_workers as the
+    cluster allows; a resize restarts the workers from the latest checkpoint."""
+    use_gpu: Optional[bool] = None
+    """One GPU per worker; None means yes when the cluster has GPUs."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (fractions allowed)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker needs, e.g. {"trainer_slot": 1} to pin workers to nodes."""
+    max_failures: int = 3
+    """Worker-group failures survived (each restarts from the latest checkpoint)."""
+    checkpoint_every_tokens: int = 5_000_000
+    """Write a checkpoint every this many tokens (and at the end)."""
+    num_checkpoints_to_keep: int = 2
+    """Older checkpoints are deleted from storage."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_workers", "cpus_per_worker", "checkpoint_every_tokens",
+                  "num_checkpoints_to_keep")
+        _non_negative(self, "max_failures")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"scaling.min_workers={self.min_workers} must be in "
+                              f"1..scaling.num_workers={self.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -188,6 +227,8 @@ class RunConfig:
     """The activations."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The optimisation."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers, GPUs, failures and checkpoints on the Ray cluster."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +271,8 @@ def to_dict(config) -> dict:
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple):
             return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
         return v
     return plain(config)
 
@@ -246,6 +289,12 @@ def _coerce(tp: Any, value: Any, key: str):
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, args))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        key_type, value_type = args
+        return {_coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
+                for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
@@ -296,7 +345,8 @@ def _non_negative(cfg, *names: str) -> None:
 
 
 def _section(cfg) -> str:
-    return {"SAEConfig": "sae", "TrainConfig": "train", "ToyDataConfig": "toy"}.get(
+    return {"SAEConfig": "sae", "TrainConfig": "train", "ToyDataConfig": "data.toy",
+            "DataConfig": "data", "ScalingConfig": "scaling"}.get(
         type(cfg).__name__, type(cfg).__name__)
 
 
