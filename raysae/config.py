@@ -301,6 +301,10 @@ def _coerce(tp: Any, value: Any, key: str):
         return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if tp is dict:  # free-form mapping, validated by whoever reads it
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected true or false")
