@@ -1,0 +1,202 @@
+"""Storage URIs: one code path for local directories and ``s3://bucket/prefix``.
+
+Every read and write of a dataset goes through :func:`filesystem_and_path`, which maps a URI
+to a ``pyarrow.fs.FileSystem`` and a path inside it, so local and S3 datasets share all code.
+
+S3 settings
+-----------
+- Endpoint: the ``endpoint`` argument, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``,
+  else AWS itself. A value such as ``http://127.0.0.1:9000`` selects scheme and host.
+- Credentials: never taken as arguments. pyarrow's S3 client resolves them from the standard
+  AWS chain (environment, ``~/.aws``, instance metadata) in every process that opens a file,
+  so they are never pickled into Ray tasks, logged, or written into manifests.
+- Retries: pyarrow's ``AwsStandardS3RetryStrategy`` (the SDK's capped exponential backoff);
+  there are no hand-written retry loops here.
+- Fail fast: a short connect timeout, so an unreachable endpoint raises
+  :class:`StorageError` naming the endpoint within seconds instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+S3_CONNECT_TIMEOUT_S = 2.0
+"""Seconds to wait for a TCP connection to the S3 endpoint (the SDK default is 1 s)."""
+
+S3_REQUEST_TIMEOUT_S = 15.0
+"""Seconds with no bytes moving before a request fails (curl's low-speed limit on Linux, not a
+cap on total transfer time, so large parts are unaffected; a silent server fails in ~3×15 s)."""
+
+S3_MAX_ATTEMPTS = 3
+"""Attempts per S3 request, retried with the SDK's standard backoff."""
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI and, for S3, the endpoint."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a URI lives: the filesystem, the path inside it, and a printable endpoint."""
+
+    filesystem: pafs.FileSystem
+    """The pyarrow filesystem serving the URI."""
+    path: str
+    """The path inside ``filesystem`` (``bucket/key`` for S3, an absolute path locally)."""
+    endpoint: str
+    """``local`` or the S3 endpoint URL, for error messages."""
+
+
+def s3_endpoint(endpoint: str | None = None) -> str | None:
+    """The S3 endpoint URL to use: the argument, else the AWS environment variables, else None."""
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def is_s3(uri: str) -> bool:
+    """Whether ``uri`` names an object in S3 (``s3://bucket/key``)."""
+    return uri.startswith("s3://")
+
+
+def locate(uri: str, *, endpoint: str | None = None) -> Location:
+    """Resolve ``uri`` (local path, ``file://`` URI or ``s3://bucket/key``) to a :class:`Location`."""
+    if is_s3(uri):
+        return _locate_s3(uri, s3_endpoint(endpoint))
+    if uri.startswith("file://"):
+        uri = urlsplit(uri).path
+    if "://" in uri:
+        raise StorageError(
+            f"unsupported storage URI {uri!r}: use a local path, file://… or s3://bucket/prefix"
+        )
+    return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), "local")
+
+
+def _locate_s3(uri: str, endpoint: str | None) -> Location:
+    """Build the S3 filesystem for ``uri``; the region stays unset so no lookup call is made."""
+    path = uri[len("s3://") :].strip("/")
+    if not path:
+        raise StorageError(f"S3 URI {uri!r} names no bucket: use s3://bucket/prefix")
+    options: dict = {
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "request_timeout": S3_REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    }
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        options["endpoint_override"] = parts.netloc
+        options["scheme"] = parts.scheme
+        # Local S3 servers (MinIO, moto) serve path-style URLs and need no real region.
+        options["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    return Location(pafs.S3FileSystem(**options), path, endpoint or "AWS S3 (default endpoint)")
+
+
+def filesystem_and_path(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and in-filesystem path for ``uri`` (see :func:`locate`)."""
+    location = locate(uri, endpoint=endpoint)
+    return location.filesystem, location.path
+
+
+def join(uri: str, *names: str) -> str:
+    """``uri`` with ``names`` appended as path components (works for local paths and s3://)."""
+    return "/".join([uri.rstrip("/"), *(name.strip("/") for name in names)])
+
+
+def _fail(location: Location, action: str, uri: str, err: OSError) -> StorageError:
+    """A StorageError naming what was attempted, where, and through which endpoint."""
+    where = "" if location.endpoint == "local" else f" via S3 endpoint {location.endpoint}"
+    return StorageError(f"cannot {action} {uri}{where}: {err}")
+
+
+def exists(uri: str, *, endpoint: str | None = None) -> bool:
+    """Whether a file exists at ``uri``."""
+    location = locate(uri, endpoint=endpoint)
+    try:
+        info = location.filesystem.get_file_info(location.path)
+    except OSError as err:
+        raise _fail(location, "check", uri, err) from err
+    return info.type == pafs.FileType.File
+
+
+def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
+    """The whole content of the file at ``uri``; FileNotFoundError if there is none."""
+    location = locate(uri, endpoint=endpoint)
+    try:
+        with location.filesystem.open_input_stream(location.path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise _fail(location, "read", uri, err) from err
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
+    """Write ``data`` to ``uri``, replacing any file there, so readers never see half of it.
+
+    Locally the data goes to a temporary sibling that is then renamed over the target (rename
+    is atomic on POSIX). An S3 PUT is atomic by itself: the object appears only when complete.
+    """
+    location = locate(uri, endpoint=endpoint)
+    fs, path = location.filesystem, location.path
+    try:
+        if is_s3(uri):
+            with fs.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with fs.open_output_stream(temporary) as stream:
+                stream.write(data)
+            fs.move(temporary, path)
+        finally:
+            if fs.get_file_info(temporary).type == pafs.FileType.File:
+                fs.delete_file(temporary)
+    except OSError as err:
+        raise _fail(location, "write", uri, err) from err
+
+
+def list_files(uri: str, *, endpoint: str | None = None) -> dict[str, int]:
+    """Names and byte sizes of the files directly under the prefix ``uri`` ({} if none)."""
+    location = locate(uri, endpoint=endpoint)
+    selector = pafs.FileSelector(location.path, allow_not_found=True, recursive=False)
+    try:
+        infos = location.filesystem.get_file_info(selector)
+    except OSError as err:
+        raise _fail(location, "list", uri, err) from err
+    return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
+
+
+def delete(uri: str, *, endpoint: str | None = None) -> None:
+    """Delete the file at ``uri``; deleting a file that does not exist is not an error."""
+    location = locate(uri, endpoint=endpoint)
+    try:
+        location.filesystem.delete_file(location.path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise _fail(location, "delete", uri, err) from err
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str, *, endpoint: str | None = None) -> None:
+    """Copy every file under ``local_dir`` to the prefix ``uri``, keeping relative paths."""
+    _copy_tree(locate(os.fspath(local_dir)), locate(uri, endpoint=endpoint), uri)
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike, *, endpoint: str | None = None) -> None:
+    """Copy every file under the prefix ``uri`` into ``local_dir``, keeping relative paths."""
+    _copy_tree(locate(uri, endpoint=endpoint), locate(os.fspath(local_dir)), uri)
+
+
+def _copy_tree(source: Location, destination: Location, uri: str) -> None:
+    """Recursive copy between filesystems with pyarrow (parallel, streaming)."""
+    try:
+        if destination.endpoint == "local":
+            destination.filesystem.create_dir(destination.path, recursive=True)
+        pafs.copy_files(source.path, destination.path, source.filesystem, destination.filesystem)
+    except OSError as err:
+        remote = destination if destination.endpoint != "local" else source
+        raise _fail(remote, "copy a directory to or from", uri, err) from err
