@@ -277,20 +277,17 @@ def finish_run(result, runs: list[RunConfig], out: str, wall: float,
 
     One member: OUT/sae and OUT/metrics.json; a pack: OUT/m<i>/sae and OUT/m<i>/metrics.json.
     """
-    final = result.metrics
-    records = (result.metrics_dataframe.to_dict("records")
-               if result.metrics_dataframe is not None else [])
-    training = [_plain(r) for r in records if r.get("eval/fvu") is None or r["eval/fvu"] != r["eval/fvu"]]
+    final = result.return_value  # rank 0's return of train_loop_per_worker
+    progress = final["progress"]
     results = []
     for i, cfg in enumerate(runs):
-        held_out = _member_view(final, f"eval/m{i}/", keep_unprefixed=False)
-        history = [_member_view(r, f"m{i}/") for r in training]
+        held_out = _member_view(final["eval"], f"m{i}/", keep_unprefixed=False)
+        history = [_member_view(r, f"m{i}/") for r in final["history"]]
         with result.checkpoint.as_directory() as ckpt_dir:
             model = load_sae(Path(ckpt_dir) / f"m{i}")
         member_out = out if len(runs) == 1 else storage.join(out, f"m{i}")
-        extra = {"replayed_tokens": final["replayed_tokens"], "restarts": final["restarts"],
-                 "nodes": final["nodes"], "rows_read": final["rows_read"],
-                 "run_dir": member_out, "checkpoint": result.checkpoint.path}
+        extra = {k: progress[k] for k in ("replayed_tokens", "restarts", "nodes", "rows_read")}
+        extra.update(run_dir=member_out, checkpoint=result.checkpoint.path)
         results.append(finish(model, cfg, member_out, history, wall, held_out, None, extra, log))
     return results
 
@@ -316,14 +313,3 @@ def _initial_values(cfg: RunConfig, train_parts: list[str]) -> dict:
 def _fault_marker(out: str, name: str) -> str:
     path = Path(tempfile.gettempdir()) / f"raysae-fault-{hashlib.sha1((out + name).encode()).hexdigest()[:12]}"
     return str(path)
-
-
-def _plain(record: dict) -> dict:
-    """JSON-safe copy of a metrics record (numpy scalars → Python)."""
-    out = {}
-    for k, v in record.items():
-        if hasattr(v, "item"):
-            v = v.item()
-        if isinstance(v, (int, float, str, bool)) or v is None:
-            out[k] = v
-    return out

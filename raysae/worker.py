@@ -10,6 +10,7 @@ Resume semantics: see raysae/train.py's module docstring.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -42,7 +43,9 @@ class Member:
     sparsity: SparsityStats
 
 
-def train_loop_per_worker(config: dict) -> None:
+def train_loop_per_worker(config: dict) -> dict:
+    """Train the pack; returns (on every rank) the held-out metrics, the report history since
+    the run began, and the data-position counters. Ray hands rank 0's return to the driver."""
     import ray.train  # [ray]
     import ray.train.torch  # [ray]
 
@@ -55,7 +58,9 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker = max(1, lead.train.batch_size // world)
 
     # Models, optimizers and counters: from the latest checkpoint, else from the driver's init.
-    members, progress = _build_members(runs, config["init"], device, ray.train.get_checkpoint())
+    checkpoint = ray.train.get_checkpoint()  # [ray]
+    members, progress = _build_members(runs, config["init"], device, checkpoint)
+    history = _load_history(checkpoint)
     sync_fired = _all_reduce_max if world > 1 else (lambda fired: fired)
     progress["nodes"] = _count_nodes(world)
     fault_at, marker = config.get("fault_at_tokens"), config.get("fault_marker")
@@ -64,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
     every, ckpt_every = lead.train.log_every_tokens, lead.scaling.checkpoint_every_tokens
     tokens = members[0].state.tokens
     next_report, next_ckpt = _next(tokens, every), _next(tokens, ckpt_every)
-    t0 = time.perf_counter()
+    t0 = last_ckpt_time = time.perf_counter()
     while total - tokens >= world:
         n_batches = 0
         for batch in _shard_batches(shard, per_worker, d_in, lead):
@@ -81,7 +86,8 @@ def train_loop_per_worker(config: dict) -> None:
             progress["epoch_tokens"] += global_n
             progress["rows_read"] += batch.shape[0] * world
             n_batches += 1
-            _maybe_inject_fault(fault_at, tokens, rank, world, marker)
+            if checkpoint or progress["epoch"] or tokens > ckpt_every:  # a checkpoint exists
+                _maybe_inject_fault(fault_at, tokens, rank, world, marker, last_ckpt_time)
 
             done = total - tokens < world
             if tokens >= next_report or tokens >= next_ckpt or done:
@@ -90,12 +96,14 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics.update(tokens=tokens, tokens_per_s=tokens / max(elapsed, 1e-9),
                                elapsed_s=elapsed, **progress)
                 write_ckpt = tokens >= next_ckpt or done
-                _report(metrics, members, progress, rank, write_ckpt)
+                history.append(metrics)
+                _report(metrics, members, progress, history, rank, write_ckpt)
                 if rank == 0:
                     print(format_record(metrics, total), flush=True)
                 next_report = _next(tokens, every)
                 if write_ckpt:
                     next_ckpt = _next(tokens, ckpt_every)
+                    last_ckpt_time = time.perf_counter()
             if done:
                 break
         if n_batches == 0:
@@ -108,8 +116,7 @@ def train_loop_per_worker(config: dict) -> None:
     for m in members:
         _evaluate_parts(m, config["eval_parts"][rank::world], device)
     held_out = _pack_metrics(members, world, device, _eval_metrics)
-    ray.train.report({"tokens": tokens, **progress,  # [ray]
-                      **{f"eval/{k}": v for k, v in held_out.items()}}, checkpoint=None)
+    return {"eval": held_out, "progress": progress, "history": history}
 
 
 def _next(tokens: int, every: int) -> int:
@@ -257,9 +264,17 @@ def _scalars(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float))}
 
 
-def _report(metrics: dict, members: list[Member], progress: dict, rank: int,
-            write_checkpoint: bool) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint (one folder a member)."""
+def _load_history(checkpoint) -> list[dict]:
+    if not checkpoint:
+        return []
+    with checkpoint.as_directory() as ckpt_dir:
+        return json.loads((Path(ckpt_dir) / "history.json").read_text())
+
+
+def _report(metrics: dict, members: list[Member], progress: dict, history: list[dict],
+            rank: int, write_checkpoint: bool) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint: a folder per member
+    and the report history, so a restarted run keeps its whole log."""
     import ray.train  # [ray]
 
     if write_checkpoint and rank == 0:
@@ -267,15 +282,24 @@ def _report(metrics: dict, members: list[Member], progress: dict, rank: int,
             for i, m in enumerate(members):
                 save_training_checkpoint(Path(tmp) / f"m{i}", m.model, m.optimizer, m.state,
                                          dict(progress))
+            (Path(tmp) / "history.json").write_text(json.dumps(history))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [ray]
     else:
         ray.train.report(metrics, checkpoint=None)  # [ray]
 
 
+FAULT_AFTER_CHECKPOINT_S = 5.0
+"""The injected fault waits this long after a checkpoint report: Ray registers a checkpoint
+asynchronously, and a crash right after `report` can lose it (the run then restarts from the
+one before, which is correct but not what the fault test means to exercise)."""
+
+
 def _maybe_inject_fault(fault_at: Optional[int], tokens: int, rank: int, world: int,
-                        marker: Optional[str]) -> None:
+                        marker: Optional[str], last_checkpoint_time: float) -> None:
     """Testing aid (RAYSAE_FAULT_AT_TOKENS): the last rank dies once, abruptly, past `fault_at`."""
     if fault_at is None or tokens < fault_at or marker is None or os.path.exists(marker):
+        return
+    if time.perf_counter() - last_checkpoint_time < FAULT_AFTER_CHECKPOINT_S:
         return
     if rank == world - 1:
         Path(marker).write_text(str(tokens))
