@@ -72,14 +72,15 @@ def test_two_workers_match_single_process_and_reported_fvu_is_exact(ray_cluster,
     assert metrics["eval"]["fvu"] == dist["eval"]["fvu"] and metrics["history"]
 
 
-def test_worker_crash_resumes_from_checkpoint(ray_cluster, toy_uri, tmp_path, monkeypatch):
+def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, toy_uri, s3_prefix, monkeypatch):
+    """Checkpoints go to the local S3 server; a killed worker restarts the group from there."""
     cfg = run_config(toy_uri, max_failures=2, checkpoint_every_tokens=30_000)
     cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train),
                                                           "total_tokens": 90_000}})
     # The last worker dies once (os._exit), past 35k tokens and 5 s after a checkpoint.
     monkeypatch.setenv(FAULT_ENV, "35000")
     t0 = time.perf_counter()
-    result = train_distributed(cfg, str(tmp_path / "runs"), name="crash")
+    result = train_distributed(cfg, s3_prefix, name="crash")
     print(f"fault test wall time {time.perf_counter() - t0:.1f} s")
     assert result["restarts"] == 1
     assert result["tokens"] == 90_000  # exact: trained tokens are counted from the checkpoint
@@ -90,6 +91,10 @@ def test_worker_crash_resumes_from_checkpoint(ray_cluster, toy_uri, tmp_path, mo
     assert [h["tokens"] for h in result["history"]] == [20_000 * i for i in range(1, 5)] + [90_000] \
         or result["history"][-1]["tokens"] == 90_000
     assert result["eval"]["fvu"] < 0.5
+    run = storage.join(s3_prefix, "crash")
+    files = storage.list_files(run)
+    assert "metrics.json" in files and json.loads(storage.read_bytes(storage.join(run, "metrics.json")))
+    assert result["checkpoint"].startswith(run.removeprefix("s3://"))
 
 
 def test_bad_input_fails_before_any_worker_starts(toy_uri, tmp_path):
@@ -108,3 +113,40 @@ def test_bad_input_fails_before_any_worker_starts(toy_uri, tmp_path):
     with pytest.raises(ConfigError, match="is not one of"):
         from_dict(RunConfig, {"sae": {"d_in": 32, "n_latents": 128, "architecture": "nope"},
                               "data": {"uri": toy_uri}})
+
+
+def _write_yaml(path: Path, cfg: RunConfig) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def test_driver_restart_resumes(ray_cluster, toy_uri, tmp_path):
+    """Kill `raysae train` after its first checkpoint; the same command resumes the run."""
+    import ray
+
+    cfg = run_config(toy_uri, checkpoint_every_tokens=20_000)
+    cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train),
+                                                          "total_tokens": 80_000}})
+    config = _write_yaml(tmp_path / "run.yaml", cfg)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "raysae", "train", str(config), "--out", str(out),
+               "--name", "restart", "--address", ray.get_runtime_context().gcs_address]
+    first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((out / "restart").glob("checkpoint_*/m0/train_state.json")):
+        assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    time.sleep(2)  # let Ray register the checkpoint (it is written before it is committed)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (out / "restart" / "metrics.json").exists()
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads((out / "restart" / "metrics.json").read_text())
+    assert metrics["tokens"] == 80_000
+    assert metrics["restarts"] == 1 and metrics["replayed_tokens"] > 0
+    assert "restarts: 1" in second.stdout
