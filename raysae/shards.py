@@ -105,7 +105,7 @@ class DatasetError(ValueError):
 # ---------------------------------------------------------------- statistics
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ActStats:
     """Float64 sums over activation rows; merging two is adding their sums.
 
@@ -118,6 +118,12 @@ class ActStats:
     """Per-dimension sum of activations, float64 (d_in,)."""
     squared_norm_sum: float
     """Sum over rows of ‖x‖², float64."""
+
+    def __eq__(self, other: object) -> bool:
+        """Exact equality of the sums (the dataclass default cannot compare numpy arrays)."""
+        if not isinstance(other, ActStats):
+            return NotImplemented
+        return (self.count, self.squared_norm_sum) == (other.count, other.squared_norm_sum) and np.array_equal(self.sum, other.sum)
 
     @classmethod
     def empty(cls, d_in: int) -> ActStats:
@@ -337,16 +343,24 @@ def decode_act(
 
 
 def collate(
-    table: pa.Table, *, d_in: int, dtype: str, out_dtype: torch.dtype, columns: Sequence[str] = ("act",)
+    table: pa.Table,
+    *,
+    d_in: int,
+    out_dtype: torch.dtype,
+    columns: Sequence[str] = ("act",),
+    dtype: str | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Arrow batch → the act tensor (B, d_in) if ``columns`` is ``("act",)``, else a dict of tensors.
 
-    Shared by the plain reader (:func:`iter_batches`) and the Ray Data reader (``raysae.stream``).
+    ``dtype`` is the stored dtype, by default read from the batch's schema (see
+    :func:`stored_dtype`). Shared by the plain reader (:func:`iter_batches`) and the Ray Data
+    reader (``raysae.stream``).
     """
     batch = {}
     for name in columns:
         if name == "act":
-            batch[name] = decode_act(table.column("act"), d_in=d_in, dtype=dtype, out_dtype=out_dtype)
+            stored = dtype or stored_dtype(table.schema)
+            batch[name] = decode_act(table.column("act"), d_in=d_in, dtype=stored, out_dtype=out_dtype)
         else:
             batch[name] = _as_tensor(table.column(name).to_numpy())
     return batch["act"] if tuple(columns) == ("act",) else batch
