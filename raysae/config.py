@@ -178,6 +178,9 @@ class DataConfig:
     """Held-out tokens evaluated at the end of a run (at most)."""
     shuffle_buffer_tokens: int = 0
     """Ray Data local shuffle buffer per worker, in rows (0: parts are read in shuffled order only)."""
+    deterministic_order: bool = False
+    """Ray Data keeps the (seeded) part order when streaming: runs with the same seed see the
+    same batches, at some cost in ingest throughput (Ray's preserve_order)."""
 
     def __post_init__(self) -> None:
         if (self.uri is None) == (self.toy is None):

@@ -18,6 +18,7 @@
     pack: 1                          # SAEs trained together on the same batches in one trial
     max_concurrent_trials: 1
     scheduler: {type: asha, metric: fvu, grace_tokens: 50_000}   # optional early stopping
+    harvest: {model: ..., layers: [3], output: data/smollm2}  # or toy_dataset: make data if missing
 
 Expansion is done here, not by Tune's samplers, so that sub-spaces, packing and the point list
 are explicit, reproducible and testable without Ray; Tune then runs one trial per pack.
@@ -88,6 +89,9 @@ class SweepSpec:
     """Retries of a failed trial (it resumes from its checkpoint)."""
     harvest: Optional[dict] = None
     """Optional harvest settings (raysae harvest's) used when base.data.uri holds no dataset yet."""
+    toy_dataset: Optional[dict] = None
+    """Optional toy data written to base.data.uri when it holds no dataset yet:
+    {n_tokens, rows_per_part, features: {ToyDataConfig fields}} (see raysae.synthetic)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -97,6 +101,13 @@ class SweepSpec:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
         if self.max_failures < 0:
             raise ConfigError(f"max_failures={self.max_failures} must be >= 0")
+        if self.harvest is not None and self.toy_dataset is not None:
+            raise ConfigError("give at most one of harvest and toy_dataset")
+        if self.toy_dataset is not None:
+            unknown = set(self.toy_dataset) - {"n_tokens", "rows_per_part", "features"}
+            if unknown or not {"n_tokens", "rows_per_part"} <= set(self.toy_dataset):
+                raise ConfigError("toy_dataset: give n_tokens, rows_per_part and optionally "
+                                  f"features (got {sorted(self.toy_dataset)})")
 
 
 def load_sweep_spec(path: str) -> SweepSpec:

@@ -105,3 +105,29 @@ def feature_recovery(true_directions: Tensor, W_dec: Tensor, threshold: float = 
         "threshold": threshold,
         "max_cos": best.tolist(),
     }
+
+
+def write_toy_dataset(uri: str, cfg: ToyDataConfig, d_in: int, n_tokens: int,
+                      rows_per_part: int, overwrite: bool = False):
+    """Write `n_tokens` toy activations as a raysae dataset (float32 parts + manifest).
+
+    The manifest's `harvest` records the toy config, so the true features can be rebuilt from
+    it (`toy_directions`) to score feature recovery of SAEs trained on the dataset.
+    """
+    from raysae import shards
+    from raysae.config import to_dict
+
+    x, _ = ToyData(cfg, d_in).sample(n_tokens)
+    return shards.write_dataset(uri, x, dtype="float32", rows_per_part=rows_per_part,
+                                model="toy", hook="toy", overwrite=overwrite,
+                                harvest={"toy": to_dict(cfg), "n_tokens": n_tokens})
+
+
+def toy_directions(manifest) -> Tensor | None:
+    """The true feature directions of a dataset written by `write_toy_dataset`, else None."""
+    from raysae.config import from_dict
+
+    toy = (manifest.harvest or {}).get("toy")
+    if toy is None:
+        return None
+    return ToyData(from_dict(ToyDataConfig, toy, "toy"), manifest.d_in).directions

@@ -42,7 +42,7 @@ from raysae.checkpoint import load_sae, save_sae
 from raysae.config import ConfigError, RunConfig, to_dict
 from raysae.evaluate import evaluate
 from raysae.saes import build_sae
-from raysae.synthetic import ToyData, feature_recovery
+from raysae.synthetic import ToyData, feature_recovery, toy_directions
 from raysae.trainer import check_batch, fit, take_init_sample
 
 FAULT_ENV = "RAYSAE_FAULT_AT_TOKENS"
@@ -119,10 +119,10 @@ def training_and_eval_streams(cfg: RunConfig, batch_size: int):
         held_out = ToyData(cfg.data.toy, cfg.sae.d_in, stream=1)
         return (toy.batches(batch_size), held_out.batches(batch_size), cfg.data.eval_tokens,
                 toy.directions)
-    _, train_parts, eval_parts = dataset_split(cfg)
+    manifest, train_parts, eval_parts = dataset_split(cfg)
     held_out, n_eval = held_out_batches(cfg, eval_parts)
     return (uri_batches(cfg.data.uri, batch_size, train_parts, cfg.train.seed), held_out, n_eval,
-            None)
+            toy_directions(manifest))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple =
         raise ConfigError("distributed training reads a dataset (data.uri); for toy data write "
                           "it as shards first (raysae.shards.write_dataset) or use --local")
     for cfg in runs:
-        _, train_parts, eval_parts = dataset_split(cfg)
+        manifest, train_parts, eval_parts = dataset_split(cfg)
     use_gpu = lead.scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -228,6 +228,8 @@ def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple =
     loop_config = {"runs": [to_dict(cfg) for cfg in runs],
                    "init": [_initial_values(cfg, train_parts) for cfg in runs],
                    "eval_parts": eval_parts,
+                   # FVU_B's per-token denominators are taken about the dataset mean.
+                   "reference_mean": manifest.stats.mean.tolist(),
                    "fault_at_tokens": int(fault) if fault else None,
                    "fault_marker": _fault_marker(out, name) if fault else None}
     return TorchTrainer(
@@ -241,6 +243,7 @@ def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple =
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.num_checkpoints_to_keep),
             callbacks=list(callbacks)),
+        dataset_config=ray.train.DataConfig(execution_options=_execution_options(lead)),
         # A function, so that a restart builds a fresh stream (a new file order).
         datasets={"train": lambda: stream.build_dataset(lead.data.uri, parts=train_parts,
                                                         seed=lead.train.seed)},
@@ -288,8 +291,16 @@ def finish_run(result, runs: list[RunConfig], out: str, wall: float,
         member_out = out if len(runs) == 1 else storage.join(out, f"m{i}")
         extra = {k: progress[k] for k in ("replayed_tokens", "restarts", "nodes", "rows_read")}
         extra.update(run_dir=member_out, checkpoint=result.checkpoint.path)
-        results.append(finish(model, cfg, member_out, history, wall, held_out, None, extra, log))
+        directions = toy_directions(dataset_split(cfg)[0])
+        results.append(finish(model, cfg, member_out, history, wall, held_out, directions,
+                              extra, log))
     return results
+
+
+def _execution_options(cfg: RunConfig):
+    from ray.data import ExecutionOptions
+
+    return ExecutionOptions(preserve_order=cfg.data.deterministic_order)
 
 
 def _member_view(record: dict, prefix: str, keep_unprefixed: bool = True) -> dict:

@@ -59,7 +59,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # Models, optimizers and counters: from the latest checkpoint, else from the driver's init.
     checkpoint = ray.train.get_checkpoint()  # [ray]
-    members, progress = _build_members(runs, config["init"], device, checkpoint)
+    members, progress = _build_members(runs, config["init"], config["reference_mean"], device,
+                                       checkpoint)
     history = _load_history(checkpoint)
     sync_fired = _all_reduce_max if world > 1 else (lambda fired: fired)
     progress["nodes"] = _count_nodes(world)
@@ -123,7 +124,8 @@ def _next(tokens: int, every: int) -> int:
     return (tokens // every + 1) * every
 
 
-def _build_members(runs: list[RunConfig], init: list[dict], device, checkpoint):
+def _build_members(runs: list[RunConfig], init: list[dict], reference_mean: list[float], device,
+                   checkpoint):
     """The pack's members, restored from `checkpoint` (a Ray Checkpoint) when there is one."""
     import ray.train.torch  # [ray]
 
@@ -145,7 +147,7 @@ def _build_members(runs: list[RunConfig], init: list[dict], device, checkpoint):
                     load_training_checkpoint(Path(ckpt_dir) / f"m{i}", model, optimizer)
         ddp = ray.train.torch.prepare_model(model)  # [ray] DDP when world > 1
         members.append(Member(cfg, model, ddp, optimizer, state,
-                              ReconstructionStats(cfg.sae.d_in),
+                              ReconstructionStats(cfg.sae.d_in, torch.tensor(reference_mean)),
                               SparsityStats(cfg.sae.n_latents, cfg.train.dead_tokens)))
     if checkpoint:
         # The stream cannot seek: the interrupted epoch is read again from its start.
@@ -214,9 +216,10 @@ def merge_across_workers(recon: ReconstructionStats, sparsity: SparsityStats, wo
     local = recon.state_tensor().to(device)
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
-    merged = ReconstructionStats(recon.d_in)
+    merged = ReconstructionStats(recon.d_in, recon.reference_mean)
     for t in gathered:
-        merged.merge(ReconstructionStats.from_state_tensor(t.cpu(), recon.d_in))
+        merged.merge(ReconstructionStats.from_state_tensor(t.cpu(), recon.d_in,
+                                                           recon.reference_mean))
     counts = torch.cat([torch.tensor([sparsity.n, sparsity.sum_l0, sparsity.sum_l1],
                                      dtype=torch.float64),
                         sparsity.fire_counts.to(torch.float64)]).to(device)
