@@ -178,6 +178,9 @@ class DataConfig:
     """Held-out tokens evaluated at the end of a run (at most)."""
     shuffle_buffer_tokens: int = 0
     """Ray Data local shuffle buffer per worker, in rows (0: parts are read in shuffled order only)."""
+    read_cpus: float = 1.0
+    """CPUs each Ray Data read task reserves (fractions let reads share a small machine with
+    fractional-CPU workers; reads that cannot get their CPUs stall training)."""
     deterministic_order: bool = False
     """Ray Data keeps the (seeded) part order when streaming: runs with the same seed see the
     same batches, at some cost in ingest throughput (Ray's preserve_order)."""
@@ -186,7 +189,7 @@ class DataConfig:
         if (self.uri is None) == (self.toy is None):
             raise ConfigError("data: give exactly one of data.uri (a dataset) or data.toy (synthetic)")
         _non_negative(self, "eval_parts", "shuffle_buffer_tokens")
-        _positive(self, "eval_tokens")
+        _positive(self, "eval_tokens", "read_cpus")
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,17 @@ def build_dataset(
     seed: int | None = None,
     columns: Sequence[str] = ("act",),
     parts: Sequence[str] | None = None,
+    read_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset over the committed dataset at ``uri`` (validated first).
 
     Reads the parts named ``parts`` (default all), one read task per part (parts are sized for
     it, see ``shards.PART_BYTES``), in a random order seeded by ``seed`` when
     ``shuffle_files``. ``columns`` selects what is read; Ray pushes the selection down into
-    the Parquet read.
+    the Parquet read. ``read_cpus`` is what each read task reserves: below 1 lets reads run
+    beside fractional-CPU Train workers on a small machine. (Ray 2.60's file-listing step
+    always takes 1 CPU: leave at least one CPU outside the Train workers' reservations, or
+    the stream waits for it forever.)
     """
     manifest = shards.open_dataset(uri)
     fs, root = storage.filesystem_and_path(uri)
@@ -53,6 +57,7 @@ def build_dataset(
         filesystem=fs,
         shuffle=ray.data.FileShuffleConfig(seed=seed) if shuffle_files else None,
         override_num_blocks=len(paths),
+        ray_remote_args={"num_cpus": read_cpus},
     )
     return dataset.select_columns(list(columns))
 

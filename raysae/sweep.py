@@ -36,6 +36,11 @@ def sweep_trial(config: dict) -> None:
 
     runs = [from_dict(RunConfig, r) for r in config["packs"][config["pack"]]]
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
+    done = _finished_metrics(storage.join(config["trials_dir"], name), len(runs))
+    if done:  # finished before an interruption Tune had not yet recorded: keep, do not re-run
+        best = min(done, key=lambda r: r["eval"]["fvu"])
+        ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
+        return
     trainer = build_trainer(runs, config["trials_dir"], name, callbacks=[TuneReportCallback()])
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -45,6 +50,18 @@ def sweep_trial(config: dict) -> None:
                         time.perf_counter() - t0)
     best = min(finals, key=lambda r: r["eval"]["fvu"])
     ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
+
+
+def _member_dirs(trial_dir: str, n: int) -> list[str]:
+    return [trial_dir] if n == 1 else [storage.join(trial_dir, f"m{i}") for i in range(n)]
+
+
+def _finished_metrics(trial_dir: str, n: int) -> list[dict]:
+    """Every member's metrics.json if all exist, else []."""
+    paths = [storage.join(d, "metrics.json") for d in _member_dirs(trial_dir, n)]
+    if not all(storage.exists(p) for p in paths):
+        return []
+    return [json.loads(storage.read_bytes(p)) for p in paths]
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, log: Callable[[str], None] = print) -> pd.DataFrame:
@@ -64,7 +81,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log: Callable[[str], None] 
 
     fs, root = storage.filesystem_and_path(spec.output)
     experiment = f"{root}/{spec.name}"
-    trainable = tune.with_resources(sweep_trial, {"cpu": 0})
+    # The trial process only drives its TorchTrainer; Tune refuses an empty request, so a sliver.
+    trainable = tune.with_resources(sweep_trial, {"cpu": 0.01})
     if resume:
         log(f"resuming sweep {sweep_dir}")
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
@@ -155,8 +173,7 @@ def collect(grid, sweep_dir: str) -> pd.DataFrame:
         trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("_")[-2]
         trial_dir = storage.join(config["trials_dir"], f"trial-{trial_id}")
         runs = [from_dict(RunConfig, r) for r in config["packs"][config["pack"]]]
-        for i, cfg in enumerate(runs):
-            member_dir = trial_dir if len(runs) == 1 else storage.join(trial_dir, f"m{i}")
+        for i, (cfg, member_dir) in enumerate(zip(runs, _member_dirs(trial_dir, len(runs)))):
             rows.append(_row(cfg, trial_id, i, member_dir, result))
     return pd.DataFrame(rows)
 

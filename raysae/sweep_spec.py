@@ -128,6 +128,8 @@ def load_sweep_spec(path: str) -> SweepSpec:
 
 def expand(spec: SweepSpec) -> list[RunConfig]:
     """Every point of the sweep as a validated RunConfig, in a deterministic order."""
+    if not spec.space and not spec.architectures:
+        raise ConfigError("the sweep's space is empty: give values in space or architectures")
     rng = random.Random(spec.seed)
     arch_spaces = spec.architectures or {None: {}}
     points: list[RunConfig] = []

@@ -246,7 +246,8 @@ def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple =
         dataset_config=ray.train.DataConfig(execution_options=_execution_options(lead)),
         # A function, so that a restart builds a fresh stream (a new file order).
         datasets={"train": lambda: stream.build_dataset(lead.data.uri, parts=train_parts,
-                                                        seed=lead.train.seed)},
+                                                        seed=lead.train.seed,
+                                                        read_cpus=lead.data.read_cpus)},
     )
 
 

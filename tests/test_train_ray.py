@@ -43,7 +43,7 @@ def run_config(uri, **scaling):
         "sae": {"architecture": "topk", "d_in": D_IN, "n_latents": N_LATENTS, "k": K},
         "train": {"total_tokens": 60_000, "batch_size": 1000, "lr": 3e-3, "seed": 0,
                   "dead_tokens": 30_000, "log_every_tokens": 20_000, "init_tokens": 4000},
-        "data": {"uri": uri, "eval_parts": 2},
+        "data": {"uri": uri, "eval_parts": 2, "read_cpus": 0.25},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "checkpoint_every_tokens": 20_000,
                     **scaling},
     })
