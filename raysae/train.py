@@ -39,7 +39,7 @@ import torch
 
 from raysae import storage
 from raysae.checkpoint import load_sae, save_sae
-from raysae.config import ConfigError, RunConfig, to_dict
+from raysae.config import ConfigError, RunConfig, to_dict, with_absolute_paths
 from raysae.evaluate import evaluate
 from raysae.saes import build_sae
 from raysae.synthetic import ToyData, feature_recovery, toy_directions
@@ -260,6 +260,7 @@ def train_distributed(cfg: RunConfig, out: str, name: Optional[str] = None,
     """
     import ray
 
+    cfg, out = with_absolute_paths(cfg), storage.absolute(out)
     name = name or run_name(cfg)
     run_dir = storage.join(out, name)
     check_output(run_dir, overwrite)
