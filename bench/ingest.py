@@ -1,12 +1,13 @@
 """Ingest benchmark: the same shards read (a) by plain single-process pyarrow, (b) through Ray Data.
 
     PYTHONPATH=. python bench/ingest.py                      # local files and a local S3 server
-    PYTHONPATH=. python bench/ingest.py --rows 400000 --only local
+    PYTHONPATH=. python bench/ingest.py --rows 1000000 --only local
 
 Both readers deliver float32 torch batches (batch_size, d_in) to this process — (a) with
 ``raysae.shards.iter_batches``, (b) with ``raysae.stream.build_dataset`` +
 ``iter_torch_batches``, i.e. what one Ray Train worker sees. Each is run once to warm up
-(page cache, Ray workers), then timed ``--repeats`` times; the median is reported. MB/s counts
+(page cache, Ray workers), then timed ``--repeats`` times, alternating (a) and (b) so that both
+see the same load (this machine is shared); medians are reported. MB/s counts
 stored activation bytes (rows · d_in · 2 for float16). Target (DESIGN.md): (b)/(a) ≥ 0.6.
 
 The S3 case serves the same parts from a moto server (in a child process, so its Python threads
@@ -40,14 +41,9 @@ def consume(read: Callable[[], Iterable[torch.Tensor]]) -> tuple[int, float, flo
     return rows, time.perf_counter() - start, first or 0.0
 
 
-def timed(read: Callable[[], Iterable[torch.Tensor]], repeats: int) -> tuple[int, float, float]:
-    """Rows per read, median seconds and median first-batch seconds of ``repeats`` reads after a warm-up."""
-    runs = [consume(read) for _ in range(repeats + 1)][1:]
-    return runs[0][0], statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)
-
-
 def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: int) -> None:
-    """Time both readers on ``uri`` and print one line each plus the ratio."""
+    """Time both readers on ``uri``, alternating (a) and (b) so both see the same machine load;
+    print each reader's medians and the median of the per-repeat ratios."""
     from raysae import shards, stream
 
     d_in = shards.read_manifest(uri).d_in
@@ -59,15 +55,25 @@ def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: i
         dataset = stream.build_dataset(uri, seed=0)
         return stream.iter_torch_batches(dataset, batch_size=batch_size, dtype=torch.float32, d_in=d_in)
 
-    results = {}
-    for name, read in (("(a) plain pyarrow", plain), ("(b) ray data", ray_data)):
-        rows, seconds, first = timed(read, repeats)
-        results[name] = rows / seconds
+    readers = {"(a) plain pyarrow": plain, "(b) ray data": ray_data}
+    runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name in readers}
+    for repeat in range(repeats + 1):  # repeat 0 warms the page cache and Ray's workers
+        for name, read in readers.items():
+            result = consume(read)
+            if repeat:
+                runs[name].append(result)
+    for name, results in runs.items():
+        rows = results[0][0]
+        seconds = statistics.median(r[1] for r in results)
+        first = statistics.median(r[2] for r in results)
         print(
             f"{label:<6} {name:<18} {seconds:7.2f} s  {rows / seconds:>12,.0f} rows/s  "
             f"{rows * row_bytes / seconds / 1e6:>7,.0f} MB/s  first batch {first:.2f} s"
         )
-    print(f"{label:<6} ratio (b)/(a)      {results['(b) ray data'] / results['(a) plain pyarrow']:.2f}")
+    (a, b) = runs.values()
+    ratios = [(rb[0] / rb[1]) / (ra[0] / ra[1]) for ra, rb in zip(a, b)]
+    spread = f"median of {repeats} pairs; min {min(ratios):.2f}, max {max(ratios):.2f}"
+    print(f"{label:<6} ratio (b)/(a)      {statistics.median(ratios):.2f}  ({spread})")
 
 
 def serve_s3(port: int) -> None:
@@ -110,11 +116,11 @@ def start_s3() -> multiprocessing.Process:
 def main() -> None:
     """Write the shards, start Ray (and S3), compare the readers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200_000, help="rows in the local dataset")
+    parser.add_argument("--rows", type=int, default=400_000, help="rows in the local dataset")
     parser.add_argument("--s3-rows", type=int, default=100_000, help="rows in the S3 dataset (moto is slow)")
     parser.add_argument("--d-in", type=int, default=576, help="activation width (SmolLM2-135M: 576)")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", choices=["local", "s3"], help="run one of the two cases")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

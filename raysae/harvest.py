@@ -399,6 +399,19 @@ def _job_table(part: int, windows: list[Window]) -> pa.Table:
 # ---------------------------------------------------------------- actor
 
 
+class Rows(NamedTuple):
+    """Recorded rows of one part job, all tensors in the same row order."""
+
+    acts: dict[int, torch.Tensor]
+    """Layer → activations (N, d_model) in the stored dtype."""
+    token_id: torch.Tensor
+    """(N,) token ids."""
+    doc_id: torch.Tensor
+    """(N,) document indices."""
+    pos: torch.Tensor
+    """(N,) positions within the document."""
+
+
 class PartHarvester:
     """Ray Data actor: holds the model; turns each part job into one written part per layer."""
 
@@ -479,19 +492,6 @@ class PartHarvester:
             torch.cat(doc_id),
             torch.cat(pos),
         )
-
-
-class Rows(NamedTuple):
-    """Recorded rows of one part job, all tensors in the same row order."""
-
-    acts: dict[int, torch.Tensor]
-    """Layer → activations (N, d_model) in the stored dtype."""
-    token_id: torch.Tensor
-    """(N,) token ids."""
-    doc_id: torch.Tensor
-    """(N,) document indices."""
-    pos: torch.Tensor
-    """(N,) positions within the document."""
 
 
 def _pad(
