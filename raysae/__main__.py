@@ -1,0 +1,151 @@
+"""The raysae command line. `raysae --help` is the reference; each subcommand lives in its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from raysae.config import ConfigError, load_run_config
+
+
+def _parse_sets(pairs: list[str]) -> dict:
+    """--set key.sub=value pairs; values are parsed as YAML scalars (numbers, true/false, null)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set sae.k=64")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    from raysae.train import run_single_process, train_distributed
+
+    cfg = load_run_config(args.config, _parse_sets(args.set))
+    if args.local or cfg.data.toy is not None:
+        run_single_process(cfg, args.out, overwrite=args.overwrite)
+        return 0
+    import ray
+
+    ray.init(address=args.address, log_to_driver=True)
+    train_distributed(cfg, args.out, name=args.name, overwrite=args.overwrite)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import ray
+
+    from raysae.sweep import run_sweep
+    from raysae.sweep_spec import load_sweep_spec
+
+    spec = load_sweep_spec(args.spec)
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    run_sweep(spec, resume=args.resume)
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from raysae import submit
+
+    if args.status:
+        print(submit.status(args.address, args.status))
+    elif args.logs:
+        print(submit.logs(args.address, args.logs))
+    elif args.spec:
+        job_id = submit.submit(args.spec, args.address, resume=args.resume)
+        print(f"submitted {job_id}\n"
+              f"follow it:  raysae submit --address {args.address} --logs {job_id}\n"
+              f"status:     raysae submit --address {args.address} --status {job_id}")
+    else:
+        raise ConfigError("give a sweep spec to submit, or --status JOB / --logs JOB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raysae",
+        description="Train and sweep sparse autoencoders on language-model activations with Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser(
+        "train", help="train one SAE from a run config (YAML)",
+        description="Train one SAE. The config has sections sae:, train:, data: and scaling: "
+                    "(see raysae/config.py for every field). With data.uri (a dataset) it runs on "
+                    "Ray Train: scaling.num_workers DDP workers on the cluster at --address (a new "
+                    "local one by default), checkpoints every scaling.checkpoint_every_tokens, and "
+                    "re-running the same command resumes the run. Writes OUT/NAME/sae "
+                    "(safetensors + JSON) and OUT/NAME/metrics.json. With data.toy, or --local, it "
+                    "trains in this process and writes OUT/sae and OUT/metrics.json.")
+    train.add_argument("config", help="run config YAML, e.g. sweeps/toy-train.yaml")
+    train.add_argument("--out", required=True,
+                       help="output location: a local directory or s3://bucket/prefix")
+    train.add_argument("--name", default=None,
+                       help="run name under --out (default: architecture, size and a hash of "
+                            "the config, so the same config resumes the same run)")
+    train.add_argument("--address", default=None,
+                       help="Ray cluster address (default: start a local Ray)")
+    train.add_argument("--local", action="store_true",
+                       help="train in this process without Ray")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set sae.k=64 (repeatable)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace results already in --out")
+    train.set_defaults(func=_train)
+
+    sweep = sub.add_parser(
+        "sweep", help="run a sweep of SAEs from a spec (YAML) with Ray Tune",
+        description="Expand the spec's search space, train every point with Ray Train inside "
+                    "Ray Tune trials (pack: N SAEs share each trial's batches), and write "
+                    "OUTPUT/NAME/results.{csv,parquet}, pareto.csv and pareto.png. See "
+                    "raysae/sweep_spec.py for the spec's fields and sweeps/ for examples.")
+    sweep.add_argument("spec", help="sweep spec YAML, e.g. sweeps/quickstart.yaml")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue an interrupted sweep: finished trials are kept, "
+                            "unfinished ones resume from their checkpoints")
+    sweep.add_argument("--address", default=None,
+                       help="Ray cluster address (default: start a local Ray)")
+    sweep.set_defaults(func=_sweep)
+
+    submit = sub.add_parser(
+        "submit", help="submit a sweep to a running Ray cluster as a Ray Job",
+        description="Submit `raysae sweep SPEC` as a Ray Job (this directory is uploaded as the "
+                    "job's working dir), or ask about a job. Use an s3:// output in the spec: a "
+                    "relative local path would be written inside the job's working dir.")
+    submit.add_argument("spec", nargs="?", help="sweep spec YAML (path relative to this directory)")
+    submit.add_argument("--address", required=True,
+                        help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265")
+    submit.add_argument("--resume", action="store_true", help="submit `raysae sweep --resume`")
+    submit.add_argument("--status", metavar="JOB", help="print the job's status")
+    submit.add_argument("--logs", metavar="JOB", help="print the job's logs so far")
+    submit.set_defaults(func=_submit)
+
+    from raysae.harvest import add_harvest_arguments, run_harvest_cli
+
+    harvest = sub.add_parser(
+        "harvest", help="record a transformers model's activations as Parquet shards",
+        description="Run a causal LM (hub id, local directory or local .gguf file) over a corpus "
+                    "on Ray Data and write the residual stream after the chosen blocks as "
+                    "activation datasets (Parquet parts + manifest.json) to a local directory or "
+                    "s3:// prefix. The default corpus is the Python standard library's "
+                    "docstrings, which every machine has.")
+    add_harvest_arguments(harvest)
+    harvest.set_defaults(func=run_harvest_cli)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, OSError, ValueError) as e:  # bad input: named in the message
+        print(f"raysae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Typed configuration: one small dataclass per concern, validated once at the boundary.
+
+Every field is documented by the string under it. `__post_init__` only validates; values derived
+from other fields (the default learning rate, `k_aux`) are computed by properties, never stored
+back. `from_dict` is the only way YAML or CLI input becomes a config: unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+TOPK_FAMILY = ("topk", "batchtopk")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type, or out of range."""
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What the sparse autoencoder is: architecture and sizes."""
+
+    d_in: int
+    """Width of the activations (the model's d_model for residual-stream SAEs)."""
+    n_latents: int
+    """Dictionary size: number of latents (decoder columns)."""
+    architecture: Architecture = "topk"
+    """One of relu, topk, batchtopk, jumprelu, gated (see raysae/saes/)."""
+    k: int = 32
+    """TopK family: latents kept per token (BatchTopK: k·B kept per batch of B tokens)."""
+    l1_coefficient: float = 5.0
+    """relu, gated: weight of the L1 penalty Σ f_i‖W_dec,i‖ (Anthropic, April 2024 update)."""
+    l0_coefficient: float = 1e-3
+    """jumprelu: weight of the L0 penalty (mean active latents per token)."""
+    jumprelu_init_threshold: float = 1e-3
+    """jumprelu: initial threshold θ, in units of the scaled input."""
+    jumprelu_bandwidth: float = 1e-3
+    """jumprelu: width ε of the rectangle kernel of the straight-through estimator."""
+    k_aux: Optional[int] = None
+    """TopK family: dead latents used by the AuxK loss; None means d_in // 2 (Gao et al. 2024)."""
+    aux_coefficient: float = 1 / 32
+    """TopK family: weight of the AuxK loss (Gao et al. 2024, Appendix A.2)."""
+    threshold_decay: float = 0.99
+    """batchtopk: EMA decay of the inference threshold (smallest kept activation per batch)."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """How b_dec is initialised from a data sample."""
+    normalize_inputs: bool = True
+    """Scale inputs so E‖x‖² = d_in during training; the factor is folded into the weights on export."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "d_in", "n_latents", "k", "jumprelu_init_threshold", "jumprelu_bandwidth")
+        _non_negative(self, "l1_coefficient", "l0_coefficient", "aux_coefficient")
+        if self.architecture in TOPK_FAMILY and self.k > self.n_latents:
+            raise ConfigError(
+                f"sae.k={self.k} is larger than sae.n_latents={self.n_latents}: "
+                "a TopK SAE cannot keep more latents than it has; lower k or raise n_latents"
+            )
+        if self.k_aux is not None and not 0 < self.k_aux <= self.n_latents:
+            raise ConfigError(f"sae.k_aux={self.k_aux} must be in 1..n_latents={self.n_latents}")
+        if not 0.0 < self.threshold_decay < 1.0:
+            raise ConfigError(f"sae.threshold_decay={self.threshold_decay} must be in (0, 1)")
+
+    @property
+    def effective_k_aux(self) -> int:
+        """k_aux, defaulting to d_in // 2 and capped at n_latents."""
+        k_aux = self.k_aux if self.k_aux is not None else max(1, self.d_in // 2)
+        return min(k_aux, self.n_latents)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: budgets are in tokens, not steps."""
+
+    total_tokens: int = 10_000_000
+    """Training budget in tokens (activation rows)."""
+    batch_size: int = 4096
+    """Tokens per optimizer step (summed over workers in distributed runs)."""
+    lr: Optional[float] = None
+    """Adam learning rate; None means 2e-4 / sqrt(n_latents / 2^14) (sparsify, dictionary_learning)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
+    warmup_tokens: int = 0
+    """Linear learning-rate warm-up from 0 over this many tokens."""
+    decay_fraction: float = 0.2
+    """Linear learning-rate decay to 0 over the last fraction of the budget (0 disables)."""
+    sparsity_warmup_tokens: int = 0
+    """Linear warm-up of the L1/L0 coefficient from 0 over this many tokens."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many tokens without firing (OpenAI, sparsify: 10M)."""
+    log_every_tokens: int = 1_000_000
+    """Print and record training metrics every this many tokens."""
+    init_tokens: int = 16_384
+    """Tokens of data used to initialise b_dec and the input scale."""
+    seed: int = 0
+    """Seed for parameter initialisation (and data order where the data source takes one)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "total_tokens", "batch_size", "log_every_tokens", "init_tokens")
+        _non_negative(self, "warmup_tokens", "sparsity_warmup_tokens", "grad_clip", "dead_tokens")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr} must be > 0 (or omitted for the default)")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction={self.decay_fraction} must be in [0, 1]")
+        if self.total_tokens < self.batch_size:
+            raise ConfigError(
+                f"train.total_tokens={self.total_tokens} is smaller than one batch "
+                f"(train.batch_size={self.batch_size}); raise the budget or lower the batch size"
+            )
+
+    def effective_lr(self, n_latents: int) -> float:
+        """The learning rate, defaulting to 2e-4 / sqrt(n_latents / 2^14)."""
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+
+@dataclass(frozen=True)
+class ToyDataConfig:
+    """Synthetic activations with known ground-truth features (see raysae.synthetic)."""
+
+    n_features: int = 512
+    """Number of true feature directions (more than d_in: superposition)."""
+    active_per_token: float = 5.0
+    """Expected number of active features per token."""
+    frequency_decay: float = 0.0
+    """Zipf-like exponent of feature frequencies (0: all features equally frequent)."""
+    magnitude_mean: float = 1.0
+    """Mean magnitude of an active feature."""
+    magnitude_std: float = 0.25
+    """Std of the magnitude of an active feature (magnitudes are clipped at 0)."""
+    n_correlated_groups: int = 0
+    """Groups of features that tend to fire together."""
+    correlated_group_size: int = 4
+    """Features per correlated group."""
+    correlation: float = 0.8
+    """Probability that the rest of a group fires when its first member fires."""
+    n_one_hot_sets: int = 0
+    """Sets of mutually exclusive features, exactly one of which fires per token (composition)."""
+    one_hot_set_size: int = 8
+    """Features per one-hot set."""
+    noise_std: float = 0.0
+    """Std of isotropic Gaussian noise added to each token."""
+    seed: int = 0
+    """Seed of the feature directions and of the token stream."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_features", "active_per_token", "correlated_group_size", "one_hot_set_size")
+        _non_negative(self, "frequency_decay", "magnitude_std", "noise_std",
+                      "n_correlated_groups", "n_one_hot_sets")
+        if not 0.0 <= self.correlation <= 1.0:
+            raise ConfigError(f"toy.correlation={self.correlation} must be in [0, 1]")
+        grouped = (self.n_correlated_groups * self.correlated_group_size
+                   + self.n_one_hot_sets * self.one_hot_set_size)
+        if grouped > self.n_features:
+            raise ConfigError(
+                f"toy: correlated groups and one-hot sets use {grouped} features "
+                f"but n_features={self.n_features}; raise n_features or use fewer groups"
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training activations come from: exactly one of `toy` or `uri`."""
+
+    uri: Optional[str] = None
+    """A raysae dataset: a local directory or s3://bucket/prefix holding Parquet parts + manifest.json."""
+    toy: Optional[ToyDataConfig] = None
+    """Synthetic data with ground truth, generated on the fly."""
+    eval_parts: int = 1
+    """data.uri: the dataset's last eval_parts Parquet parts are held out for the final evaluation."""
+    eval_tokens: int = 65_536
+    """Held-out tokens evaluated at the end of a run (at most)."""
+    shuffle_buffer_tokens: int = 0
+    """Ray Data local shuffle buffer per worker, in rows (0: parts are read in shuffled order only)."""
+    read_cpus: float = 1.0
+    """CPUs each Ray Data read task reserves (fractions let reads share a small machine with
+    fractional-CPU workers; reads that cannot get their CPUs stall training)."""
+    deterministic_order: bool = False
+    """Ray Data keeps the (seeded) part order when streaming: runs with the same seed see the
+    same batches, at some cost in ingest throughput (Ray's preserve_order)."""
+
+    def __post_init__(self) -> None:
+        if (self.uri is None) == (self.toy is None):
+            raise ConfigError("data: give exactly one of data.uri (a dataset) or data.toy (synthetic)")
+        _non_negative(self, "eval_parts", "shuffle_buffer_tokens")
+        _positive(self, "eval_tokens", "read_cpus")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How a run uses the Ray cluster (ignored by the single-process trainer)."""
+
+    num_workers: int = 1
+    """Ray Train workers (one process each, DDP). With min_workers set, the most workers."""
+    min_workers: Optional[int] = None
+    """Elastic training: start with at least this many workers and grow to num_workers as the
+    cluster allows; a resize restarts the workers from the latest checkpoint."""
+    use_gpu: Optional[bool] = None
+    """One GPU per worker; None means yes when the cluster has GPUs."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (fractions allowed)."""
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker needs, e.g. {"trainer_slot": 1} to pin workers to nodes."""
+    max_failures: int = 3
+    """Worker-group failures survived (each restarts from the latest checkpoint)."""
+    checkpoint_every_tokens: int = 5_000_000
+    """Write a checkpoint every this many tokens (and at the end)."""
+    num_checkpoints_to_keep: int = 2
+    """Older checkpoints are deleted from storage."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_workers", "cpus_per_worker", "checkpoint_every_tokens",
+                  "num_checkpoints_to_keep")
+        _non_negative(self, "max_failures")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ConfigError(f"scaling.min_workers={self.min_workers} must be in "
+                              f"1..scaling.num_workers={self.num_workers}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: the file `raysae train CONFIG.yaml` reads."""
+
+    sae: SAEConfig
+    """The sparse autoencoder."""
+    data: DataConfig
+    """The activations."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The optimisation."""
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Workers, GPUs, failures and checkpoints on the Ray cluster."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from plain dicts (YAML, CLI overrides, JSON checkpoints).
+
+def from_dict(cls: type, data: Any, where: str = ""):
+    """Build dataclass `cls` from a dict, coercing scalars and rejecting unknown or missing keys.
+
+    `where` prefixes error messages (e.g. "sae") so they name the exact bad key.
+    """
+    label = where or cls.__name__
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{label}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{label}: missing required key '{name}'")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(f"{label}: {e}") from e
+
+
+def to_dict(config) -> dict:
+    """A plain, JSON/YAML-safe dict of a config (tuples become lists)."""
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(config)
+
+
+def _coerce(tp: Any, value: Any, key: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, args))}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        key_type, value_type = args
+        return {_coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
+                for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is dict:  # free-form mapping, validated by whoever reads it
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp in (int, float):
+        return _number(tp, value, key)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover
+
+
+def _number(tp: type, value: Any, key: str):
+    # YAML 1.1 reads `1e6` as a string; accept it, and integral floats for int fields.
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if isinstance(value, str):
+        try:
+            value = float(value.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected a number") from None
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is int:
+        if float(value) != int(value):
+            raise ConfigError(f"{key}={value!r}: expected a whole number")
+        return int(value)
+    return float(value)
+
+
+def _positive(cfg, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"{_section(cfg)}.{name}={getattr(cfg, name)} must be > 0")
+
+
+def _non_negative(cfg, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{_section(cfg)}.{name}={getattr(cfg, name)} must be >= 0")
+
+
+def _section(cfg) -> str:
+    return {"SAEConfig": "sae", "TrainConfig": "train", "ToyDataConfig": "data.toy",
+            "DataConfig": "data", "ScalingConfig": "scaling"}.get(
+        type(cfg).__name__, type(cfg).__name__)
+
+
+def load_run_config(path: str, overrides: Optional[dict] = None) -> RunConfig:
+    """Read a run YAML file into a RunConfig; `overrides` maps dotted keys to values."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return from_dict(RunConfig, data, "")

@@ -1,0 +1,172 @@
+"""The shared base of every SAE architecture.
+
+    x_s  = s · x                                  input scaled so E‖x_s‖² = d_in (s = input_scale)
+    f    = encode(x_s)                            latents, (B, n_latents), architecture-specific
+    x̂_s = f W_dec + b_dec                        decoder rows W_dec[i] are unit-norm directions
+    x̂   = x̂_s / s
+
+Losses are computed in the scaled space, so coefficients transfer between models whose
+activations have different norms (Anthropic, "Training SAEs", April 2024 update). Exporting
+folds s into the biases and thresholds (`fold_input_scale_`): the folded model takes raw
+activations with s = 1 and gives the same reconstruction; its latents are the unfolded ones / s.
+
+Shapes: W_enc (n_latents, d_in), b_enc (n_latents,), W_dec (n_latents, d_in), b_dec (d_in,).
+W_dec is stored latent-major so a token's active rows can be gathered (see sparse.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from raysae.config import SAEConfig
+
+
+class SAEOutput(NamedTuple):
+    """What `forward` returns."""
+
+    x_hat: Tensor
+    """(B, d_in) reconstruction, in the units of the input."""
+    latents: Tensor
+    """(B, n_latents) latent activations (units of the scaled input unless folded)."""
+    losses: dict[str, Tensor]
+    """Unweighted scalar loss terms by metric name; `reconstruction` = mean_b ‖x_s − x̂_s‖²."""
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class: parameters, scaling, decoder constraints, initialisation, loss weighting.
+
+    Subclasses implement `_forward_scaled` (and `_encode_scaled`) on scaled inputs and name their
+    loss terms in `loss_coefficients`; `sparsity_loss` names the term that is warmed up.
+    """
+
+    sparsity_loss: Optional[str] = None
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.n_latents, cfg.d_in
+        W_dec = torch.randn(n, d)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        # Encoder initialised to the decoder's transpose (Gao et al. 2024; Conerly et al. 2024).
+        self.W_enc = nn.Parameter(W_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+
+    # -- architecture-specific -------------------------------------------------------------
+
+    def _encode_scaled(self, x_s: Tensor) -> Tensor:
+        """(B, d_in) scaled input → (B, n_latents) latents, inference behaviour."""
+        raise NotImplementedError
+
+    def _forward_scaled(self, x_s: Tensor, dead_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, dict]:
+        """(B, d_in) scaled input → (x̂_s, latents, extra losses). Default: encode then dense decode."""
+        latents = self._encode_scaled(x_s)
+        return self._decode_scaled(latents), latents, {}
+
+    def loss_coefficients(self) -> dict[str, float]:
+        """Weight of each loss term in the total loss."""
+        return {"reconstruction": 1.0}
+
+    def _fold_scale_extra_(self, s: Tensor) -> None:
+        """Divide architecture-specific latent-space biases and thresholds by s."""
+
+    # -- shared ----------------------------------------------------------------------------
+
+    def _decode_scaled(self, latents: Tensor) -> Tensor:
+        return latents @ self.W_dec + self.b_dec
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(B, d_in) activations → (B, n_latents) latents."""
+        return self._encode_scaled(self._check_input(x) * self.input_scale)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """(B, n_latents) latents → (B, d_in) reconstruction in input units."""
+        return self._decode_scaled(latents) / self.input_scale
+
+    def forward(self, x: Tensor, dead_mask: Optional[Tensor] = None) -> SAEOutput:
+        """x: (B, d_in) activations; dead_mask: (n_latents,) bool, latents dead for AuxK."""
+        x_s = self._check_input(x) * self.input_scale
+        x_hat_s, latents, losses = self._forward_scaled(x_s, dead_mask)
+        losses = {"reconstruction": (x_hat_s - x_s).pow(2).sum(-1).mean(), **losses}
+        return SAEOutput(x_hat_s / self.input_scale, latents, losses)
+
+    def total_loss(self, losses: dict[str, Tensor], sparsity_scale: float = 1.0) -> Tensor:
+        """Σ coefficient · term; the sparsity term's coefficient is multiplied by sparsity_scale."""
+        total = 0.0
+        for name, coef in self.loss_coefficients().items():
+            if name in losses:
+                scale = sparsity_scale if name == self.sparsity_loss else 1.0
+                total = total + coef * scale * losses[name]
+        return total
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"SAE input has shape {tuple(x.shape)}, expected (batch, d_in={self.cfg.d_in}); "
+                "check that the data's activation width matches sae.d_in"
+            )
+        return x.to(self.W_enc.dtype)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale each decoder row W_dec[i] to unit norm (call after every optimizer step)."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad_(self) -> None:
+        """Project out the gradient component parallel to each unit decoder row.
+
+        The step then moves rows along the unit sphere (to first order), so the renormalisation
+        after it does not fight the optimizer (Bricken et al. 2023).
+        """
+        if self.W_dec.grad is None:
+            return
+        g, w = self.W_dec.grad, self.W_dec
+        g -= (g * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def init_from_sample_(self, x: Tensor) -> None:
+        """Set the input scale and b_dec from a (N, d_in) sample of training activations."""
+        x = self._check_input(x).double()
+        if self.cfg.normalize_inputs:
+            mean_sq_norm = x.pow(2).sum(-1).mean()
+            self.input_scale.fill_(float((self.cfg.d_in / mean_sq_norm).sqrt()))
+        x_s = x * float(self.input_scale)
+        if self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x_s))
+        elif self.cfg.b_dec_init == "mean":
+            self.b_dec.copy_(x_s.mean(0))
+        else:
+            self.b_dec.zero_()
+
+    @torch.no_grad()
+    def fold_input_scale_(self) -> None:
+        """Fold the input scale into biases and thresholds; afterwards input_scale = 1.
+
+        For every architecture the pre-activations are affine in (s·x, b_dec, b_enc), so dividing
+        b_dec, b_enc and any latent-space threshold by s divides the latents by s and leaves the
+        (unit-norm) weights unchanged; the reconstruction in input units is the same.
+        """
+        s = self.input_scale.clone()
+        self.b_dec /= s
+        self.b_enc /= s
+        self._fold_scale_extra_(s)
+        self.input_scale.fill_(1.0)
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-7) -> Tensor:
+    """The point minimising Σ‖x_i − m‖ (Weiszfeld's algorithm). x: (N, d) → (d,)."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp_min(1e-8)
+        m_new = (w[:, None] * x).sum(0) / w.sum()
+        if (m_new - m).norm() <= tol * m.norm().clamp_min(1.0):
+            return m_new
+        m = m_new
+    return m

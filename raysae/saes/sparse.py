@@ -1,0 +1,89 @@
+"""Sparse kernels for the TopK family: decode and encoder backward touch only the active latents.
+
+With k of n latents active, a dense decode `latents @ W_dec` spends n/k of its work on zeros,
+and so does the dense backward of the encoder (the gradient of the pre-activations is zero
+outside the top k). These functions do the same math on the (indices, values) pairs only.
+Reference-equivalence tests hold them equal to the dense versions (tests/test_sparse.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:
+    """Σ_j values[b, j] · W_dec[indices[b, j]] for each token b, without materialising zeros.
+
+    indices, values: (B, k); W_dec: (n_latents, d_in) → (B, d_in). Differentiable in values and W_dec.
+    """
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+def ragged_decode(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+    """Decode a varying number of active latents per token (BatchTopK, thresholded inference).
+
+    rows, cols, values: (nnz,), rows sorted ascending (as `nonzero()` returns them); W_dec:
+    (n_latents, d_in) → (n_rows, d_in).
+    """
+    counts = torch.bincount(rows, minlength=n_rows)
+    offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
+    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    return F.embedding_bag(cols, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype),
+                           mode="sum")
+
+
+class _TopKEncode(torch.autograd.Function):
+    """relu(topk(x W_encᵀ + b_enc)) with a backward that only visits the k chosen latents."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int):
+        # Unused outputs get None, not a dense zero gradient, in backward.
+        ctx.set_materialize_grads(False)
+        pre = F.linear(x, W_enc, b_enc)
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        values = values.relu()
+        ctx.save_for_backward(x, W_enc, indices, values)
+        ctx.mark_non_differentiable(indices)
+        return values, indices, pre
+
+    @staticmethod
+    def backward(ctx, grad_values: Tensor, _grad_indices, grad_pre: Tensor):
+        x, W_enc, indices, values = ctx.saved_tensors
+        if grad_values is None:
+            grad_values = torch.zeros_like(values)
+        g = grad_values * (values > 0)  # relu'
+        flat_idx = indices.reshape(-1)
+        # dL/dx = Σ_j g[b, j] · W_enc[indices[b, j]]  — the same gather-sum as the decoder.
+        grad_x = sparse_decode(indices, g, W_enc)
+        # dL/dW_enc[i] = Σ_{(b, j): indices[b, j] = i} g[b, j] · x[b]  — a sparse (n × B) @ (B × d).
+        B, k = indices.shape
+        batch_idx = torch.arange(B, device=x.device).repeat_interleave(k)
+        coo = torch.sparse_coo_tensor(
+            torch.stack([flat_idx, batch_idx]), g.reshape(-1), (W_enc.shape[0], B),
+            check_invariants=False)
+        grad_W = torch.sparse.mm(coo, x)
+        grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
+        grad_b.index_add_(0, flat_idx, g.reshape(-1))
+        if grad_pre is not None:  # callers that also use the dense pre-activations (AuxK)
+            grad_x = grad_x + grad_pre @ W_enc
+            grad_W = grad_W + grad_pre.t() @ x
+            grad_b = grad_b + grad_pre.sum(0)
+        return grad_x, grad_W, grad_b, None
+
+
+def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k pre-activations per token, ReLU'd, with a sparse backward.
+
+    x: (B, d_in); W_enc: (n, d_in); b_enc: (n,) → values (B, k) ≥ 0, indices (B, k), pre (B, n).
+    `pre` (the dense pre-activations) is returned for the AuxK loss; gradients through it are dense.
+    """
+    return _TopKEncode.apply(x, W_enc, b_enc, k)
+
+
+def dense_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Plain-autograd reference for `topk_encode` (tests and benchmarks only)."""
+    pre = F.linear(x, W_enc, b_enc)
+    values, indices = pre.topk(k, dim=-1, sorted=False)
+    return values.relu(), indices

@@ -1,0 +1,203 @@
+"""`raysae sweep SPEC.yaml`: a sweep spec → Ray Tune trials → a results table and Pareto frontier.
+
+Each Tune trial is one *pack* of SAEs (`pack: 1` by default): a function trainable that builds
+and fits a Ray Train TorchTrainer (raysae.train.build_trainer) named after the trial id, so a
+restored trial resumes its own Train checkpoints. Layout under OUTPUT/NAME/:
+
+    <Tune's experiment state and trial folders>     what `--resume` (Tuner.restore) reads
+    trials/trial-<id>/[m<i>/]{sae/, metrics.json}   each SAE's final checkpoint and metrics
+    trials/trial-<id>/checkpoint_*/                 Ray Train checkpoints of the trial
+    results.parquet, results.csv                    one row per SAE
+    pareto.csv, pareto.png                          the frontier (L0 vs FVU) per architecture
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import pandas as pd
+
+from raysae import report, storage
+from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_dict
+from raysae.synthetic import write_toy_dataset
+from raysae.sweep_spec import SweepSpec, expand, packs
+from raysae.train import OutputExistsError, build_trainer, dataset_split, finish_run
+
+SPEC_FILE = "sweep_spec.json"
+"""Written first into OUTPUT/NAME: marks the folder as a sweep's and records what ran."""
+
+
+def sweep_trial(config: dict) -> None:
+    """Tune function trainable: train one pack of SAEs with Ray Train, report to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    runs = [from_dict(RunConfig, r) for r in config["packs"][config["pack"]]]
+    name = f"trial-{ray.tune.get_context().get_trial_id()}"
+    done = _finished_metrics(storage.join(config["trials_dir"], name), len(runs))
+    if done:  # finished before an interruption Tune had not yet recorded: keep, do not re-run
+        best = min(done, key=lambda r: r["eval"]["fvu"])
+        ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
+        return
+    trainer = build_trainer(runs, config["trials_dir"], name, callbacks=[TuneReportCallback()])
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    finals = finish_run(result, runs, storage.join(config["trials_dir"], name),
+                        time.perf_counter() - t0)
+    best = min(finals, key=lambda r: r["eval"]["fvu"])
+    ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
+
+
+def _member_dirs(trial_dir: str, n: int) -> list[str]:
+    return [trial_dir] if n == 1 else [storage.join(trial_dir, f"m{i}") for i in range(n)]
+
+
+def _finished_metrics(trial_dir: str, n: int) -> list[dict]:
+    """Every member's metrics.json if all exist, else []."""
+    paths = [storage.join(d, "metrics.json") for d in _member_dirs(trial_dir, n)]
+    if not all(storage.exists(p) for p in paths):
+        return []
+    return [json.loads(storage.read_bytes(p)) for p in paths]
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Run (or with `resume`, continue) the sweep; write and return the results table."""
+    import ray
+    from ray import tune
+
+    sweep_dir = storage.join(spec.output, spec.name)
+    points = expand(spec)
+    groups = packs(points, spec.pack)
+    _prepare_output(spec, sweep_dir, resume)
+    ensure_dataset(spec, log)
+    for cfg in points:  # bad data fails here, before any trial starts
+        dataset_split(cfg)
+    if not ray.is_initialized():
+        ray.init()
+
+    fs, root = storage.filesystem_and_path(spec.output)
+    experiment = f"{root}/{spec.name}"
+    # The trial process only drives its TorchTrainer; Tune refuses an empty request, so a sliver.
+    trainable = tune.with_resources(sweep_trial, {"cpu": 0.01})
+    if resume:
+        log(f"resuming sweep {sweep_dir}")
+        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=fs)
+    else:
+        log(f"sweep {spec.name}: {len(points)} SAE(s) in {len(groups)} trial(s) → {sweep_dir}")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"packs": [[to_dict(c) for c in g] for g in groups],
+                         "pack": tune.grid_search(list(range(len(groups)))),
+                         "trials_dir": storage.join(sweep_dir, "trials")},
+            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
+                                        scheduler=_scheduler(spec, points)),
+            run_config=tune.RunConfig(name=spec.name, storage_path=root, storage_filesystem=fs,
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=spec.max_failures),
+                                      verbose=1),
+        )
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    table = report.with_frontiers(collect(grid, sweep_dir))
+    report.write_results(table, sweep_dir)
+    log(f"sweep finished in {time.perf_counter() - t0:.0f} s")
+    log(report.summary(table, sweep_dir))
+    return table
+
+
+def _prepare_output(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
+    """Refuse to mix with an earlier sweep's results; check the output is writable early."""
+    marker = storage.join(sweep_dir, SPEC_FILE)
+    has_results = storage.exists(storage.join(sweep_dir, "results.csv"))
+    started = storage.exists(marker)
+    if resume:
+        if not started:
+            raise ConfigError(f"--resume: {sweep_dir} holds no sweep to resume; run without --resume")
+        return
+    if has_results:
+        raise OutputExistsError(f"{sweep_dir} already holds a finished sweep (results.csv); "
+                                "change `name` or `output` in the spec")
+    if started:
+        raise OutputExistsError(f"{sweep_dir} holds an interrupted sweep; continue it with "
+                                "--resume, or change `name` or `output` in the spec")
+    # Written first: an unreachable or read-only output fails here, before any work.
+    storage.write_bytes(marker, json.dumps(to_dict(spec), indent=1, default=str).encode())
+
+
+def ensure_dataset(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
+    """Make the base dataset when it does not exist yet and the spec says how (harvest or toy)."""
+    from raysae import shards
+    from raysae.harvest import HarvestConfig, harvest, layer_uri
+
+    uri = spec.base.get("data", {}).get("uri")
+    if uri is None or storage.exists(storage.join(uri, shards.MANIFEST_NAME)):
+        return
+    if spec.toy_dataset is not None:
+        toy = spec.toy_dataset
+        features = from_dict(ToyDataConfig, toy.get("features") or {}, "toy_dataset.features")
+        log(f"{uri} has no dataset yet: writing {toy['n_tokens']:,} toy tokens")
+        write_toy_dataset(uri, features, spec.base["sae"]["d_in"], int(toy["n_tokens"]),
+                          int(toy["rows_per_part"]))
+        return
+    if spec.harvest is None:
+        return
+    cfg = HarvestConfig.from_dict(spec.harvest)
+    if uri not in [layer_uri(cfg.output, layer) for layer in cfg.layers]:
+        raise ConfigError(f"base.data.uri={uri} is not one of the harvest's outputs "
+                          f"({', '.join(layer_uri(cfg.output, l) for l in cfg.layers)})")
+    log(f"{uri} has no dataset yet: harvesting {cfg.n_tokens:,} tokens from {cfg.model}")
+    harvest(cfg)
+
+
+def _scheduler(spec: SweepSpec, points: list[RunConfig]):
+    if spec.scheduler is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = spec.scheduler
+    return ASHAScheduler(time_attr="tokens", metric=s.metric, mode=s.mode,
+                         grace_period=s.grace_tokens, reduction_factor=s.reduction_factor,
+                         max_t=max(p.train.total_tokens for p in points))
+
+
+def collect(grid, sweep_dir: str) -> pd.DataFrame:
+    """One row per SAE from a Tune ResultGrid and the members' metrics.json files."""
+    rows = []
+    for result in grid:
+        config = result.config
+        trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("_")[-2]
+        trial_dir = storage.join(config["trials_dir"], f"trial-{trial_id}")
+        runs = [from_dict(RunConfig, r) for r in config["packs"][config["pack"]]]
+        for i, (cfg, member_dir) in enumerate(zip(runs, _member_dirs(trial_dir, len(runs)))):
+            rows.append(_row(cfg, trial_id, i, member_dir, result))
+    return pd.DataFrame(rows)
+
+
+def _row(cfg: RunConfig, trial_id: str, member: int, member_dir: str, result) -> dict:
+    row = {"trial_id": trial_id, "member": member, "architecture": cfg.sae.architecture,
+           "d_in": cfg.sae.d_in, "n_latents": cfg.sae.n_latents, "k": cfg.sae.k,
+           "l1_coefficient": cfg.sae.l1_coefficient, "l0_coefficient": cfg.sae.l0_coefficient,
+           "lr": cfg.train.effective_lr(cfg.sae.n_latents), "seed": cfg.train.seed,
+           "total_tokens": cfg.train.total_tokens}
+    metrics_path = storage.join(member_dir, "metrics.json")
+    if storage.exists(metrics_path):
+        final = json.loads(storage.read_bytes(metrics_path))
+        row.update(status="finished", tokens=final["tokens"], wall_s=final["wall_s"],
+                   rows_read=final.get("rows_read"), checkpoint=storage.join(member_dir, "sae"),
+                   **{k: final["eval"].get(k) for k in report.COLUMNS if k in final["eval"]})
+        if "feature_recovery" in final:
+            row["feature_recovery"] = final["feature_recovery"]["fraction_recovered"]
+        return row
+    # Stopped early (ASHA) or failed: its last training report.
+    last = result.metrics or {}
+    prefix = f"m{member}/"
+    row.update(status="error" if result.error else "early_stopped", tokens=last.get("tokens"),
+               rows_read=last.get("rows_read"), checkpoint=last.get("checkpoint_path"),
+               **{k: last.get(prefix + k) for k in ("l0", "fvu", "explained_variance", "mse",
+                                                      "dead_fraction", "dense_fraction")})
+    return row
