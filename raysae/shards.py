@@ -98,6 +98,16 @@ _PART_PATTERN = re.compile(r"^part-\d{5,}(-[0-9a-f]+)?\.parquet$")
 _NOT_WRITABLE = "The given NumPy array is not writable"
 
 
+def row_bytes(d_in: int, dtype: str) -> int:
+    """Bytes of one stored activation vector."""
+    return d_in * STORAGE_DTYPES[dtype][1].itemsize
+
+
+def default_rows_per_part(d_in: int, dtype: str) -> int:
+    """Default rows per part: about PART_BYTES of activations (at least 1024 rows)."""
+    return max(1024, PART_BYTES // row_bytes(d_in, dtype))
+
+
 class DatasetError(ValueError):
     """A dataset is missing, incomplete or inconsistent; the message names the file and the fix."""
 
@@ -123,7 +133,8 @@ class ActStats:
         """Exact equality of the sums (the dataclass default cannot compare numpy arrays)."""
         if not isinstance(other, ActStats):
             return NotImplemented
-        return (self.count, self.squared_norm_sum) == (other.count, other.squared_norm_sum) and np.array_equal(self.sum, other.sum)
+        same_scalars = (self.count, self.squared_norm_sum) == (other.count, other.squared_norm_sum)
+        return same_scalars and np.array_equal(self.sum, other.sum)
 
     @classmethod
     def empty(cls, d_in: int) -> ActStats:
@@ -145,7 +156,9 @@ class ActStats:
         """Statistics of the union of both row sets."""
         if self.sum.shape != other.sum.shape:
             raise ValueError(f"cannot merge statistics of d_in={self.sum.size} and d_in={other.sum.size}")
-        return ActStats(self.count + other.count, self.sum + other.sum, self.squared_norm_sum + other.squared_norm_sum)
+        return ActStats(
+            self.count + other.count, self.sum + other.sum, self.squared_norm_sum + other.squared_norm_sum
+        )
 
     @property
     def mean(self) -> np.ndarray:
@@ -165,7 +178,9 @@ class ActStats:
     def from_dict(cls, data: dict[str, Any]) -> ActStats:
         """Inverse of :meth:`to_dict`; unknown or missing keys are an error."""
         _check_keys("stats", data, {"count", "sum", "squared_norm_sum"})
-        return cls(int(data["count"]), np.asarray(data["sum"], dtype=np.float64), float(data["squared_norm_sum"]))
+        return cls(
+            int(data["count"]), np.asarray(data["sum"], dtype=np.float64), float(data["squared_norm_sum"])
+        )
 
 
 # ---------------------------------------------------------------- manifest
@@ -236,7 +251,7 @@ class Manifest:
     @property
     def row_bytes(self) -> int:
         """Bytes of one stored activation vector."""
-        return self.d_in * STORAGE_DTYPES[self.dtype][1].itemsize
+        return row_bytes(self.d_in, self.dtype)
 
     def to_json(self) -> str:
         """The manifest as JSON text."""
@@ -269,10 +284,14 @@ def _check_keys(what: str, data: Any, expected: set[str]) -> None:
 # ---------------------------------------------------------------- act codec
 
 
-def encode_act(acts: torch.Tensor | np.ndarray, dtype: str) -> pa.FixedSizeBinaryArray:
-    """Activations (N, d_in) → ``act`` column in the stored ``dtype``; no copy when already there."""
+def encode_act(acts: torch.Tensor | np.ndarray, dtype: str, *, copy: bool = False) -> pa.FixedSizeBinaryArray:
+    """Activations (N, d_in) → ``act`` column in the stored ``dtype``.
+
+    Shares memory with ``acts`` when they are already contiguous in that dtype on the CPU,
+    unless ``copy``.
+    """
     torch_dtype, numpy_dtype = STORAGE_DTYPES[dtype]
-    tensor = torch.as_tensor(acts).to(device="cpu", dtype=torch_dtype).contiguous()
+    tensor = torch.as_tensor(acts).to(device="cpu", dtype=torch_dtype, copy=copy).contiguous()
     if tensor.ndim != 2:
         raise ValueError(f"activations must be 2-D (N, d_in), got shape {tuple(tensor.shape)}")
     bits = tensor.view(torch.int16) if dtype == "bfloat16" else tensor
@@ -284,7 +303,7 @@ def encode_act(acts: torch.Tensor | np.ndarray, dtype: str) -> pa.FixedSizeBinar
 def act_width(act_type: pa.DataType, dtype: str) -> int | None:
     """Values per row that an ``act`` column of ``act_type`` holds, or None if it is no act type."""
     if pa.types.is_fixed_size_binary(act_type):
-        return act_type.byte_width // STORAGE_DTYPES[dtype][1].itemsize
+        return act_type.byte_width // row_bytes(1, dtype)
     if pa.types.is_fixed_size_list(act_type):
         return act_type.list_size
     return None
@@ -292,7 +311,7 @@ def act_width(act_type: pa.DataType, dtype: str) -> int | None:
 
 def check_act_type(act_type: pa.DataType, *, d_in: int, dtype: str, where: str) -> None:
     """Raise DatasetError unless ``act_type`` is the fixed_size_binary this dataset expects."""
-    expected = pa.binary(d_in * STORAGE_DTYPES[dtype][1].itemsize)
+    expected = pa.binary(row_bytes(d_in, dtype))
     if act_type == expected:
         return
     width = act_width(act_type, dtype)
@@ -315,7 +334,9 @@ def _view_chunk(chunk: pa.FixedSizeBinaryArray, d_in: int, dtype: str) -> torch.
     if chunk.null_count:
         raise DatasetError("act column has null rows; parts written by raysae never do")
     count = len(chunk) * d_in
-    values = np.frombuffer(chunk.buffers()[1], dtype=numpy_dtype, count=count, offset=chunk.offset * chunk.type.byte_width)
+    values = np.frombuffer(
+        chunk.buffers()[1], dtype=numpy_dtype, count=count, offset=chunk.offset * chunk.type.byte_width
+    )
     return _as_tensor(values).view(len(chunk), d_in).view(torch_dtype)
 
 
@@ -388,22 +409,40 @@ def shard_table(
     pos: np.ndarray | torch.Tensor,
     *,
     dtype: str,
+    copy: bool = False,
 ) -> pa.Table:
-    """One part's rows as an Arrow table in the shard schema."""
-    act = encode_act(acts, dtype)
+    """One part's rows as an Arrow table in the shard schema (sharing the inputs' memory where
+    the types already match, unless ``copy``)."""
+    act = encode_act(acts, dtype, copy=copy)
     arrays = [act]
-    for name, values, arrow_type in (("token_id", token_id, pa.int32()), ("doc_id", doc_id, pa.int64()), ("pos", pos, pa.int32())):
-        values = np.asarray(torch.as_tensor(values).cpu())
+    for name, values, arrow_type in (
+        ("token_id", token_id, pa.int32()),
+        ("doc_id", doc_id, pa.int64()),
+        ("pos", pos, pa.int32()),
+    ):
+        values = torch.as_tensor(values).cpu().numpy()
+        values = values.copy() if copy else values
         if values.shape != (len(act),):
-            raise ValueError(f"{name} has shape {values.shape}, expected ({len(act)},) to match the activations")
+            raise ValueError(
+                f"{name} has shape {values.shape}, expected ({len(act)},) to match the activations"
+            )
         arrays.append(pa.array(values, type=arrow_type))
-    return pa.Table.from_arrays(arrays, schema=shard_schema(act.type.byte_width // STORAGE_DTYPES[dtype][1].itemsize, dtype))
+    return pa.Table.from_arrays(
+        arrays, schema=shard_schema(act.type.byte_width // row_bytes(1, dtype), dtype)
+    )
 
 
 def shard_schema(d_in: int, dtype: str) -> pa.Schema:
     """Arrow schema of a part; ``act`` carries its stored dtype so a part describes itself."""
-    act = pa.field("act", pa.binary(d_in * STORAGE_DTYPES[dtype][1].itemsize), nullable=False, metadata={DTYPE_KEY: dtype})
-    return pa.schema([act, pa.field("token_id", pa.int32()), pa.field("doc_id", pa.int64()), pa.field("pos", pa.int32())])
+    act = pa.field(
+        "act",
+        pa.binary(row_bytes(d_in, dtype)),
+        nullable=False,
+        metadata={DTYPE_KEY: dtype},
+    )
+    return pa.schema(
+        [act, pa.field("token_id", pa.int32()), pa.field("doc_id", pa.int64()), pa.field("pos", pa.int32())]
+    )
 
 
 def stored_dtype(schema: pa.Schema) -> str:
@@ -452,7 +491,7 @@ def new_write_id() -> str:
 
 
 def write_part(uri: str, name: str, table: pa.Table) -> Part:
-    """Write ``table`` (shard schema; callers have run :func:`check_finite`) as part ``name`` of ``uri``."""
+    """Write ``table`` (shard schema, rows :func:`check_finite`-ed by the caller) as part ``name``."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=max(len(table), 1), **_PARQUET_OPTIONS)
     data = sink.getvalue()
@@ -497,9 +536,9 @@ def commit_dataset(uri: str, manifest: Manifest, *, overwrite: bool) -> None:
     if MANIFEST_NAME in present and not overwrite:
         raise FileExistsError(f"another writer committed a dataset at {uri} while this one was writing")
     listed = {part.name for part in manifest.parts}
-    missing = listed - set(present)
-    if missing:
-        raise DatasetError(f"cannot commit {uri}: parts {sorted(missing)[:5]} were not written")
+    wrong = sorted(part.name for part in manifest.parts if present.get(part.name) != part.bytes)
+    if wrong:
+        raise DatasetError(f"cannot commit {uri}: parts {wrong[:5]} are missing or not the size written")
     storage.write_bytes(storage.join(uri, MANIFEST_NAME), manifest.to_json().encode())
     for name in present:
         if name not in listed and name != MANIFEST_NAME and _is_ours(name):
@@ -522,12 +561,18 @@ class DatasetWriter:
     """
 
     def __init__(
-        self, uri: str, *, d_in: int, dtype: str = "float16", rows_per_part: int | None = None, overwrite: bool = False
+        self,
+        uri: str,
+        *,
+        d_in: int,
+        dtype: str = "float16",
+        rows_per_part: int | None = None,
+        overwrite: bool = False,
     ) -> None:
         if dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype={dtype!r}: expected one of {sorted(STORAGE_DTYPES)}")
         self.uri, self.d_in, self.dtype, self.overwrite = uri, d_in, dtype, overwrite
-        self.rows_per_part = rows_per_part or max(1024, PART_BYTES // (d_in * STORAGE_DTYPES[dtype][1].itemsize))
+        self.rows_per_part = rows_per_part or default_rows_per_part(d_in, dtype)
         prepare_prefix(uri, overwrite=overwrite)
         self._write_id = new_write_id()
         self._rebatcher = Rebatcher(self.rows_per_part)
@@ -553,7 +598,8 @@ class DatasetWriter:
         token_id = np.full(n, -1) if token_id is None else token_id
         doc_id = rows if doc_id is None else doc_id
         pos = np.zeros(n, dtype=np.int32) if pos is None else pos
-        table = shard_table(acts, token_id, doc_id, pos, dtype=self.dtype)
+        # A copy: rows wait in the buffer, and the caller may reuse its arrays meanwhile.
+        table = shard_table(acts, token_id, doc_id, pos, dtype=self.dtype, copy=True)
         stored = decode_act(table.column("act"), d_in=self.d_in, dtype=self.dtype)
         check_finite(stored, where=f"write to {self.uri}", first_row=self._rows_seen)
         self._stats = self._stats.merge(ActStats.of(stored))
@@ -579,8 +625,16 @@ class DatasetWriter:
         if rest is not None:
             self._write(rest)
         manifest = Manifest(
-            model=model, revision=revision, hook=hook, layer=layer, d_in=self.d_in, dtype=self.dtype,
-            n_tokens=self._rows_seen, parts=tuple(self._parts), stats=self._stats, harvest=harvest or {},
+            model=model,
+            revision=revision,
+            hook=hook,
+            layer=layer,
+            d_in=self.d_in,
+            dtype=self.dtype,
+            n_tokens=self._rows_seen,
+            parts=tuple(self._parts),
+            stats=self._stats,
+            harvest=harvest or {},
         )
         commit_dataset(self.uri, manifest, overwrite=self.overwrite)
         self._closed = True
@@ -599,7 +653,9 @@ class DatasetWriter:
         if not self._closed:
             self.abort()
             if exc_type is None:
-                raise RuntimeError(f"DatasetWriter for {self.uri} left without commit(); its parts were deleted")
+                raise RuntimeError(
+                    f"DatasetWriter for {self.uri} left without commit(); its parts were deleted"
+                )
 
 
 def write_dataset(
@@ -618,7 +674,9 @@ def write_dataset(
     harvest: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write in-memory activations (N, d_in) as a committed dataset (toy data, tests)."""
-    with DatasetWriter(uri, d_in=int(acts.shape[1]), dtype=dtype, rows_per_part=rows_per_part, overwrite=overwrite) as writer:
+    with DatasetWriter(
+        uri, d_in=int(acts.shape[1]), dtype=dtype, rows_per_part=rows_per_part, overwrite=overwrite
+    ) as writer:
         writer.write(acts, token_id, doc_id, pos)
         return writer.commit(model=model, hook=hook, layer=layer, harvest=harvest)
 
@@ -663,7 +721,9 @@ def open_dataset(uri: str, *, verify: bool = False) -> Manifest:
     if verify:
         for part in manifest.parts:
             first_row = 0
-            for batch in _part_batches(uri, manifest, part, batch_size=65536, columns=["act"]):
+            for batch in read_part(
+                uri, part, d_in=manifest.d_in, dtype=manifest.dtype, columns=["act"], batch_size=65536
+            ):
                 acts = decode_act(batch.column("act"), d_in=manifest.d_in, dtype=manifest.dtype)
                 check_finite(acts, where=f"{uri}: part {part.name}", first_row=first_row)
                 first_row += len(acts)
@@ -686,19 +746,33 @@ def _check_footer(uri: str, manifest: Manifest, part: Part) -> None:
     with _open_part(uri, part) as parquet:
         rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
     if rows != part.rows:
-        raise DatasetError(f"{uri}: part {part.name} has {rows} rows, {MANIFEST_NAME} says {part.rows}; re-harvest")
+        raise DatasetError(
+            f"{uri}: part {part.name} has {rows} rows, {MANIFEST_NAME} says {part.rows}; re-harvest"
+        )
     missing = [name for name in COLUMNS if name not in schema.names]
     if missing:
         raise DatasetError(f"{uri}: part {part.name} lacks columns {missing}")
-    check_act_type(schema.field("act").type, d_in=manifest.d_in, dtype=manifest.dtype, where=f"{uri}: part {part.name}")
+    check_act_type(
+        schema.field("act").type, d_in=manifest.d_in, dtype=manifest.dtype, where=f"{uri}: part {part.name}"
+    )
 
 
-def _part_batches(uri: str, manifest: Manifest, part: Part, *, batch_size: int, columns: list[str]) -> Iterator[pa.Table]:
-    """Record batches of one part as tables, with read errors naming the part."""
+def read_part(
+    uri: str, part: Part, *, d_in: int, dtype: str, columns: Sequence[str], batch_size: int | None = None
+) -> Iterator[pa.Table]:
+    """One part's rows as tables of ``batch_size`` rows (default: the whole part at once).
+
+    Checks the act type against ``d_in`` / ``dtype``; read errors name the part. Shared by the
+    plain reader and the Ray Data read tasks (raysae.stream).
+    """
     with _open_part(uri, part) as parquet:
-        check_act_type(parquet.schema_arrow.field("act").type, d_in=manifest.d_in, dtype=manifest.dtype, where=f"{uri}: part {part.name}")
+        check_act_type(
+            parquet.schema_arrow.field("act").type, d_in=d_in, dtype=dtype, where=f"{uri}: part {part.name}"
+        )
         try:
-            for batch in parquet.iter_batches(batch_size=batch_size, columns=columns, use_threads=False):
+            for batch in parquet.iter_batches(
+                batch_size=batch_size or max(part.rows, 1), columns=list(columns), use_threads=False
+            ):
                 yield pa.Table.from_batches([batch])
         except (pa.ArrowInvalid, OSError) as err:
             raise DatasetError(f"{uri}: part {part.name} is corrupt ({err}); re-harvest") from err
@@ -737,9 +811,13 @@ def iter_batches(
         parts = [parts[i] for i in np.random.default_rng(seed).permutation(len(parts))]
     rebatcher = Rebatcher(batch_size)
     for part in parts:
-        for table in _part_batches(uri, manifest, part, batch_size=batch_size, columns=list(columns)):
+        for table in read_part(
+            uri, part, d_in=manifest.d_in, dtype=manifest.dtype, columns=columns, batch_size=batch_size
+        ):
             for batch in rebatcher.push(table):
-                yield collate(batch, d_in=manifest.d_in, dtype=manifest.dtype, out_dtype=dtype, columns=columns)
+                yield collate(
+                    batch, d_in=manifest.d_in, dtype=manifest.dtype, out_dtype=dtype, columns=columns
+                )
     rest = rebatcher.rest()
     if rest is not None and not drop_last:
         yield collate(rest, d_in=manifest.d_in, dtype=manifest.dtype, out_dtype=dtype, columns=columns)

@@ -30,7 +30,9 @@ def read_rows(uri: str) -> dict[str, torch.Tensor]:
     return {name: torch.cat([b[name] for b in batches]) for name in columns}
 
 
-def reference_activations(model, tokenizer, documents: list[str], layers: list[int], context_length: int) -> dict:
+def reference_activations(
+    model, tokenizer, documents: list[str], layers: list[int], context_length: int
+) -> dict:
     """(layer, doc_id, pos) → hidden_states[layer + 1] of a plain forward over each window,
     written independently of raysae: tokenise, cut into windows of context_length − 1, prepend BOS."""
     expected = {}
@@ -39,7 +41,10 @@ def reference_activations(model, tokenizer, documents: list[str], layers: list[i
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             for start in range(0, len(ids), context_length - 1):
                 window = [tokenizer.bos_token_id, *ids[start : start + context_length - 1]]
-                hidden_states = model(torch.tensor([window]), output_hidden_states=True).hidden_states
+                # The decoder alone: same hidden states, without the costly vocabulary projection.
+                hidden_states = model.base_model(
+                    torch.tensor([window]), output_hidden_states=True
+                ).hidden_states
                 for layer, j in itertools.product(layers, range(1, len(window))):
                     expected[(layer, doc_id, start + j - 1)] = hidden_states[layer + 1][0, j]
     return expected
@@ -51,7 +56,9 @@ def assert_rows_match_reference(
     """Compare every stored row of every layer with the reference forward; returns rows per layer."""
     rows = {layer: read_rows(harvest.layer_uri(output, layer)) for layer in layers}
     n_docs = max(int(r["doc_id"].max()) for r in rows.values()) + 1
-    expected = reference_activations(model, tokenizer, list(itertools.islice(documents, n_docs)), layers, context_length)
+    expected = reference_activations(
+        model, tokenizer, list(itertools.islice(documents, n_docs)), layers, context_length
+    )
     for layer, layer_rows in rows.items():
         keys = zip(layer_rows["doc_id"].tolist(), layer_rows["pos"].tolist())
         reference = torch.stack([expected[(layer, *key)] for key in keys]).to(torch.float16).float()
@@ -62,7 +69,9 @@ def assert_rows_match_reference(
 @pytest.fixture(scope="module")
 def short_docs_corpus(tmp_path_factory) -> str:
     """A .txt corpus of short documents (one-paragraph stdlib docstrings), one per paragraph."""
-    short = [d for d in itertools.islice(harvest.stdlib_docstrings(), 5000) if len(d) < 300 and "\n\n" not in d]
+    short = [
+        d for d in itertools.islice(harvest.stdlib_docstrings(), 5000) if len(d) < 300 and "\n\n" not in d
+    ]
     path = tmp_path_factory.mktemp("corpus") / "short.txt"
     path.write_text("\n\n".join(short[:1000]))
     return str(path)
@@ -85,7 +94,11 @@ def test_manifests_describe_the_harvest(tiny_harvest: dict) -> None:
         uri = harvest.layer_uri(cfg.output, layer)
         assert shards.open_dataset(uri, verify=True) == manifest
         assert manifest.n_tokens == 3000 and len(manifest.parts) == 3
-        assert (manifest.layer, manifest.hook, manifest.d_in) == (layer, f"blocks.{layer}.hook_resid_post", 32)
+        assert (manifest.layer, manifest.hook, manifest.d_in) == (
+            layer,
+            f"blocks.{layer}.hook_resid_post",
+            32,
+        )
         assert manifest.harvest["context_length"] == 32 and manifest.model == cfg.model
         assert sorted(os.listdir(uri)) == sorted([shards.MANIFEST_NAME, *(p.name for p in manifest.parts)])
 
@@ -97,7 +110,10 @@ def test_rows_match_a_direct_forward(tiny_harvest: dict, tiny_model_dir: str) ->
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = tiny_harvest["cfg"]
     documents = harvest.iter_documents(cfg.corpus)
-    assert assert_rows_match_reference(cfg.output, [0, 1], documents, model, tokenizer, context_length=32) == 3000
+    assert (
+        assert_rows_match_reference(cfg.output, [0, 1], documents, model, tokenizer, context_length=32)
+        == 3000
+    )
 
 
 def test_layers_share_one_row_order_without_special_tokens(tiny_harvest: dict, tiny_model_dir: str) -> None:
@@ -106,7 +122,9 @@ def test_layers_share_one_row_order_without_special_tokens(tiny_harvest: dict, t
     first, second = (read_rows(harvest.layer_uri(tiny_harvest["cfg"].output, layer)) for layer in (0, 1))
     for name in ("token_id", "doc_id", "pos"):
         assert torch.equal(first[name], second[name])
-    assert not np.isin(first["token_id"].numpy(), AutoTokenizer.from_pretrained(tiny_model_dir).all_special_ids).any()
+    assert not np.isin(
+        first["token_id"].numpy(), AutoTokenizer.from_pretrained(tiny_model_dir).all_special_ids
+    ).any()
     assert int(first["pos"].min()) >= 0
     assert len(set(zip(first["doc_id"].tolist(), first["pos"].tolist()))) == 3000  # (doc_id, pos) is a key
 
@@ -121,7 +139,9 @@ def test_statistics_match_the_stored_rows(tiny_harvest: dict) -> None:
 def test_training_batches_mix_documents(tiny_harvest: dict) -> None:
     uri = harvest.layer_uri(tiny_harvest["cfg"].output, 0)
     dataset = stream.build_dataset(uri, columns=("doc_id",), seed=0)
-    batches = stream.iter_torch_batches(dataset, batch_size=256, dtype=torch.float32, d_in=32, columns=("doc_id",))
+    batches = stream.iter_torch_batches(
+        dataset, batch_size=256, dtype=torch.float32, d_in=32, columns=("doc_id",)
+    )
     distinct = [len(torch.unique(batch["doc_id"])) for batch in batches]
     total = len(torch.unique(read_rows(uri)["doc_id"]))
     # Unshuffled, 256 consecutive tokens of these ~40-token documents would span about 7.
@@ -137,7 +157,9 @@ def test_existing_harvest_is_refused_and_kept(tiny_harvest: dict) -> None:
     assert storage.read_bytes(storage.join(harvest.layer_uri(cfg.output, 0), shards.MANIFEST_NAME)) == before
 
 
-def test_interrupted_harvest_leaves_no_manifest_and_reruns_from_the_cli(ray_cluster, tiny_model_dir: str, s3_prefix: str) -> None:
+def test_interrupted_harvest_leaves_no_manifest_and_reruns_from_the_cli(
+    ray_cluster, tiny_model_dir: str, s3_prefix: str
+) -> None:
     cfg = harvest.HarvestConfig(model=tiny_model_dir, output=s3_prefix, **TINY)  # stdlib docstrings
 
     def interrupt(progress: harvest.Progress) -> None:
@@ -152,10 +174,25 @@ def test_interrupted_harvest_leaves_no_manifest_and_reruns_from_the_cli(ray_clus
             shards.open_dataset(harvest.layer_uri(s3_prefix, layer))
 
     parser = harvest.add_harvest_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([
-        "--model", tiny_model_dir, "--output", s3_prefix, "--layers", "0", "1", "--n-tokens", "3000",
-        "--context-length", "32", "--tokens-per-part", "1000", "--batch-size", "8",
-    ])
+    args = parser.parse_args(
+        [
+            "--model",
+            tiny_model_dir,
+            "--output",
+            s3_prefix,
+            "--layers",
+            "0",
+            "1",
+            "--n-tokens",
+            "3000",
+            "--context-length",
+            "32",
+            "--tokens-per-part",
+            "1000",
+            "--batch-size",
+            "8",
+        ]
+    )
     assert harvest.run_harvest_cli(args) == 0
     for layer in cfg.layers:
         manifest = shards.open_dataset(harvest.layer_uri(s3_prefix, layer))
@@ -173,15 +210,23 @@ def test_smollm2_gguf_rows_match_a_direct_forward(ray_cluster, smollm2_gguf: str
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = harvest.HarvestConfig(
-        model=smollm2_gguf, layers=(3,), output=str(tmp_path), n_tokens=5000, context_length=64,
-        batch_size=16, cpus_per_actor=2,
+        model=smollm2_gguf,
+        layers=(3,),
+        output=str(tmp_path),
+        n_tokens=5000,
+        context_length=64,
+        batch_size=16,
+        cpus_per_actor=2,
     )
     manifest = harvest.harvest(cfg, progress=None)[3]
     assert manifest.d_in == 576 and manifest.n_tokens == 5000
     directory, name = os.path.split(smollm2_gguf)
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name).eval()  # all 30 blocks
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    assert assert_rows_match_reference(str(tmp_path), [3], harvest.stdlib_docstrings(), model, tokenizer, 64) == 5000
+    assert (
+        assert_rows_match_reference(str(tmp_path), [3], harvest.stdlib_docstrings(), model, tokenizer, 64)
+        == 5000
+    )
 
 
 # ---------------------------------------------------------------- without Ray
@@ -198,7 +243,9 @@ class WordTokenizer:
 
 def test_windows_hold_exactly_the_budget() -> None:
     documents = ["a bb ccc dddd eeeee", "f gg", "hhh iiii jjjjj kk l"]
-    windows = harvest.build_windows(documents, WordTokenizer(), n_tokens=9, context_length=4, prepend_bos=True, excluded=np.array([1]))
+    windows = harvest.build_windows(
+        documents, WordTokenizer(), n_tokens=9, context_length=4, prepend_bos=True, excluded=np.array([1])
+    )
     assert sum(w.kept for w in windows) == 9
     assert [(w.doc_id, w.input_ids.tolist(), w.pos.tolist()) for w in windows] == [
         (0, [1, 11, 12, 13], [-1, 0, 1, 2]),
@@ -209,16 +256,29 @@ def test_windows_hold_exactly_the_budget() -> None:
 
 
 def test_windows_without_bos_and_budget_too_large() -> None:
-    windows = harvest.build_windows(["a b c"], WordTokenizer(), n_tokens=3, context_length=2, prepend_bos=False, excluded=np.array([1]))
+    windows = harvest.build_windows(
+        ["a b c"], WordTokenizer(), n_tokens=3, context_length=2, prepend_bos=False, excluded=np.array([1])
+    )
     assert [w.pos.tolist() for w in windows] == [[0, 1], [2]]
     with pytest.raises(ValueError, match="only 3 recordable tokens, n_tokens=4"):
-        harvest.build_windows(["a b c"], WordTokenizer(), n_tokens=4, context_length=2, prepend_bos=False, excluded=np.array([1]))
+        harvest.build_windows(
+            ["a b c"],
+            WordTokenizer(),
+            n_tokens=4,
+            context_length=2,
+            prepend_bos=False,
+            excluded=np.array([1]),
+        )
 
 
 def test_part_jobs_cover_every_window_once() -> None:
     windows = harvest.build_windows(
-        [" ".join(["w"] * n) for n in range(1, 40)], WordTokenizer(), n_tokens=700, context_length=8,
-        prepend_bos=True, excluded=np.array([1]),
+        [" ".join(["w"] * n) for n in range(1, 40)],
+        WordTokenizer(),
+        n_tokens=700,
+        context_length=8,
+        prepend_bos=True,
+        excluded=np.array([1]),
     )
     jobs = harvest.part_jobs(windows, tokens_per_part=100, seed=0)
     assert [job.column("part")[0].as_py() for job in jobs] == list(range(len(jobs)))
@@ -230,11 +290,17 @@ def test_part_jobs_cover_every_window_once() -> None:
 
 def test_corpus_files(tmp_path) -> None:
     (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\n\nsecond one\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "from json"}) + "\n\n" + json.dumps({"text": "again"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "from json"}) + "\n\n" + json.dumps({"text": "again"}) + "\n"
+    )
     pq.write_table(pa.table({"text": ["from parquet", None, ""]}), tmp_path / "c.parquet")
     (tmp_path / "ignored.md").write_text("not a corpus file")
     assert list(harvest.iter_documents(str(tmp_path))) == [
-        "first paragraph\nstill first", "second one", "from json", "again", "from parquet",
+        "first paragraph\nstill first",
+        "second one",
+        "from json",
+        "again",
+        "from parquet",
     ]
     with pytest.raises(ValueError, match="no 'body' field; set text_column"):
         list(harvest.iter_documents(str(tmp_path / "b.jsonl"), text_column="body"))
@@ -256,17 +322,28 @@ def test_config_validation_and_unknown_keys() -> None:
     assert harvest.HarvestConfig.from_dict(base).layers == (3,)
     with pytest.raises(ValueError, match="unknown harvest settings \\['layer'\\]"):
         harvest.HarvestConfig.from_dict({**base, "layer": 3})
-    for bad, message in [({"layers": []}, "layers="), ({"n_tokens": 0}, "n_tokens=0"), ({"dtype": "int8"}, "dtype='int8'"),
-                         ({"context_length": 1}, "context_length=1"), ({"layers": [2, 2]}, "distinct")]:
+    for bad, message in [
+        ({"layers": []}, "layers="),
+        ({"n_tokens": 0}, "n_tokens=0"),
+        ({"dtype": "int8"}, "dtype='int8'"),
+        ({"context_length": 1}, "context_length=1"),
+        ({"layers": [2, 2]}, "distinct"),
+    ]:
         with pytest.raises(ValueError, match=message):
             harvest.HarvestConfig.from_dict({**base, **bad})
 
 
 def test_cli_arguments_mirror_the_config() -> None:
     parser = harvest.add_harvest_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--model", "m", "--layers", "2", "5", "--output", "o", "--no-prepend-bos", "--dtype", "bfloat16"])
-    cfg = harvest.HarvestConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(harvest.HarvestConfig)})
-    assert cfg == harvest.HarvestConfig(model="m", layers=(2, 5), output="o", prepend_bos=False, dtype="bfloat16")
+    args = parser.parse_args(
+        ["--model", "m", "--layers", "2", "5", "--output", "o", "--no-prepend-bos", "--dtype", "bfloat16"]
+    )
+    cfg = harvest.HarvestConfig.from_dict(
+        {f.name: getattr(args, f.name) for f in dataclasses.fields(harvest.HarvestConfig)}
+    )
+    assert cfg == harvest.HarvestConfig(
+        model="m", layers=(2, 5), output="o", prepend_bos=False, dtype="bfloat16"
+    )
     assert "Rows to record per layer (exact)" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--layers", "1", "--output", "o", "--dtype", "int8"])

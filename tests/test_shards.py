@@ -65,14 +65,31 @@ def test_round_trip_equals_cast_input(tmp_path_factory, rows, d_in, dtype, rows_
     stored = acts.to(shards.STORAGE_DTYPES[dtype][0])
     assert torch.equal(torch.cat(batches), stored.float())
     np.testing.assert_allclose(manifest.stats.mean, stored.double().mean(0).numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(manifest.stats.mean_squared_norm, stored.double().pow(2).sum(1).mean().item(), rtol=1e-12)
+    np.testing.assert_allclose(
+        manifest.stats.mean_squared_norm, stored.double().pow(2).sum(1).mean().item(), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reader_dtype_and_metadata_columns(tmp_path, dtype: str) -> None:
     acts = toy(500, 8)
-    shards.write_dataset(str(tmp_path), acts, dtype=dtype, doc_id=np.arange(500) // 10, pos=np.arange(500) % 10, token_id=np.arange(500))
-    batches = list(shards.iter_batches(str(tmp_path), 128, dtype=torch.bfloat16, columns=("act", "doc_id", "pos", "token_id"), drop_last=True))
+    shards.write_dataset(
+        str(tmp_path),
+        acts,
+        dtype=dtype,
+        doc_id=np.arange(500) // 10,
+        pos=np.arange(500) % 10,
+        token_id=np.arange(500),
+    )
+    batches = list(
+        shards.iter_batches(
+            str(tmp_path),
+            128,
+            dtype=torch.bfloat16,
+            columns=("act", "doc_id", "pos", "token_id"),
+            drop_last=True,
+        )
+    )
     assert len(batches) == 3
     first = batches[0]
     assert first["act"].dtype == torch.bfloat16 and first["act"].shape == (128, 8)
@@ -91,8 +108,12 @@ def test_decode_is_zero_copy_in_stored_dtype() -> None:
 
 def test_decode_concatenates_chunks_in_one_cast() -> None:
     acts = toy(100, 4)
-    column = pa.chunked_array([shards.encode_act(acts[:30], "bfloat16"), shards.encode_act(acts[30:], "bfloat16")])
-    assert torch.equal(shards.decode_act(column, d_in=4, dtype="bfloat16", out_dtype=torch.float32), acts.bfloat16().float())
+    column = pa.chunked_array(
+        [shards.encode_act(acts[:30], "bfloat16"), shards.encode_act(acts[30:], "bfloat16")]
+    )
+    assert torch.equal(
+        shards.decode_act(column, d_in=4, dtype="bfloat16", out_dtype=torch.float32), acts.bfloat16().float()
+    )
 
 
 @settings(max_examples=20, deadline=None)
@@ -107,7 +128,9 @@ def test_stats_merge_equals_one_pass(split: int, seed: int) -> None:
 
 
 def test_manifest_json_round_trip_is_exact(tmp_path) -> None:
-    manifest = shards.write_dataset(str(tmp_path), toy(300, 5), layer=3, hook="blocks.3.hook_resid_post", harvest={"seed": 1})
+    manifest = shards.write_dataset(
+        str(tmp_path), toy(300, 5), layer=3, hook="blocks.3.hook_resid_post", harvest={"seed": 1}
+    )
     again = shards.Manifest.from_json(manifest.to_json())
     assert again.to_json() == manifest.to_json()
     assert np.array_equal(again.stats.sum, manifest.stats.sum)
@@ -162,7 +185,11 @@ def test_leaving_writer_without_commit_is_an_error(tmp_path) -> None:
 
 
 def test_leftover_parts_of_a_failed_write_are_removed_by_the_next_commit(tmp_path) -> None:
-    shards.write_part(str(tmp_path), shards.part_name(0, "deadbeef"), shards.shard_table(toy(5, 4), np.zeros(5), np.zeros(5), np.zeros(5), dtype="float16"))
+    shards.write_part(
+        str(tmp_path),
+        shards.part_name(0, "deadbeef"),
+        shards.shard_table(toy(5, 4), np.zeros(5), np.zeros(5), np.zeros(5), dtype="float16"),
+    )
     manifest = shards.write_dataset(str(tmp_path), toy(5, 4))
     assert sorted(os.listdir(tmp_path)) == sorted([shards.MANIFEST_NAME, manifest.parts[0].name])
 
@@ -197,15 +224,23 @@ def test_writer_rejects_wrong_width(tmp_path) -> None:
 
 
 def test_missing_manifest(tmp_path) -> None:
-    with pytest.raises(shards.DatasetError, match=f"no manifest.json at {tmp_path}: not a raysae dataset, or its harvest did not finish"):
+    with pytest.raises(
+        shards.DatasetError,
+        match=f"no manifest.json at {tmp_path}: not a raysae dataset, or its harvest did not finish",
+    ):
         shards.open_dataset(str(tmp_path))
 
 
 def test_part_with_wrong_act_width(tmp_path) -> None:
     uri = str(tmp_path)
     manifest = shards.write_dataset(uri, toy(100, 16), rows_per_part=50)
-    replace_part(uri, 1, shards.shard_table(toy(50, 12), np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16"))
-    with pytest.raises(shards.DatasetError, match=f"part {manifest.parts[1].name}: act has 12 values per row, manifest says d_in=16"):
+    replace_part(
+        uri, 1, shards.shard_table(toy(50, 12), np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16")
+    )
+    with pytest.raises(
+        shards.DatasetError,
+        match=f"part {manifest.parts[1].name}: act has 12 values per row, manifest says d_in=16",
+    ):
         shards.open_dataset(uri)
 
 
@@ -214,7 +249,10 @@ def test_truncated_part(tmp_path) -> None:
     name = shards.write_dataset(uri, toy(100, 16), rows_per_part=50).parts[0].name
     with open(tmp_path / name, "r+b") as part:
         part.truncate(1000)
-    with pytest.raises(shards.DatasetError, match=f"part {name} is 1000 bytes, manifest.json says .* \\(truncated or replaced\\)"):
+    with pytest.raises(
+        shards.DatasetError,
+        match=f"part {name} is 1000 bytes, manifest.json says .* \\(truncated or replaced\\)",
+    ):
         shards.open_dataset(uri)
 
 
@@ -225,7 +263,9 @@ def test_corrupt_part_of_the_right_size(tmp_path) -> None:
     with open(tmp_path / name, "r+b") as part:
         part.seek(size - 64)
         part.write(b"\xff" * 64)  # clobbers the footer
-    with pytest.raises(shards.DatasetError, match=f"part {name} is not readable Parquet \\(truncated or corrupt"):
+    with pytest.raises(
+        shards.DatasetError, match=f"part {name} is not readable Parquet \\(truncated or corrupt"
+    ):
         shards.open_dataset(uri)
 
 
@@ -234,7 +274,9 @@ def test_non_finite_part_names_part_and_row(tmp_path) -> None:
     shards.write_dataset(uri, toy(100, 4), rows_per_part=50)
     bad = toy(50, 4)
     bad[17, 1] = float("nan")
-    written = replace_part(uri, 1, shards.shard_table(bad, np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16"))
+    written = replace_part(
+        uri, 1, shards.shard_table(bad, np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16")
+    )
     shards.open_dataset(uri)  # the cheap checks pass: footers are fine
     with pytest.raises(shards.DatasetError, match=f"part {written.name} row 17: activation holds NaN"):
         shards.open_dataset(uri, verify=True)

@@ -1,0 +1,158 @@
+"""Ingest benchmark: the same shards read (a) by plain single-process pyarrow, (b) through Ray Data.
+
+    PYTHONPATH=. python bench/ingest.py                      # local files and a local S3 server
+    PYTHONPATH=. python bench/ingest.py --rows 1000000 --only local
+
+Both readers deliver float32 torch batches (batch_size, d_in) to this process — (a) with
+``raysae.shards.iter_batches``, (b) with ``raysae.stream.build_dataset`` +
+``iter_torch_batches``, i.e. what one Ray Train worker sees. Each is run once to warm up
+(page cache, Ray workers), then timed ``--repeats`` times, alternating (a) and (b) so that both
+see the same load (this machine is shared); medians are reported. MB/s counts
+stored activation bytes (rows · d_in · 2 for float16). Target (DESIGN.md): (b)/(a) ≥ 0.6.
+
+The S3 case serves the same parts from a moto server (in a child process, so its Python threads
+do not compete with the reader for this process's GIL) on 127.0.0.1. moto is slow; its numbers
+compare the two readers against one server, not against real S3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+BUCKET = "raysae-bench"
+
+
+def consume(read: Callable[[], Iterable[torch.Tensor]]) -> tuple[int, float, float]:
+    """Pull every batch (touching one value, so none is skipped): rows, seconds, seconds to first batch."""
+    rows, first, start = 0, None, time.perf_counter()
+    for batch in read():
+        first = first if first is not None else time.perf_counter() - start
+        rows += batch.shape[0]
+        float(batch[0, 0])
+    return rows, time.perf_counter() - start, first or 0.0
+
+
+def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: int) -> None:
+    """Time both readers on ``uri``, alternating (a) and (b) so both see the same machine load;
+    print each reader's medians and the median of the per-repeat ratios."""
+    from raysae import shards, stream
+
+    d_in = shards.read_manifest(uri).d_in
+
+    def plain() -> Iterable[torch.Tensor]:
+        return shards.iter_batches(uri, batch_size, dtype=torch.float32, drop_last=True)
+
+    def ray_data() -> Iterable[torch.Tensor]:
+        dataset = stream.build_dataset(uri, seed=0)
+        return stream.iter_torch_batches(dataset, batch_size=batch_size, dtype=torch.float32, d_in=d_in)
+
+    readers = {"(a) plain pyarrow": plain, "(b) ray data": ray_data}
+    runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name in readers}
+    for repeat in range(repeats + 1):  # repeat 0 warms the page cache and Ray's workers
+        for name, read in readers.items():
+            result = consume(read)
+            if repeat:
+                runs[name].append(result)
+    for name, results in runs.items():
+        rows = results[0][0]
+        seconds = statistics.median(r[1] for r in results)
+        first = statistics.median(r[2] for r in results)
+        print(
+            f"{label:<6} {name:<18} {seconds:7.2f} s  {rows / seconds:>12,.0f} rows/s  "
+            f"{rows * row_bytes / seconds / 1e6:>7,.0f} MB/s  first batch {first:.2f} s"
+        )
+    (a, b) = runs.values()
+    ratios = [(rb[0] / rb[1]) / (ra[0] / ra[1]) for ra, rb in zip(a, b)]
+    spread = f"median of {repeats} pairs; min {min(ratios):.2f}, max {max(ratios):.2f}"
+    print(f"{label:<6} ratio (b)/(a)      {statistics.median(ratios):.2f}  ({spread})")
+
+
+def serve_s3(port: int) -> None:
+    """Child process: a moto S3 server on 127.0.0.1:port until terminated."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    while True:
+        time.sleep(3600)
+
+
+def start_s3() -> multiprocessing.Process:
+    """Start the moto server, point the AWS environment at it, create the bucket."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = multiprocessing.get_context("spawn").Process(target=serve_s3, args=(port,), daemon=True)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL_S3=endpoint,
+    )
+    for _ in range(100):  # wait for the server to accept connections
+        try:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+            return server
+        except Exception:  # noqa: BLE001 — not up yet
+            time.sleep(0.1)
+    raise RuntimeError(f"moto server on {endpoint} did not start")
+
+
+def main() -> None:
+    """Write the shards, start Ray (and S3), compare the readers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=400_000, help="rows in the local dataset")
+    parser.add_argument("--s3-rows", type=int, default=100_000, help="rows in the S3 dataset (moto is slow)")
+    parser.add_argument("--d-in", type=int, default=576, help="activation width (SmolLM2-135M: 576)")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--only", choices=["local", "s3"], help="run one of the two cases")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    server = start_s3() if args.only != "local" else None  # before Ray, so its workers see the endpoint
+
+    import ray
+
+    from raysae import shards
+
+    ray.init(
+        num_cpus=os.cpu_count(), object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    row_bytes = args.d_in * 2
+    cases = [("local", args.rows), ("s3", args.s3_rows)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, rows in cases:
+            if args.only and label != args.only:
+                continue
+            uri = f"s3://{BUCKET}/ingest" if label == "s3" else os.path.join(tmp, "ingest")
+            acts = torch.randn(rows, args.d_in, generator=torch.Generator().manual_seed(0))
+            manifest = shards.write_dataset(uri, acts, dtype="float16")
+            del acts
+            print(
+                f"{label:<6} {rows:,} rows × d_in={args.d_in} float16 = {rows * row_bytes / 1e6:,.0f} MB "
+                f"in {len(manifest.parts)} parts; batches of {args.batch_size} float32; {os.cpu_count()} CPUs"
+            )
+            compare(label, uri, batch_size=args.batch_size, repeats=args.repeats, row_bytes=row_bytes)
+    ray.shutdown()
+    if server is not None:
+        server.terminate()
+
+
+if __name__ == "__main__":
+    main()
