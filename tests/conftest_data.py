@@ -71,12 +71,21 @@ def ray_cluster(s3_endpoint: str):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "object_store_memory": 300 * 2**20, "include_dashboard": True})
+        "num_cpus": 2, "object_store_memory": 300 * 2**20, "include_dashboard": True,
+        "dashboard_port": _free_port()})
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _tiny_tokenizer():
