@@ -16,9 +16,10 @@ import torch
 
 from raysae.checkpoint import save_sae
 from raysae.config import RunConfig, to_dict
-from raysae.evaluate import evaluate
+from raysae.evaluate import data_mean, evaluate
+from raysae.metrics import scalars
 from raysae.saes import build_sae
-from raysae.synthetic import ToyData, feature_recovery
+from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery
 from raysae.trainer import fit
 
 EVAL_TOKENS = 65_536
@@ -54,9 +55,13 @@ def run_single_process(cfg: RunConfig, out: str | Path, overwrite: bool = False,
     history = fit(model, toy.batches(cfg.train.batch_size), cfg.train, log=log)
     wall = time.perf_counter() - t0
 
-    # Held out: another token stream over the same features.
-    held_out = ToyData(cfg.data.toy, cfg.sae.d_in, stream=1)
-    metrics = evaluate(model, held_out.batches(cfg.train.batch_size), EVAL_TOKENS)
+    # Held out: another token stream over the same features, read twice: its mean first, so
+    # the legacy FVU_B is measured about the held-out data's own mean.
+    def held_out():
+        return ToyData(cfg.data.toy, cfg.sae.d_in, stream=HELD_OUT_STREAM).batches(
+            cfg.train.batch_size)
+    metrics = evaluate(model, held_out(), EVAL_TOKENS,
+                       reference_mean=data_mean(held_out(), EVAL_TOKENS, cfg.sae.d_in))
     recovery = feature_recovery(toy.directions, model.W_dec)
     model.fold_input_scale_()
     result = {
@@ -67,14 +72,10 @@ def run_single_process(cfg: RunConfig, out: str | Path, overwrite: bool = False,
         "feature_recovery": {k: v for k, v in recovery.items() if k != "max_cos"},
         "history": history,
     }
-    save_sae(model, out / "sae", metadata={"tokens": result["tokens"], "eval": _scalars(metrics)})
+    save_sae(model, out / "sae", metadata={"tokens": result["tokens"], "eval": scalars(metrics)})
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     log(summary(result))
     return result
-
-
-def _scalars(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float))}
 
 
 def summary(result: dict) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from raysae.config import TrainConfig
-from raysae.metrics import ReconstructionStats, SparsityStats
+from raysae.metrics import ReconstructionStats, SparsityStats, scalars
 from raysae.saes import SAEOutput, SparseAutoencoder
 
 
@@ -159,7 +159,7 @@ def fit(model: SparseAutoencoder, batches: Iterable[Tensor], cfg: TrainConfig,
             record = {"tokens": state.tokens, "step": state.step,
                       "lr": optimizer.param_groups[0]["lr"],
                       **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                      **recon.compute(), **_scalars(sparsity.compute()),
+                      **recon.compute(), **scalars(sparsity.compute()),
                       "dead_fraction_window": float((state.tokens_since_fired >= cfg.dead_tokens)
                                                     .double().mean()),
                       "tokens_per_s": (state.tokens - last_tokens) / max(now - last_t, 1e-9),
@@ -177,10 +177,6 @@ def fit(model: SparseAutoencoder, batches: Iterable[Tensor], cfg: TrainConfig,
 def _chain(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
     yield from first
     yield from rest
-
-
-def _scalars(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float))}
 
 
 def format_record(r: dict, total_tokens: int) -> str:
