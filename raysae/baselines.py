@@ -16,7 +16,7 @@ raysae.evaluate scores it exactly as it scores the SAE:
 
 PCA comes from the exact float64 covariance of a metrics.Moments accumulator (one pass,
 mergeable) through `torch.linalg.eigh`. k-means is scikit-learn's MiniBatchKMeans, fitted on a
-sample held in memory; centroids are used in float64 like everything else here.
+sample held in memory (centred on μ, in float32); centroids are then used in float64.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 
 from raysae.metrics import Moments
+
+_TINY = torch.finfo(torch.float64).tiny
 
 
 class Baseline:
@@ -87,17 +89,17 @@ class KMeansBaseline(Baseline):
 
     def forward(self, x):
         z = self._centred(x)
-        # The centroid is chosen in float32 (centring on μ keeps that well conditioned); its
-        # magnitude and the reconstruction are float64.
-        dots = z.float() @ self.decoder.float().T  # (B, K)
+        # float64 throughout: in float32, near-parallel centroids tie and the scaled choice
+        # could come out worse than the nearest centroid (see tests/test_baselines.py).
+        dots = z @ self.decoder.T  # (B, K)
         sq_norms = self.decoder.pow(2).sum(-1)
         if self.scaled:
             # Error of the best a ≥ 0 for centroid j: ‖z‖² − relu(⟨z, D_j⟩)² / ‖D_j‖².
-            j = (dots.clamp_min(0).pow(2) / sq_norms.float().clamp_min(1e-30)).argmax(-1)
-            a = ((z * self.decoder[j]).sum(-1) / sq_norms[j].clamp_min(1e-300)).clamp_min(0)
+            j = (dots.clamp_min(0).pow(2) / sq_norms.clamp_min(_TINY)).argmax(-1)
+            a = (dots.gather(1, j[:, None]).squeeze(1) / sq_norms[j].clamp_min(_TINY)).clamp_min(0)
         else:
             # ‖z − D_j‖² = ‖z‖² − 2⟨z, D_j⟩ + ‖D_j‖²
-            j = (sq_norms.float() - 2 * dots).argmin(-1)
+            j = (sq_norms - 2 * dots).argmin(-1)
             a = torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
         latents = torch.zeros(dots.shape, dtype=z.dtype, device=z.device)
         latents.scatter_(1, j[:, None], a[:, None])
@@ -125,14 +127,17 @@ def kmeans_baselines(sample: Tensor, mean: Tensor, ks: Sequence[int],
     from sklearn.cluster import MiniBatchKMeans  # imported here: it takes ~1 s
 
     out: list[KMeansBaseline] = []
-    data = sample.detach().to(torch.float32).cpu().numpy()
+    mean = mean.detach().to(torch.float64).cpu()
+    # Fitted on x − μ: in float32, centroids of raw activations with |μ| ≫ σ would carry
+    # rounding of |μ| (~1e-7 |μ|), large next to the spread.
+    data = (sample.detach().cpu().to(torch.float64) - mean).to(torch.float32).numpy()
     for k in ks:
         if not 0 < k <= len(data):
             raise ValueError(f"k-means K={k} needs 1..{len(data)} centroids: the k-means sample "
                              f"has {len(data)} tokens; lower K or raise the sample size")
         km = MiniBatchKMeans(n_clusters=k, batch_size=min(2048, len(data)), n_init=1,
                              random_state=seed).fit(data)
-        centroids = torch.from_numpy(np.asarray(km.cluster_centers_, dtype=np.float64))
+        centroids = mean + torch.from_numpy(np.asarray(km.cluster_centers_, dtype=np.float64))
         out += [KMeansBaseline(mean, centroids, scaled=False),
                 KMeansBaseline(mean, centroids, scaled=True)]
     return out

@@ -218,15 +218,19 @@ class ReconstructionStats:
 class SparsityStats:
     """Accumulates latent sparsity: L0, L1, firing counts, dead and dense latents.
 
-    Every token has a position in the stream; `last_fired[i]` is the position of the last token
-    on which latent i fired (−1: never) and `end` is one past the last position seen. Latent i
-    is dead if it did not fire in the last `dead_window` positions: end − 1 − last_fired[i] ≥
-    dead_window; when fewer than dead_window tokens were seen, the window is all of them (dead =
-    never fired). `update(latents, start)` places a batch at positions start..start+B−1 (default:
+    Every token has a position in the stream. `last_fired[i]` is the position of the last token
+    on which latent i fired (−1: never); positions begin..end−1 have been tracked. Latent i is
+    dead if it did not fire in the last min(dead_window, end − begin) positions, i.e.
+    end − 1 − last_fired[i] ≥ that window: with fewer than dead_window tokens tracked, dead means
+    never fired. `update(latents, start)` places a batch at positions start..start+B−1 (default:
     right after the last position seen). Merging sums the counts and takes the max of the
-    positions, so it is exact, associative and commutative whenever the merged accumulators
-    cover disjoint positions of one stream: the parts of a batch, successive batches, or the
-    workers' shares of a step (start = tokens before the step + the rank's offset within it).
+    last-fired positions (the min of `begin`, the max of `end`), so it is exact, associative
+    and commutative whenever the merged accumulators cover disjoint positions of one stream:
+    the parts of a batch, successive batches, or the workers' shares of a step (start = tokens
+    before the step + the rank's offset within it).
+
+    `reset_counts()` starts a new logging interval: L0, L1 and frequencies restart while dead
+    latents are still judged over the whole window.
     """
 
     N_HIST_BINS = 20
@@ -240,11 +244,15 @@ class SparsityStats:
         self.reset()
 
     def reset(self) -> None:
+        self.begin = self.end = 0  # begin == end: nothing tracked
+        self.last_fired = torch.full((self.n_latents,), -1, dtype=torch.int64)
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Zero the token count, L0/L1 sums and fire counts; keep the last-fired positions."""
         self.n = 0
-        self.end = 0
         self.sums = torch.zeros(2, dtype=torch.float64)  # Σ_tokens ‖f‖₀, Σ_tokens ‖f‖₁
         self.fire_counts = torch.zeros(self.n_latents, dtype=torch.int64)
-        self.last_fired = torch.full((self.n_latents,), -1, dtype=torch.int64)
 
     @torch.no_grad()
     def update(self, latents: Tensor, start: Optional[int] = None) -> None:
@@ -256,10 +264,10 @@ class SparsityStats:
         start = self.end if start is None else start
         if start < 0:
             raise ValueError(f"start={start}: stream positions are >= 0")
-        self.end = max(self.end, start + b)
-        self.n += b
         if b == 0:
             return
+        self._track(start, start + b)
+        self.n += b
         latents = latents.detach()
         active = latents != 0
         counts = active.sum(0)
@@ -272,6 +280,13 @@ class SparsityStats:
         self.last_fired = torch.maximum(self.last_fired, last)
         self.sums += torch.stack([counts.sum().to(torch.float64),
                                   latents.abs().sum(dtype=torch.float64)])
+
+    def _track(self, begin: int, end: int) -> None:
+        if begin == end:
+            return
+        tracked = self.end > self.begin
+        self.begin = min(self.begin, begin) if tracked else begin
+        self.end = max(self.end, end) if tracked else end
 
     def _to(self, device: torch.device) -> None:
         self.sums, self.fire_counts, self.last_fired = (
@@ -286,7 +301,7 @@ class SparsityStats:
         self.fire_counts = self.fire_counts + other.fire_counts.to(device)
         self.last_fired = torch.maximum(self.last_fired, other.last_fired.to(device))
         self.n += other.n
-        self.end = max(self.end, other.end)
+        self._track(other.begin, other.end)
         return self
 
     def frequencies(self) -> Tensor:
@@ -299,45 +314,41 @@ class SparsityStats:
 
     def dead(self) -> Tensor:
         """(n_latents,) bool on the CPU: no firing within the window (see the class docstring)."""
-        if self.n <= self.dead_window:
-            return self.fire_counts.cpu() == 0
-        return self.tokens_since_fired() >= self.dead_window
+        return self.tokens_since_fired() >= min(self.dead_window, self.end - self.begin)
 
     def compute(self) -> dict:
-        n = self.n
+        n, tracked = self.n, self.end > self.begin
         l0, l1 = self.sums.tolist()
         freq = self.frequencies()
         return {
             "l0": l0 / n if n else math.nan,
             "l1": l1 / n if n else math.nan,
-            "dead_fraction": float(self.dead().double().mean()) if n else math.nan,
+            "dead_fraction": float(self.dead().double().mean()) if tracked else math.nan,
             "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()) if n else math.nan,
             "frequency_histogram": frequency_histogram(freq, self.N_HIST_BINS),
         }
 
     def state_tensor(self) -> Tensor:
-        """Flat float64 state [n, end, Σ‖f‖₀, Σ‖f‖₁, *fire_counts, *last_fired], for all-gather.
-
-        Counts and positions stay exact in float64 up to 2^53 tokens.
-        """
+        """Flat float64 state [n, begin, end, Σ‖f‖₀, Σ‖f‖₁, *fire_counts, *last_fired], for
+        all-gather. Counts and positions stay exact in float64 up to 2^53 tokens."""
         device = self.sums.device
-        head = torch.tensor([float(self.n), float(self.end)], dtype=torch.float64, device=device)
+        head = torch.tensor([self.n, self.begin, self.end], dtype=torch.float64, device=device)
         return torch.cat([head, self.sums, self.fire_counts.to(torch.float64),
                           self.last_fired.to(torch.float64)])
 
     @classmethod
     def from_state_tensor(cls, t: Tensor, n_latents: int,
                           dead_window: int = 10_000_000) -> "SparsityStats":
-        expected = 4 + 2 * n_latents
+        expected = 5 + 2 * n_latents
         if t.shape != (expected,):
             raise ValueError(f"state tensor has shape {tuple(t.shape)}, expected ({expected},) "
                              f"for n_latents={n_latents}")
         s = cls(n_latents, dead_window)
         t = t.to(torch.float64)
-        s.n, s.end = (int(round(v)) for v in t[:2].tolist())
-        s.sums = t[2:4].clone()
-        s.fire_counts = t[4:4 + n_latents].round().to(torch.int64)
-        s.last_fired = t[4 + n_latents:].round().to(torch.int64)
+        s.n, s.begin, s.end = (int(round(v)) for v in t[:3].tolist())
+        s.sums = t[3:5].clone()
+        s.fire_counts = t[5:5 + n_latents].round().to(torch.int64)
+        s.last_fired = t[5 + n_latents:].round().to(torch.int64)
         return s
 
 

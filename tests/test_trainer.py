@@ -102,3 +102,14 @@ def test_decoder_rows_are_unit_norm_after_every_step(cfg, x, lr, dead_tokens, st
     for _ in range(steps):
         train_step(model, optimizer, x, state, train)
         torch.testing.assert_close(model.W_dec.norm(dim=-1), torch.ones(cfg.n_latents))
+
+
+def test_logged_dead_fraction_spans_the_window_not_the_interval():
+    # dead_tokens (10M) exceeds the run, so a latent that fired once stays alive in every later
+    # record: the fraction never rises, though each record's L0 and FVU cover one interval only.
+    torch.manual_seed(0)
+    history = _fit([torch.randn(16, 8) for _ in range(12)], total=192)
+    dead = [r["dead_fraction"] for r in history]
+    assert len(history) == 12 and all(a >= b for a, b in zip(dead, dead[1:]))
+    assert all(r["l0"] <= 2 and r["n_tokens"] == 16 for r in history)
+    assert "fvu_b" in history[0]  # about the initialisation sample's mean
