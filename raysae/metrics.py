@@ -4,7 +4,7 @@ Across batches, workers and shards the result equals one pass over the concatena
 distributed runs combine the *sums* (never average ratios). Definitions (x: input, x̂:
 reconstruction, μ: mean of x over all tokens seen, N tokens, d = d_in):
 
-    fvu                 FVU_A = Σ‖x − x̂‖² / Σ‖x − μ‖²           primary; predicting μ gives 1 exactly
+    fvu                 FVU_A = Σ‖x − x̂‖² / Σ‖x − μ‖²           primary; predicting μ gives 1
     explained_variance  1 − fvu
     fvu_b               mean_i ‖x_i − x̂_i‖² / ‖x_i − μ_ref‖²   the SAELens/SAEBench "legacy" value;
                         needs a reference mean fixed in advance (per-token ratios cannot be
@@ -295,7 +295,8 @@ class SparsityStats:
     def merge(self, other: "SparsityStats") -> "SparsityStats":
         """Fold in `other` (positions in the same stream); returns self."""
         if other.n_latents != self.n_latents:
-            raise ValueError(f"cannot merge stats of {other.n_latents} latents into {self.n_latents}")
+            raise ValueError(f"cannot merge stats of {other.n_latents} latents into "
+                             f"{self.n_latents}")
         device = self.sums.device
         self.sums = self.sums + other.sums.to(device)
         self.fire_counts = self.fire_counts + other.fire_counts.to(device)

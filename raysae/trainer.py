@@ -8,7 +8,7 @@ Budgets and schedules are in tokens, so runs with different batch sizes or worke
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch

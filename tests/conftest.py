@@ -22,8 +22,8 @@ settings.register_profile("dev", max_examples=20, deadline=None)
 settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=30)
 settings.register_profile("deep", max_examples=1000, stateful_step_count=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE",
-                                     "ci" if settings.get_current_profile_name() == "ci" else "dev"))
+in_ci = settings.get_current_profile_name() == "ci"  # Hypothesis loaded its own when CI is set
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if in_ci else "dev"))
 
 
 @pytest.fixture

@@ -146,7 +146,8 @@ def union_bound_explained_variance(d: int, n: int, k: int) -> float:
     """
     log_subspaces = special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)
     t = np.linspace(0.0, 1.0, 10_001)
-    tail = np.exp(np.minimum(0.0, log_subspaces + stats.beta.logsf(t, (k + 1) / 2, (d - k - 1) / 2)))
+    log_tail = log_subspaces + stats.beta.logsf(t, (k + 1) / 2, (d - k - 1) / 2)
+    tail = np.exp(np.minimum(0.0, log_tail))
     return float(np.min(t + tail))
 
 

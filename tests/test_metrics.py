@@ -478,14 +478,16 @@ class AccumulatorMachine(RuleBasedStateMachine):
                                                               int(positions.max()) + 1)
         want = reference_sparsity(latents, tracked, positions.numpy(), self.window)
         assert_metrics_close(acc.sparsity.compute(), want)
-        torch.testing.assert_close(acc.sparsity.frequencies(), torch.from_numpy(want["frequencies"]))
+        torch.testing.assert_close(acc.sparsity.frequencies(),
+                                   torch.from_numpy(want["frequencies"]))
         assert acc.sparsity.n == latents.shape[0] == got["n_tokens"]
 
 
 def _latents_like(data, b, n_latents):
     p = data.draw(st.sampled_from([0.0, 0.1, 0.5]))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1)))
-    return torch.randn(b, n_latents, generator=g).abs() * (torch.rand(b, n_latents, generator=g) < p)
+    values = torch.randn(b, n_latents, generator=g).abs()
+    return values * (torch.rand(b, n_latents, generator=g) < p)
 
 
 TestAccumulatorMachine = AccumulatorMachine.TestCase
