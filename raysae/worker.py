@@ -304,8 +304,7 @@ def _maybe_inject_fault(fault_at: Optional[int], tokens: int, rank: int, world: 
     """Testing aid (RAYSAE_FAULT_AT_TOKENS): the last rank dies once, abruptly, past `fault_at`."""
     if fault_at is None or tokens < fault_at or marker is None or os.path.exists(marker):
         return
-    if time.perf_counter() - last_checkpoint_time < FAULT_AFTER_CHECKPOINT_S:
-        return
+    time.sleep(max(0.0, FAULT_AFTER_CHECKPOINT_S - (time.perf_counter() - last_checkpoint_time)))
     if rank == world - 1:
         Path(marker).write_text(str(tokens))
         os._exit(1)

@@ -35,7 +35,10 @@ def _free_port() -> int:
 def cluster_address(s3_endpoint, tmp_path_factory):
     """`ray start --head` on 127.0.0.1 (dashboard on) plus one worker node joining it."""
     port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # The job runs `python`: on this machine that must be the test's interpreter, as on a
+    # cluster it is the image's.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     temp = tmp_path_factory.mktemp("ray")
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
