@@ -67,7 +67,14 @@ def ray_cluster(s3_endpoint: str):
     import ray
     import ray.data
 
-    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=True, log_to_driver=False)
+    # address="local": a new instance even when another Ray cluster runs on this machine.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=300 * 2**20,
+        include_dashboard=True,
+        log_to_driver=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
