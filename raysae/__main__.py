@@ -65,6 +65,25 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from raysae.evaluate import eval_command
+
+    eval_command(args.checkpoint, args.data, out=args.out, n_tokens=args.tokens,
+                 batch_size=args.batch_size, pca_ks=args.pca_k, kmeans_ks=args.kmeans_k,
+                 kmeans_tokens=args.kmeans_tokens, seed=args.seed, device=args.device)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raysae",
@@ -135,6 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
                     "docstrings, which every machine has.")
     add_harvest_arguments(harvest)
     harvest.set_defaults(func=run_harvest_cli)
+
+    ev = sub.add_parser(
+        "eval", help="evaluate a trained SAE against baselines on activations",
+        description="Evaluate an SAE on the first --tokens rows of --data: FVU (and the legacy "
+                    "FVU_B), explained variance, MSE, cosine, l2 ratio, relative reconstruction "
+                    "bias, L0, L1, dead/dense latents and firing frequencies; the same metrics "
+                    "for baselines fitted on the same rows (mean, PCA-k, k-means as an L0=1 "
+                    "SAE, nearest-centroid and best-scaled); each decoder row's max cosine to "
+                    "another, next to random directions. Prints a table; --out writes all of "
+                    "it (with per-latent frequencies) as JSON.")
+    ev.add_argument("checkpoint", help="SAE checkpoint directory, e.g. OUT/sae from raysae train")
+    ev.add_argument("--data", required=True, metavar="SOURCE",
+                    help="toy:RUN.yaml — the held-out toy stream of the data.toy section of a "
+                         "run config (the one the SAE was trained with); otherwise a raysae "
+                         "dataset: a local directory or s3://bucket/prefix")
+    ev.add_argument("--tokens", type=_positive_int, default=65_536,
+                    help="rows of the data to evaluate on (default 65536)")
+    ev.add_argument("--batch-size", type=_positive_int, default=4096,
+                    help="rows per batch (default 4096)")
+    ev.add_argument("--pca-k", type=_positive_int, nargs="+", metavar="K",
+                    help="PCA baselines with these numbers of components (default: the "
+                         "SAE's measured L0, rounded)")
+    ev.add_argument("--kmeans-k", type=_positive_int, nargs="+", metavar="K",
+                    help="k-means baselines with these numbers of centroids (default: the "
+                         "SAE's n_latents, capped at a quarter of --kmeans-tokens)")
+    ev.add_argument("--kmeans-tokens", type=_positive_int, default=65_536,
+                    help="rows k-means is fitted on, the first of the evaluated (default 65536)")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seed of k-means and of the random directions (default 0)")
+    ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    ev.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
+    ev.set_defaults(func=_eval)
     return parser
 
 

@@ -360,6 +360,15 @@ def _section(cfg) -> str:
         type(cfg).__name__, type(cfg).__name__)
 
 
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The same config with a relative local data.uri made absolute (workers run elsewhere)."""
+    from raysae.storage import absolute
+
+    if cfg.data.uri is None:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=absolute(cfg.data.uri)))
+
+
 def load_run_config(path: str, overrides: Optional[dict] = None) -> RunConfig:
     """Read a run YAML file into a RunConfig; `overrides` maps dotted keys to values."""
     import yaml

@@ -2,21 +2,34 @@
 
 Across batches, workers and shards the result equals one pass over the concatenated data, so
 distributed runs combine the *sums* (never average ratios). Definitions (x: input, x̂:
-reconstruction, μ: mean of x over all tokens seen, N tokens):
+reconstruction, μ: mean of x over all tokens seen, N tokens, d = d_in):
 
-    fvu                 FVU_A = Σ‖x − x̂‖² / Σ‖x − μ‖²           primary; predicting μ gives 1 exactly
+    fvu                 FVU_A = Σ‖x − x̂‖² / Σ‖x − μ‖²           primary; predicting μ gives 1
     explained_variance  1 − fvu
     fvu_b               mean_i ‖x_i − x̂_i‖² / ‖x_i − μ_ref‖²   the SAELens/SAEBench "legacy" value;
                         needs a reference mean fixed in advance (per-token ratios cannot be
-                        re-centred after the fact), so it is reported only when one is given
+                        re-centred after the fact), so it is reported only when one is given;
+                        tokens equal to μ_ref (ratio undefined) are left out of the mean
     mse                 Σ‖x − x̂‖² / (N · d)
-    cos_sim             mean_i cos(x_i, x̂_i)
-    l2_ratio            mean_i ‖x̂_i‖ / ‖x_i‖
-    relative_reconstruction_bias   Σ‖x̂‖² / Σ⟨x, x̂⟩   (1 when unbiased; c for x̂ = c·x)
+    cos_sim             mean_i cos(x_i, x̂_i)                   over tokens with x_i ≠ 0 (a
+                        per-token ratio is undefined for x_i = 0); 0 where x̂_i = 0
+    l2_ratio            mean_i ‖x̂_i‖ / ‖x_i‖                   over tokens with x_i ≠ 0
+    relative_reconstruction_bias   Σ‖x̂‖² / Σ⟨x, x̂⟩   argmin_γ Σ‖x̂/γ − x‖² (Rajamanoharan et al.
+                        2024): 1 when unbiased, c for x̂ = c·x, < 1 when the SAE shrinks
+    l0, l1              mean over tokens of ‖f‖₀ and ‖f‖₁ (f: latents)
+    dead_fraction       latents that did not fire in the last `dead_window` tokens
+    dense_fraction      latents firing on more than 10 % of tokens
 
 The variance about the mean is kept with Chan et al.'s pairwise update (count, mean, M2), not
 as Σx² − (Σx)²/N, which loses everything to cancellation when |μ| ≫ σ (in float32 that gave
 4.4e7 for a true 2.6e5; see notes/sae-reference.md).
+
+State lives on the device of the data it was updated with, so `update` never waits for the
+GPU; `compute` copies the few sums to the host.
+
+Across workers: all-gather each worker's `state_tensor()` and fold the states together with
+`from_state_tensor(...)` and `merge`. Do not SUM-all-reduce the state: the variance merges by
+Chan's update and the last-fired positions by max; every other field is a plain sum.
 """
 
 from __future__ import annotations
@@ -31,178 +44,313 @@ from torch import Tensor
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of tokens is 'dense'."""
 
+_TINY = torch.finfo(torch.float64).tiny
+"""Denominator floor: 0/0 per-token ratios become 0 rather than NaN."""
 
-def _f64(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float64)
+
+class Moments:
+    """Count, mean and scatter of d-vectors, merged exactly (Chan, Golub & LeVeque 1979).
+
+        n, mean x̄, scatter = Σ (x − x̄)(x − x̄)ᵀ   (full=True: a (d, d) matrix, for PCA)
+                          or Σ ‖x − x̄‖²          (full=False: its trace, a scalar)
+
+    Two parts combine as n = n_a + n_b, δ = x̄_b − x̄_a, x̄ = x̄_a + δ·n_b/n,
+    scatter = scatter_a + scatter_b + δδᵀ·n_a·n_b/n — stable however large |x̄| is.
+    """
+
+    def __init__(self, d: int, full: bool = False):
+        self.d, self.full = d, full
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.mean = torch.zeros(self.d, dtype=torch.float64)
+        self.scatter = torch.zeros((self.d, self.d) if self.full else (), dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """x: (B, d), any float dtype and device."""
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"expected x of shape (B, {self.d}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            return
+        x = x.detach().to(torch.float64)
+        mean = x.mean(0)
+        centred = x - mean
+        scatter = centred.T @ centred if self.full else centred.pow(2).sum()
+        self._combine(x.shape[0], mean, scatter)
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Fold `other` into self; returns self."""
+        if (other.d, other.full) != (self.d, self.full):
+            raise ValueError(f"cannot merge Moments(d={other.d}, full={other.full}) into "
+                             f"Moments(d={self.d}, full={self.full})")
+        if other.n:
+            self._combine(other.n, other.mean, other.scatter)
+        return self
+
+    def _combine(self, n_b: int, mean_b: Tensor, scatter_b: Tensor) -> None:
+        device = mean_b.device
+        self.mean, self.scatter = self.mean.to(device), self.scatter.to(device)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        cross = torch.outer(delta, delta) if self.full else delta.pow(2).sum()
+        self.scatter = self.scatter + scatter_b.to(device) + cross * (self.n * n_b / n)
+        self.mean = self.mean + delta * (n_b / n)
+        self.n = n
+
+    def total_variance(self) -> Tensor:
+        """Σ‖x − x̄‖² (a 0-dim float64 tensor): the total sum of squares about the mean."""
+        return self.scatter.trace() if self.full else self.scatter
+
+    def covariance(self) -> Tensor:
+        """(d, d) population covariance scatter / n (full=True only)."""
+        if not self.full:
+            raise ValueError("covariance() needs Moments(d, full=True)")
+        return self.scatter / max(self.n, 1)
 
 
 class ReconstructionStats:
     """Accumulates reconstruction quality of x̂ against x. See the module docstring."""
 
+    SUMS = ("sse", "fvu_b", "n_fvu_b", "cos", "l2_ratio", "n_nonzero", "xhat_sq", "x_dot_xhat")
+    """Sums over tokens kept in `sums` (float64), in this order; n_fvu_b and n_nonzero count
+    the tokens that the fvu_b and the cos_sim / l2_ratio means are taken over."""
+
     def __init__(self, d_in: int, reference_mean: Optional[Tensor] = None):
         self.d_in = d_in
-        self.reference_mean = None if reference_mean is None else _f64(reference_mean).cpu()
+        if reference_mean is not None and tuple(reference_mean.shape) != (d_in,):
+            raise ValueError(f"reference_mean has shape {tuple(reference_mean.shape)}, "
+                             f"expected ({d_in},): one mean per activation dimension")
+        self.reference_mean = (None if reference_mean is None
+                               else reference_mean.detach().to(torch.float64).cpu())
         self.reset()
 
     def reset(self) -> None:
-        self.n = 0
-        self.mean = torch.zeros(self.d_in, dtype=torch.float64)
-        self.m2 = 0.0  # Σ‖x − mean‖² over tokens seen
-        self.sse = 0.0  # Σ‖x − x̂‖²
-        self.sum_fvu_b = 0.0
-        self.sum_cos = 0.0
-        self.sum_l2_ratio = 0.0
-        self.sum_xhat_sq = 0.0
-        self.sum_x_dot_xhat = 0.0
+        self.moments = Moments(self.d_in)
+        self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64)
+
+    @property
+    def n(self) -> int:
+        """Tokens seen."""
+        return self.moments.n
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor) -> None:
-        """x, x_hat: (B, d_in), any float dtype and device."""
+        """x, x_hat: (B, d_in), any float dtype, same device."""
         if x.shape != x_hat.shape or x.ndim != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected x and x_hat of shape (B, {self.d_in}), "
                              f"got {tuple(x.shape)} and {tuple(x_hat.shape)}")
-        x, x_hat = _f64(x).cpu(), _f64(x_hat).cpu()
-        b = x.shape[0]
-        if b == 0:
+        if x.shape[0] == 0:
             return
+        x, x_hat = x.detach().to(torch.float64), x_hat.detach().to(torch.float64)
         err = (x - x_hat).pow(2).sum(-1)
+        dot = (x * x_hat).sum(-1)
         x_norm, xhat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
-        self.sse += float(err.sum())
-        self.sum_cos += float(((x * x_hat).sum(-1) / (x_norm * xhat_norm).clamp_min(1e-30)).sum())
-        self.sum_l2_ratio += float((xhat_norm / x_norm.clamp_min(1e-30)).sum())
-        self.sum_xhat_sq += float(xhat_norm.pow(2).sum())
-        self.sum_x_dot_xhat += float((x * x_hat).sum())
+        nonzero = x_norm > 0
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        fvu_b, n_fvu_b = zero, zero
         if self.reference_mean is not None:
-            denom = (x - self.reference_mean).pow(2).sum(-1).clamp_min(1e-30)
-            self.sum_fvu_b += float((err / denom).sum())
-        batch_mean = x.mean(0)
-        self._merge_moments(b, batch_mean, float((x - batch_mean).pow(2).sum()))
-
-    def _merge_moments(self, n_b: int, mean_b: Tensor, m2_b: float) -> None:
-        n = self.n + n_b
-        delta = mean_b - self.mean
-        self.m2 += m2_b + float(delta.pow(2).sum()) * self.n * n_b / n
-        self.mean = self.mean + delta * (n_b / n)
-        self.n = n
+            spread = (x - self.reference_mean.to(x.device)).pow(2).sum(-1)
+            fvu_b = torch.where(spread > 0, err / spread.clamp_min(_TINY), 0.0).sum()
+            n_fvu_b = (spread > 0).sum().to(torch.float64)
+        cos = dot / (x_norm * xhat_norm).clamp_min(_TINY)
+        l2_ratio = torch.where(nonzero, xhat_norm / x_norm.clamp_min(_TINY), 0.0)
+        batch = torch.stack([err.sum(), fvu_b, n_fvu_b, cos.sum(), l2_ratio.sum(),
+                             nonzero.sum().to(torch.float64), xhat_norm.pow(2).sum(), dot.sum()])
+        self.sums = self.sums.to(x.device) + batch
+        self.moments.update(x)
 
     def merge(self, other: "ReconstructionStats") -> "ReconstructionStats":
         """Fold `other` into self (order-independent up to float64 rounding); returns self."""
         if other.d_in != self.d_in:
             raise ValueError(f"cannot merge stats of d_in={other.d_in} into d_in={self.d_in}")
+        if not _same_reference(self.reference_mean, other.reference_mean):
+            raise ValueError("cannot merge ReconstructionStats with different reference means: "
+                             "fvu_b sums are only comparable about the same mean; give every "
+                             "worker the same reference_mean")
         if other.n:
-            for name in ("sse", "sum_fvu_b", "sum_cos", "sum_l2_ratio", "sum_xhat_sq",
-                         "sum_x_dot_xhat"):
-                setattr(self, name, getattr(self, name) + getattr(other, name))
-            self._merge_moments(other.n, other.mean, other.m2)
+            self.sums = self.sums + other.sums.to(self.sums.device)
+            self.moments.merge(other.moments)
         return self
 
     def compute(self) -> dict[str, float]:
-        n = max(self.n, 1)
-        fvu = self.sse / self.m2 if self.m2 > 0 else math.nan
+        n = self.n
+        sums = dict(zip(self.SUMS, self.sums.tolist()))
+        tss = float(self.moments.total_variance())
+        fvu = _ratio(sums["sse"], tss)
         out = {
             "fvu": fvu,
             "explained_variance": 1.0 - fvu,
-            "mse": self.sse / (n * self.d_in),
-            "cos_sim": self.sum_cos / n,
-            "l2_ratio": self.sum_l2_ratio / n,
-            "relative_reconstruction_bias": (self.sum_xhat_sq / self.sum_x_dot_xhat
-                                             if self.sum_x_dot_xhat else math.nan),
-            "n_tokens": self.n,
+            "mse": _ratio(sums["sse"], n * self.d_in),
+            "cos_sim": _ratio(sums["cos"], sums["n_nonzero"]),
+            "l2_ratio": _ratio(sums["l2_ratio"], sums["n_nonzero"]),
+            "relative_reconstruction_bias": _ratio(sums["xhat_sq"], sums["x_dot_xhat"]),
+            "n_tokens": n,
         }
         if self.reference_mean is not None:
-            out["fvu_b"] = self.sum_fvu_b / n
+            out["fvu_b"] = _ratio(sums["fvu_b"], sums["n_fvu_b"])
         return out
 
-    # Flat float64 vector of the state, for all-reduce / all-gather across workers.
     def state_tensor(self) -> Tensor:
-        scalars = torch.tensor([self.n, self.m2, self.sse, self.sum_fvu_b, self.sum_cos,
-                                self.sum_l2_ratio, self.sum_xhat_sq, self.sum_x_dot_xhat],
-                               dtype=torch.float64)
-        return torch.cat([scalars, self.mean])
+        """Flat float64 state [n, Σ‖x − x̄‖², *sums, *mean], for all-gather across workers."""
+        head = torch.stack([torch.tensor(float(self.n), dtype=torch.float64),
+                            self.moments.total_variance().cpu()])
+        return torch.cat([head.to(self.sums.device), self.sums,
+                          self.moments.mean.to(self.sums.device)])
 
     @classmethod
-    def from_state_tensor(cls, t: Tensor, d_in: int, reference_mean=None) -> "ReconstructionStats":
+    def from_state_tensor(cls, t: Tensor, d_in: int,
+                          reference_mean: Optional[Tensor] = None) -> "ReconstructionStats":
+        expected = 2 + len(cls.SUMS) + d_in
+        if t.shape != (expected,):
+            raise ValueError(f"state tensor has shape {tuple(t.shape)}, expected ({expected},) "
+                             f"for d_in={d_in}")
         s = cls(d_in, reference_mean)
-        t = t.to(torch.float64).cpu()
-        (n, s.m2, s.sse, s.sum_fvu_b, s.sum_cos, s.sum_l2_ratio, s.sum_xhat_sq,
-         s.sum_x_dot_xhat) = t[:8].tolist()
-        s.n = int(round(n))
-        s.mean = t[8:].clone()
+        t = t.to(torch.float64)
+        s.moments.n = int(round(float(t[0])))
+        s.moments.scatter = t[1].clone()
+        s.sums = t[2:2 + len(cls.SUMS)].clone()
+        s.moments.mean = t[2 + len(cls.SUMS):].clone()
         return s
 
 
 class SparsityStats:
     """Accumulates latent sparsity: L0, L1, firing counts, dead and dense latents.
 
-    Dead latents are counted over a window in *tokens*: `tokens_since_fired[i]` is how many
-    tokens have passed since latent i last fired (exact, to the token). A latent is dead if it has
-    not fired within the last min(dead_window, n_tokens) tokens. Merging treats `other` as the
-    data that came after self (concatenation), which is associative.
+    Every token has a position in the stream. `last_fired[i]` is the position of the last token
+    on which latent i fired (−1: never); positions begin..end−1 have been tracked. Latent i is
+    dead if it did not fire in the last min(dead_window, end − begin) positions, i.e.
+    end − 1 − last_fired[i] ≥ that window: with fewer than dead_window tokens tracked, dead means
+    never fired. `update(latents, start)` places a batch at positions start..start+B−1 (default:
+    right after the last position seen). Merging sums the counts and takes the max of the
+    last-fired positions (the min of `begin`, the max of `end`), so it is exact, associative
+    and commutative whenever the merged accumulators cover disjoint positions of one stream:
+    the parts of a batch, successive batches, or the workers' shares of a step (start = tokens
+    before the step + the rank's offset within it).
+
+    `reset_counts()` starts a new logging interval: L0, L1 and frequencies restart while dead
+    latents are still judged over the whole window.
     """
 
     N_HIST_BINS = 20
+    """Bins of the log10 firing-frequency histogram in `compute`."""
 
     def __init__(self, n_latents: int, dead_window: int = 10_000_000):
+        if dead_window <= 0:
+            raise ValueError(f"dead_window={dead_window} must be a positive number of tokens")
         self.n_latents = n_latents
         self.dead_window = dead_window
         self.reset()
 
     def reset(self) -> None:
+        self.begin = self.end = 0  # begin == end: nothing tracked
+        self.last_fired = torch.full((self.n_latents,), -1, dtype=torch.int64)
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Zero the token count, L0/L1 sums and fire counts; keep the last-fired positions."""
         self.n = 0
-        self.sum_l0 = 0.0
-        self.sum_l1 = 0.0
+        self.sums = torch.zeros(2, dtype=torch.float64)  # Σ_tokens ‖f‖₀, Σ_tokens ‖f‖₁
         self.fire_counts = torch.zeros(self.n_latents, dtype=torch.int64)
-        self.tokens_since_fired = torch.zeros(self.n_latents, dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, latents: Tensor) -> None:
-        """latents: (B, n_latents)."""
+    def update(self, latents: Tensor, start: Optional[int] = None) -> None:
+        """latents: (B, n_latents); start: stream position of the first row (default self.end)."""
         if latents.ndim != 2 or latents.shape[1] != self.n_latents:
             raise ValueError(f"expected latents of shape (B, {self.n_latents}), "
                              f"got {tuple(latents.shape)}")
         b = latents.shape[0]
-        active = (latents != 0).cpu()
-        self.sum_l0 += float(active.sum())
-        self.sum_l1 += float(_f64(latents).abs().sum())
-        counts = active.sum(0)
-        self.fire_counts += counts
-        # Tokens since the last firing within this batch = its distance from the batch end;
-        # argmax over the reversed flags finds the first True from the end (no (B, n) index tensor).
-        if b:
-            since_in_batch = active.flip(0).to(torch.uint8).argmax(0).to(torch.int64)
-            self.tokens_since_fired = torch.where(counts > 0, since_in_batch,
-                                                  self.tokens_since_fired + b)
+        start = self.end if start is None else start
+        if start < 0:
+            raise ValueError(f"start={start}: stream positions are >= 0")
+        if b == 0:
+            return
+        self._track(start, start + b)
         self.n += b
+        latents = latents.detach()
+        active = latents != 0
+        counts = active.sum(0)
+        # 1 + row of each latent's last firing, 0 if none (int32 keeps the (B, n) temporary small).
+        rows = torch.arange(1, b + 1, dtype=torch.int32, device=latents.device)
+        last_row = (active * rows[:, None]).amax(0).to(torch.int64)
+        last = torch.where(last_row > 0, start + last_row - 1, -1)
+        self._to(latents.device)
+        self.fire_counts += counts
+        self.last_fired = torch.maximum(self.last_fired, last)
+        self.sums += torch.stack([counts.sum().to(torch.float64),
+                                  latents.abs().sum(dtype=torch.float64)])
+
+    def _track(self, begin: int, end: int) -> None:
+        if begin == end:
+            return
+        tracked = self.end > self.begin
+        self.begin = min(self.begin, begin) if tracked else begin
+        self.end = max(self.end, end) if tracked else end
+
+    def _to(self, device: torch.device) -> None:
+        self.sums, self.fire_counts, self.last_fired = (
+            t.to(device) for t in (self.sums, self.fire_counts, self.last_fired))
 
     def merge(self, other: "SparsityStats") -> "SparsityStats":
-        """Fold in `other`, taken to follow self in the token stream; returns self."""
+        """Fold in `other` (positions in the same stream); returns self."""
         if other.n_latents != self.n_latents:
-            raise ValueError(f"cannot merge stats of {other.n_latents} latents into {self.n_latents}")
-        fired_later = other.fire_counts > 0
-        self.tokens_since_fired = torch.where(fired_later, other.tokens_since_fired,
-                                              self.tokens_since_fired + other.n)
-        self.sum_l0 += other.sum_l0
-        self.sum_l1 += other.sum_l1
-        self.fire_counts = self.fire_counts + other.fire_counts
+            raise ValueError(f"cannot merge stats of {other.n_latents} latents into "
+                             f"{self.n_latents}")
+        device = self.sums.device
+        self.sums = self.sums + other.sums.to(device)
+        self.fire_counts = self.fire_counts + other.fire_counts.to(device)
+        self.last_fired = torch.maximum(self.last_fired, other.last_fired.to(device))
         self.n += other.n
+        self._track(other.begin, other.end)
         return self
 
     def frequencies(self) -> Tensor:
-        """(n_latents,) fraction of tokens on which each latent fired."""
-        return self.fire_counts.to(torch.float64) / max(self.n, 1)
+        """(n_latents,) float64 on the CPU: fraction of tokens on which each latent fired."""
+        return self.fire_counts.cpu().to(torch.float64) / max(self.n, 1)
+
+    def tokens_since_fired(self) -> Tensor:
+        """(n_latents,) int64 on the CPU: positions since each latent last fired (end if never)."""
+        return self.end - 1 - self.last_fired.cpu()
+
+    def dead(self) -> Tensor:
+        """(n_latents,) bool on the CPU: no firing within the window (see the class docstring)."""
+        return self.tokens_since_fired() >= min(self.dead_window, self.end - self.begin)
 
     def compute(self) -> dict:
-        n = max(self.n, 1)
+        n, tracked = self.n, self.end > self.begin
+        l0, l1 = self.sums.tolist()
         freq = self.frequencies()
-        window = min(self.dead_window, self.n)
-        dead = self.tokens_since_fired >= window if self.n else torch.zeros_like(freq, dtype=torch.bool)
         return {
-            "l0": self.sum_l0 / n,
-            "l1": self.sum_l1 / n,
-            "dead_fraction": float(dead.double().mean()),
-            "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()),
+            "l0": l0 / n if n else math.nan,
+            "l1": l1 / n if n else math.nan,
+            "dead_fraction": float(self.dead().double().mean()) if tracked else math.nan,
+            "dense_fraction": float((freq > DENSE_THRESHOLD).double().mean()) if n else math.nan,
             "frequency_histogram": frequency_histogram(freq, self.N_HIST_BINS),
         }
+
+    def state_tensor(self) -> Tensor:
+        """Flat float64 state [n, begin, end, Σ‖f‖₀, Σ‖f‖₁, *fire_counts, *last_fired], for
+        all-gather. Counts and positions stay exact in float64 up to 2^53 tokens."""
+        device = self.sums.device
+        head = torch.tensor([self.n, self.begin, self.end], dtype=torch.float64, device=device)
+        return torch.cat([head, self.sums, self.fire_counts.to(torch.float64),
+                          self.last_fired.to(torch.float64)])
+
+    @classmethod
+    def from_state_tensor(cls, t: Tensor, n_latents: int,
+                          dead_window: int = 10_000_000) -> "SparsityStats":
+        expected = 5 + 2 * n_latents
+        if t.shape != (expected,):
+            raise ValueError(f"state tensor has shape {tuple(t.shape)}, expected ({expected},) "
+                             f"for n_latents={n_latents}")
+        s = cls(n_latents, dead_window)
+        t = t.to(torch.float64)
+        s.n, s.begin, s.end = (int(round(v)) for v in t[:3].tolist())
+        s.sums = t[3:5].clone()
+        s.fire_counts = t[5:5 + n_latents].round().to(torch.int64)
+        s.last_fired = t[5 + n_latents:].round().to(torch.int64)
+        return s
 
 
 def frequency_histogram(freq: Tensor, bins: int = 20) -> dict:
@@ -212,3 +360,19 @@ def frequency_histogram(freq: Tensor, bins: int = 20) -> dict:
     counts, edges = np.histogram(np.log10(np.clip(fired, 1e-8, 1.0)), bins=bins, range=(-8.0, 0.0))
     return {"log10_edges": edges.tolist(), "counts": counts.tolist(),
             "never_fired": int((freq == 0).sum())}
+
+
+def scalars(metrics: dict) -> dict:
+    """The int and float entries of a metrics dict (drops histograms and other structures)."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else math.nan
+
+
+def _same_reference(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b)

@@ -66,11 +66,15 @@ def plot_pareto(table: pd.DataFrame) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    table = table[(table["l0"].astype(float) > 0) & table["fvu"].notna()]  # plottable on log x
     for arch, group in table.groupby("architecture"):
         dots = ax.scatter(group["l0"], group["fvu"], label=arch, alpha=0.8)
         front = group[group["pareto"]].sort_values("l0")
         ax.plot(front["l0"], front["fvu"], color=dots.get_facecolor()[0], linewidth=1.5)
-    ax.set_xscale("log")
+    if len(table):
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no finished SAE to plot", ha="center", transform=ax.transAxes)
     ax.set_xlabel("L0 (mean active latents per token)")
     ax.set_ylabel("FVU (fraction of variance unexplained)")
     ax.set_title("Sparsity vs reconstruction — lines join each architecture's Pareto frontier")

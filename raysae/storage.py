@@ -62,6 +62,14 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a relative local path made absolute (Ray and Tune processes run in other
+    working directories); s3:// and file:// URIs are returned unchanged."""
+    if is_s3(uri) or "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def locate(uri: str, *, endpoint: str | None = None) -> Location:
     """Resolve ``uri`` (local path, ``file://`` URI or ``s3://bucket/key``) to a :class:`Location`."""
     if is_s3(uri):

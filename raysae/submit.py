@@ -7,6 +7,7 @@ cluster runs the code you have), minus local data, outputs and environments.
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 UPLOAD_EXCLUDES = [".git", ".venv", "venv", "data", "out", "runs", "__pycache__", "*.egg-info",
@@ -24,19 +25,34 @@ def _client(address: str):
                               "check the address (http://HEAD:8265) and that the dashboard runs") from None
 
 
+AGENT_WAIT_S = 60
+"""How long to retry while a freshly started head's job agent is not up yet."""
+
+
 def submit(spec: str, address: str, resume: bool = False, working_dir: str = ".") -> str:
     """Submit `raysae sweep SPEC` (validated locally first); returns the job id."""
     from raysae.sweep_spec import load_sweep_spec
 
     load_sweep_spec(spec)  # a bad spec fails here, not minutes later on the cluster
-    relative = Path(spec).resolve().relative_to(Path(working_dir).resolve())
+    try:
+        relative = Path(spec).resolve().relative_to(Path(working_dir).resolve())
+    except ValueError:
+        raise ValueError(f"spec {spec} is outside the uploaded directory {Path(working_dir).resolve()}; "
+                         "run raysae submit from a directory that contains it") from None
     entrypoint = f"python -m raysae sweep {shlex.quote(str(relative))}"
     if resume:
         entrypoint += " --resume"
-    return _client(address).submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES},
-    )
+    client = _client(address)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES})
+        except RuntimeError as e:  # a head that just started answers 500 until its agent is up
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def status(address: str, job_id: str) -> str:

@@ -22,7 +22,7 @@ import pandas as pd
 from raysae import report, storage
 from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_dict
 from raysae.synthetic import write_toy_dataset
-from raysae.sweep_spec import SweepSpec, expand, packs
+from raysae.sweep_spec import SweepSpec, expand, packs, with_absolute_paths
 from raysae.train import OutputExistsError, build_trainer, dataset_split, finish_run
 
 SPEC_FILE = "sweep_spec.json"
@@ -69,6 +69,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log: Callable[[str], None] 
     import ray
     from ray import tune
 
+    spec = with_absolute_paths(spec)
     sweep_dir = storage.join(spec.output, spec.name)
     points = expand(spec)
     groups = packs(points, spec.pack)
@@ -104,6 +105,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log: Callable[[str], None] 
     t0 = time.perf_counter()
     grid = tuner.fit()
     table = report.with_frontiers(collect(grid, sweep_dir))
+    if (table["status"] == "error").all():
+        first = next(r.error for r in grid if r.error)
+        raise RuntimeError(f"every trial of sweep {spec.name} failed; the first error: {first}")
     report.write_results(table, sweep_dir)
     log(f"sweep finished in {time.perf_counter() - t0:.0f} s")
     log(report.summary(table, sweep_dir))

@@ -26,6 +26,7 @@ are explicit, reproducible and testable without Ray; Tune then runs one trial pe
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -121,9 +122,23 @@ def load_sweep_spec(path: str) -> SweepSpec:
         raise ConfigError(f"sweep spec {path} does not exist") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"sweep spec {path} is not valid YAML: {e}") from None
-    spec = from_dict(SweepSpec, data or {}, "")
+    spec = with_absolute_paths(from_dict(SweepSpec, data or {}, ""))
     expand(spec)  # validates every point
     return spec
+
+
+def with_absolute_paths(spec: SweepSpec) -> SweepSpec:
+    """Relative local paths (output, base.data.uri, harvest.output) made absolute: Tune runs
+    each trial in its own working directory."""
+    from raysae.storage import absolute
+
+    base = {**spec.base}
+    if isinstance(base.get("data"), dict) and base["data"].get("uri"):
+        base["data"] = {**base["data"], "uri": absolute(base["data"]["uri"])}
+    harvest = spec.harvest
+    if harvest and harvest.get("output"):
+        harvest = {**harvest, "output": absolute(harvest["output"])}
+    return dataclasses.replace(spec, output=absolute(spec.output), base=base, harvest=harvest)
 
 
 def expand(spec: SweepSpec) -> list[RunConfig]:

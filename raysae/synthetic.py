@@ -23,6 +23,9 @@ from torch import Tensor
 
 from raysae.config import ToyDataConfig
 
+HELD_OUT_STREAM = 1
+"""The `stream` of held-out toy data: final evaluation of `raysae train` and `raysae eval`."""
+
 
 class ToyData:
     """A seeded, infinite stream of toy activations. `directions` holds the true features.

@@ -39,10 +39,10 @@ import torch
 
 from raysae import storage
 from raysae.checkpoint import load_sae, save_sae
-from raysae.config import ConfigError, RunConfig, to_dict
-from raysae.evaluate import evaluate
+from raysae.config import ConfigError, RunConfig, to_dict, with_absolute_paths
+from raysae.evaluate import data_mean, evaluate
 from raysae.saes import build_sae
-from raysae.synthetic import ToyData, feature_recovery, toy_directions
+from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, toy_directions
 from raysae.trainer import check_batch, fit, take_init_sample
 
 FAULT_ENV = "RAYSAE_FAULT_AT_TOKENS"
@@ -109,20 +109,22 @@ def held_out_batches(cfg: RunConfig, eval_parts: list[str], batch_size: int = 81
 
 
 def training_and_eval_streams(cfg: RunConfig, batch_size: int):
-    """(training stream, held-out stream, held-out tokens, feature directions or None).
+    """(training stream, held-out stream factory, held-out tokens, feature directions or None).
 
     Toy data: held out is another token stream over the same features (data.eval_tokens of it).
-    A dataset: held out is every row of its last data.eval_parts parts.
+    A dataset: held out is every row of its last data.eval_parts parts. The factory restarts the
+    held-out stream, so it can be read twice (its mean first, for FVU_B).
     """
     if cfg.data.toy is not None:
         toy = ToyData(cfg.data.toy, cfg.sae.d_in)
-        held_out = ToyData(cfg.data.toy, cfg.sae.d_in, stream=1)
-        return (toy.batches(batch_size), held_out.batches(batch_size), cfg.data.eval_tokens,
-                toy.directions)
+
+        def held_out():
+            return ToyData(cfg.data.toy, cfg.sae.d_in, stream=HELD_OUT_STREAM).batches(batch_size)
+        return toy.batches(batch_size), held_out, cfg.data.eval_tokens, toy.directions
     manifest, train_parts, eval_parts = dataset_split(cfg)
-    held_out, n_eval = held_out_batches(cfg, eval_parts)
-    return (uri_batches(cfg.data.uri, batch_size, train_parts, cfg.train.seed), held_out, n_eval,
-            toy_directions(manifest))
+    n_eval = held_out_batches(cfg, eval_parts)[1]
+    return (uri_batches(cfg.data.uri, batch_size, train_parts, cfg.train.seed),
+            lambda: held_out_batches(cfg, eval_parts)[0], n_eval, toy_directions(manifest))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +194,9 @@ def run_single_process(cfg: RunConfig, out: str, overwrite: bool = False,
     t0 = time.perf_counter()
     history = fit(model, batches, cfg.train, log=log)
     wall = time.perf_counter() - t0
-    metrics = evaluate(model, held_out, n_eval)
+    # FVU_B is measured about the held-out data's own mean (a first pass over it).
+    metrics = evaluate(model, held_out(), n_eval,
+                       reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in))
     return finish(model, cfg, out, history, wall, metrics, directions, log=log)
 
 
@@ -260,6 +264,7 @@ def train_distributed(cfg: RunConfig, out: str, name: Optional[str] = None,
     """
     import ray
 
+    cfg, out = with_absolute_paths(cfg), storage.absolute(out)
     name = name or run_name(cfg)
     run_dir = storage.join(out, name)
     check_output(run_dir, overwrite)

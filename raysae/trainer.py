@@ -8,14 +8,14 @@ Budgets and schedules are in tokens, so runs with different batch sizes or worke
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from raysae.config import TrainConfig
-from raysae.metrics import ReconstructionStats, SparsityStats
+from raysae.metrics import ReconstructionStats, SparsityStats, scalars
 from raysae.saes import SAEOutput, SparseAutoencoder
 
 
@@ -126,8 +126,9 @@ def fit(model: SparseAutoencoder, batches: Iterable[Tensor], cfg: TrainConfig,
         log: Callable[[str], None] = print) -> list[dict]:
     """Train `model` on `batches` until cfg.total_tokens; returns the logged metric records.
 
-    Each record holds tokens, step, lr, loss terms and the reconstruction and sparsity metrics of
-    the batches since the previous record.
+    Each record holds tokens, step, lr, the last step's loss terms, the reconstruction and
+    sparsity metrics (raysae.metrics) of the batches since the previous record, and the fraction
+    of latents dead over the last cfg.dead_tokens tokens of the run.
     """
     torch.manual_seed(cfg.seed)
     d_in, n_latents = model.cfg.d_in, model.cfg.n_latents
@@ -151,7 +152,7 @@ def fit(model: SparseAutoencoder, batches: Iterable[Tensor], cfg: TrainConfig,
         check_batch(batch, d_in, f"batch at token {state.tokens}")
         out = train_step(model, optimizer, batch, state, cfg)
         recon.update(batch, out.x_hat)
-        sparsity.update(out.latents)
+        sparsity.update(out.latents, start=state.tokens - batch.shape[0])  # stream positions
 
         done = state.tokens >= cfg.total_tokens
         if state.tokens >= next_log or done:
@@ -159,14 +160,13 @@ def fit(model: SparseAutoencoder, batches: Iterable[Tensor], cfg: TrainConfig,
             record = {"tokens": state.tokens, "step": state.step,
                       "lr": optimizer.param_groups[0]["lr"],
                       **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                      **recon.compute(), **_scalars(sparsity.compute()),
-                      "dead_fraction_window": float((state.tokens_since_fired >= cfg.dead_tokens)
-                                                    .double().mean()),
+                      **recon.compute(), **scalars(sparsity.compute()),
                       "tokens_per_s": (state.tokens - last_tokens) / max(now - last_t, 1e-9),
                       "elapsed_s": now}
             history.append(record)
             log(format_record(record, cfg.total_tokens))
-            recon.reset(), sparsity.reset()
+            # A new interval; dead latents are still judged over the whole dead_tokens window.
+            recon.reset(), sparsity.reset_counts()
             next_log += cfg.log_every_tokens
             last_t, last_tokens = now, state.tokens
     if state.tokens < cfg.total_tokens:
@@ -179,12 +179,8 @@ def _chain(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
     yield from rest
 
 
-def _scalars(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float))}
-
-
 def format_record(r: dict, total_tokens: int) -> str:
     """One console line for a metrics record."""
     return (f"tokens {r['tokens']:>12,}/{total_tokens:,} | fvu {r['fvu']:.4f} | l0 {r['l0']:7.2f} "
-            f"| dead {r['dead_fraction_window']:.3f} | loss {r.get('loss/reconstruction', 0):.4g} "
+            f"| dead {r['dead_fraction']:.3f} | loss {r.get('loss/reconstruction', 0):.4g} "
             f"| {r['tokens_per_s']:,.0f} tok/s")

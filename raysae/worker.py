@@ -78,11 +78,12 @@ def train_loop_per_worker(config: dict) -> dict:
             global_n = min(per_worker * world, (total - tokens) // world * world)
             batch = batch[: global_n // world].to(device)
             check_batch(batch, d_in, f"worker {rank}: batch at token {tokens}")
+            start = tokens + rank * batch.shape[0]  # this worker's rows in the token stream
             for m in members:
                 out = train_step(m.ddp, m.optimizer, batch, m.state, m.cfg.train, global_n,
                                  sync_fired)
                 m.recon.update(batch, out.x_hat)
-                m.sparsity.update(out.latents)
+                m.sparsity.update(out.latents, start=start)
             tokens = members[0].state.tokens
             progress["epoch_tokens"] += global_n
             progress["rows_read"] += batch.shape[0] * world
@@ -115,7 +116,7 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # Held-out evaluation: each rank reads its own held-out parts; the sums are merged.
     for m in members:
-        _evaluate_parts(m, config["eval_parts"][rank::world], device)
+        _evaluate_parts(m, config["eval_parts"][rank::world], device, rank_offset=rank << 40)
     held_out = _pack_metrics(members, world, device, _eval_metrics)
     return {"eval": held_out, "progress": progress, "history": history}
 
@@ -166,17 +167,19 @@ def _shard_batches(shard, per_worker: int, d_in: int, cfg: RunConfig):
 
 
 @torch.no_grad()
-def _evaluate_parts(m: Member, parts: list[str], device) -> None:
+def _evaluate_parts(m: Member, parts: list[str], device, rank_offset: int) -> None:
     """Fill m's accumulators (reset first) with the model's inference on every row of `parts`."""
     from raysae import shards
 
     m.recon.reset()
-    m.sparsity = SparsityStats(m.cfg.sae.n_latents, dead_window=2**62)
+    m.sparsity = SparsityStats(m.cfg.sae.n_latents)
     m.model.eval()
+    position = rank_offset  # disjoint stream positions per rank, so the merge is exact
     for batch in (shards.iter_batches(m.cfg.data.uri, 8192, parts=parts) if parts else []):
         out = m.model(batch.to(device))
         m.recon.update(batch, out.x_hat)
-        m.sparsity.update(out.latents)
+        m.sparsity.update(out.latents, start=position)
+        position += batch.shape[0]
     m.model.train()
 
 
@@ -204,32 +207,29 @@ def _count_nodes(world: int) -> int:
 
 def merge_across_workers(recon: ReconstructionStats, sparsity: SparsityStats, world: int,
                          device) -> tuple[ReconstructionStats, SparsityStats]:
-    """Combine every worker's accumulators as if one process had seen all their batches.
-
-    Reconstruction: each worker's (count, mean, M2, sums) is gathered and merged in rank order.
-    Sparsity: counts add; a latent is dead for the window if no worker saw it fire.
-    """
+    """Combine every worker's accumulators as if one process had seen all their batches:
+    each worker's state is all-gathered and the states are merged (the variance and the
+    last-fired positions do not add, so a SUM all-reduce would be wrong)."""
     if world == 1:
         return recon, sparsity
+    merged_recon = ReconstructionStats(recon.d_in, recon.reference_mean)
+    for t in _all_gather(recon.state_tensor(), device):
+        merged_recon.merge(ReconstructionStats.from_state_tensor(t, recon.d_in,
+                                                                 recon.reference_mean))
+    merged_sparsity = SparsityStats(sparsity.n_latents, sparsity.dead_window)
+    for t in _all_gather(sparsity.state_tensor(), device):
+        merged_sparsity.merge(SparsityStats.from_state_tensor(t, sparsity.n_latents,
+                                                              sparsity.dead_window))
+    return merged_recon, merged_sparsity
+
+
+def _all_gather(t: torch.Tensor, device) -> list[torch.Tensor]:
     import torch.distributed as dist
 
-    local = recon.state_tensor().to(device)
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    merged = ReconstructionStats(recon.d_in, recon.reference_mean)
-    for t in gathered:
-        merged.merge(ReconstructionStats.from_state_tensor(t.cpu(), recon.d_in,
-                                                           recon.reference_mean))
-    counts = torch.cat([torch.tensor([sparsity.n, sparsity.sum_l0, sparsity.sum_l1],
-                                     dtype=torch.float64),
-                        sparsity.fire_counts.to(torch.float64)]).to(device)
-    dist.all_reduce(counts)
-    counts = counts.cpu()
-    total = SparsityStats(sparsity.n_latents, sparsity.dead_window)
-    total.n, total.sum_l0, total.sum_l1 = int(counts[0]), float(counts[1]), float(counts[2])
-    total.fire_counts = counts[3:].round().to(torch.int64)
-    total.tokens_since_fired = torch.where(total.fire_counts > 0, 0, total.n)
-    return merged, total
+    t = t.to(device)
+    gathered = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, t)
+    return [g.cpu() for g in gathered]
 
 
 def _training_metrics(m: Member, recon: ReconstructionStats, sparsity: SparsityStats) -> dict:
@@ -237,12 +237,14 @@ def _training_metrics(m: Member, recon: ReconstructionStats, sparsity: SparsityS
     # Dead latents over the configured window, from the run-long counters (exact per step).
     metrics["dead_fraction"] = float((m.state.tokens_since_fired >= m.cfg.train.dead_tokens)
                                      .double().mean())
-    metrics["dead_fraction_window"] = metrics["dead_fraction"]
     return metrics
 
 
 def _eval_metrics(m: Member, recon: ReconstructionStats, sparsity: SparsityStats) -> dict:
-    return {**recon.compute(), **_scalars(sparsity.compute())}
+    metrics = {**recon.compute(), **_scalars(sparsity.compute())}
+    # Held out, "dead" means it never fired on any held-out token.
+    metrics["dead_fraction"] = float((sparsity.fire_counts == 0).double().mean())
+    return metrics
 
 
 def _pack_metrics(members: list[Member], world: int, device, compute) -> dict:
@@ -255,7 +257,7 @@ def _pack_metrics(members: list[Member], world: int, device, compute) -> dict:
     for m in members:
         recon, sparsity = merge_across_workers(m.recon, m.sparsity, world, device)
         per_member.append(compute(m, recon, sparsity))
-        m.recon.reset(), m.sparsity.reset()
+        m.recon.reset(), m.sparsity.reset_counts()
     best = min(per_member, key=lambda d: d["fvu"] if d["fvu"] == d["fvu"] else float("inf"))
     metrics = dict(best)
     for i, d in enumerate(per_member):

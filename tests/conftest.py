@@ -1,15 +1,31 @@
-"""Shared fixtures. Ray and the S3 server are started once per session (conftest_data.py):
-Ray takes ~10 s to start on 2 cores."""
+"""Shared fixtures and Hypothesis profiles. Keep Ray to one instance per session (it takes ~10 s
+to start on 2 cores).
+
+Hypothesis profiles (HYPOTHESIS_PROFILE=name picks one; otherwise `ci` when the CI variable is
+set, as Hypothesis itself does, else `dev`):
+  dev   quick local runs: few examples, failures replayed from the local example database
+  ci    Hypothesis's own `ci` profile (derandomized, no database, no deadline, prints the
+        reproduction blob) with fewer examples, so the whole suite stays within a few minutes
+  deep  many examples and long stateful runs, for hunting bugs before a release
+"""
 
 import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from conftest_data import ray_cluster, s3_endpoint, s3_prefix, smollm2_gguf, tiny_model_dir  # noqa: F401
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+settings.register_profile("dev", max_examples=20, deadline=None)
+settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=30)
+settings.register_profile("deep", max_examples=1000, stateful_step_count=100, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+in_ci = settings.get_current_profile_name() == "ci"  # Hypothesis loaded its own when CI is set
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if in_ci else "dev"))
 
 
 @pytest.fixture

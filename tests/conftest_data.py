@@ -59,25 +59,33 @@ def s3_prefix(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint: str):
-    """One Ray instance for the session (2 CPUs, small object store, dashboard on).
+    """One Ray cluster for the session: a head node with 2 CPUs, a small object store and the
+    dashboard on (Tune + Train needs it, see notes/ray-2.60.md). Yields the
+    `ray.cluster_utils.Cluster`, so multi-node tests can add and remove worker nodes.
 
-    Depends on the S3 server so that workers inherit its endpoint and fake credentials.
+    Depends on the S3 server so that every Ray process inherits its endpoint and fake credentials.
     """
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
     import ray.data
+    from ray.cluster_utils import Cluster
 
-    # address="local": a new instance even when another Ray cluster runs on this machine.
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=300 * 2**20,
-        include_dashboard=True,
-        log_to_driver=False,
-    )
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "object_store_memory": 300 * 2**20, "include_dashboard": True,
+        "dashboard_port": _free_port()})
+    ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _tiny_tokenizer():

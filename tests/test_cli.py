@@ -16,7 +16,7 @@ data: {toy: {n_features: 32, active_per_token: 3}}
 
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "raysae", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "train" in out.stdout
+    assert out.returncode == 0 and "train" in out.stdout and "eval" in out.stdout
 
 
 def test_train_writes_checkpoint_and_metrics(tmp_path, capsys):

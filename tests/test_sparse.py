@@ -1,6 +1,8 @@
 """Fast paths equal plain paths: sparse decode and the sparse TopK encoder backward."""
 
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from raysae.saes.sparse import dense_topk_encode, ragged_decode, sparse_decode, topk_encode
 
@@ -58,3 +60,31 @@ def test_topk_encode_relu_zeroes_negative_selections():
     W = torch.eye(3)
     vals, _, _ = topk_encode(x, W, torch.zeros(3), 2)
     assert torch.all(vals == 0)
+
+
+@given(st.integers(1, 16), st.integers(1, 40), st.integers(1, 12), st.data())
+def test_sparse_decode_equals_dense_decode_for_random_indices(B, n, d, data):
+    # Any indices, repeats included: the contract is Σ_j values[b, j] · W_dec[indices[b, j]].
+    k = data.draw(st.integers(1, n))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1)))
+    idx = torch.randint(0, n, (B, k), generator=g)
+    vals = torch.randn(B, k, generator=g, dtype=torch.float64).requires_grad_()
+    W = torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_()
+    dense_latents = torch.zeros(B, n, dtype=torch.float64).scatter_add(1, idx, vals)
+    sparse, dense = sparse_decode(idx, vals, W), dense_latents @ W
+    torch.testing.assert_close(sparse, dense)
+    upstream = torch.randn(B, d, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(sparse, (W, vals), upstream),
+                    torch.autograd.grad(dense, (W, vals), upstream)):
+        torch.testing.assert_close(a, b)
+
+
+@given(st.integers(1, 16), st.integers(1, 40), st.integers(1, 12), st.sampled_from([0.0, 0.1, 1.0]),
+       st.integers(0, 2**32 - 1))
+def test_ragged_decode_equals_dense_decode_for_random_latents(B, n, d, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(B, n, generator=g, dtype=torch.float64)
+    latents = latents * (torch.rand(B, n, generator=g) < p)
+    W = torch.randn(n, d, generator=g, dtype=torch.float64)
+    rows, cols = latents.nonzero(as_tuple=True)
+    torch.testing.assert_close(ragged_decode(rows, cols, latents[rows, cols], W, B), latents @ W)

@@ -150,3 +150,44 @@ def test_driver_restart_resumes(ray_cluster, toy_uri, tmp_path):
     assert metrics["tokens"] == 80_000
     assert metrics["restarts"] == 1 and metrics["replayed_tokens"] > 0
     assert "restarts: 1" in second.stdout
+
+
+@pytest.mark.slow
+def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_path):
+    """A head and two worker "nodes" on this machine; one node is removed mid-run and the
+    elastic run (num_workers 1..2) continues on the other from the latest checkpoint."""
+    import threading
+
+    nodes = [ray_cluster.add_node(num_cpus=1, resources={"trainer_slot": 1}) for _ in range(2)]
+    ray_cluster.wait_for_nodes()
+    try:
+        cfg = run_config(toy_uri, min_workers=1, max_failures=3, checkpoint_every_tokens=20_000,
+                         resources_per_worker={"trainer_slot": 1})
+        cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train),
+                                                              "total_tokens": 100_000}})
+        run = tmp_path / "runs" / "elastic"
+        removed = []
+
+        def remove_a_node_after_first_checkpoint():
+            deadline = time.time() + 240
+            while not list(run.glob("checkpoint_*/m0/train_state.json")) and time.time() < deadline:
+                time.sleep(0.5)
+            time.sleep(6)  # let Ray register it
+            ray_cluster.remove_node(nodes[1])
+            removed.append(time.time())
+
+        remover = threading.Thread(target=remove_a_node_after_first_checkpoint, daemon=True)
+        remover.start()
+        t0 = time.perf_counter()
+        result = train_distributed(cfg, str(tmp_path / "runs"), name="elastic")
+        print(f"elastic test wall time {time.perf_counter() - t0:.1f} s")
+        remover.join(timeout=1)
+        assert removed, "the node was not removed during the run"
+        assert result["tokens"] == 100_000
+        assert result["restarts"] >= 1
+        spans = [h["nodes"] for h in result["history"]]
+        assert spans[0] == 2 and spans[-1] == 1, spans  # two nodes, then the survivor alone
+    finally:
+        for node in nodes:
+            if node in ray_cluster.worker_nodes:
+                ray_cluster.remove_node(node)

@@ -1,11 +1,15 @@
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from raysae.config import SAEConfig, ToyDataConfig, TrainConfig
 from raysae.evaluate import evaluate
 from raysae.saes import build_sae
 from raysae.synthetic import ToyData, feature_recovery
-from raysae.trainer import BadBatchError, fit, learning_rate, sparsity_scale
+from raysae.trainer import (BadBatchError, TrainState, fit, learning_rate, make_optimizer,
+                            sparsity_scale, train_step)
+from strategies import activations, sae_configs
 
 TOY = ToyDataConfig(n_features=512, active_per_token=5, seed=0)
 
@@ -75,3 +79,37 @@ def test_wrong_width_batch_is_named():
 def test_empty_stream_is_an_error():
     with pytest.raises(ValueError, match="data stream is empty"):
         _fit([])
+
+
+@given(sae_configs(max_d_in=12), activations(min_d=12, max_d=12, dtypes=(torch.float32,)),
+       st.sampled_from([1e-4, 1e-2, 1.0]), st.sampled_from([1, 10**7]), st.integers(1, 3),
+       st.integers(0, 2**16))
+# Bug found by this property: an all-zero initialisation sample set input_scale = inf and made
+# every parameter NaN; init_from_sample_ now refuses it with a named error.
+@example(cfg=SAEConfig(d_in=1, n_latents=1, architecture="relu"), x=torch.zeros(2, 12),
+         lr=1e-4, dead_tokens=1, steps=1, seed=0)
+def test_decoder_rows_are_unit_norm_after_every_step(cfg, x, lr, dead_tokens, steps, seed):
+    torch.manual_seed(seed)
+    model = build_sae(cfg)
+    x = x[:, :cfg.d_in]  # drawn 12 wide so a failing example can be written out in full
+    if cfg.normalize_inputs and not x.abs().sum() > 0:
+        with pytest.raises(ValueError, match="initialisation sample .* is all zeros"):
+            model.init_from_sample_(x)
+        return
+    model.init_from_sample_(x)
+    train = TrainConfig(total_tokens=10_000, batch_size=x.shape[0], lr=lr, dead_tokens=dead_tokens)
+    optimizer, state = make_optimizer(model, train), TrainState.fresh(cfg.n_latents)
+    for _ in range(steps):
+        train_step(model, optimizer, x, state, train)
+        torch.testing.assert_close(model.W_dec.norm(dim=-1), torch.ones(cfg.n_latents))
+
+
+def test_logged_dead_fraction_spans_the_window_not_the_interval():
+    # dead_tokens (10M) exceeds the run, so a latent that fired once stays alive in every later
+    # record: the fraction never rises, though each record's L0 and FVU cover one interval only.
+    torch.manual_seed(0)
+    history = _fit([torch.randn(16, 8) for _ in range(12)], total=192)
+    dead = [r["dead_fraction"] for r in history]
+    assert len(history) == 12 and all(a >= b for a, b in zip(dead, dead[1:]))
+    assert all(r["l0"] <= 2 and r["n_tokens"] == 16 for r in history)
+    assert "fvu_b" in history[0]  # about the initialisation sample's mean

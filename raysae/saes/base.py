@@ -135,6 +135,10 @@ class SparseAutoencoder(nn.Module):
         x = self._check_input(x).double()
         if self.cfg.normalize_inputs:
             mean_sq_norm = x.pow(2).sum(-1).mean()
+            if not mean_sq_norm > 0:  # the scale would be inf and every parameter NaN
+                raise ValueError(f"the initialisation sample ({x.shape[0]} tokens) is all zeros, "
+                                 "so inputs cannot be scaled to E‖x‖² = d_in; check the "
+                                 "activations, or set sae.normalize_inputs: false")
             self.input_scale.fill_(float((self.cfg.d_in / mean_sq_norm).sqrt()))
         x_s = x * float(self.input_scale)
         if self.cfg.b_dec_init == "geometric_median":

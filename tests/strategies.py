@@ -1,0 +1,122 @@
+"""Hypothesis strategies for raysae's property tests. Builders are keyword-only.
+
+Tensors are generated from a drawn seed plus drawn shape, scale, mean offset, structure and
+dtype: that keeps examples fast at realistic sizes, and the drawn parameters are where metric
+code breaks (|μ| ≫ σ in float32, rank-deficient or duplicated tokens, all-zero rows, d = 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence, TypeVar, Union
+
+import torch
+from hypothesis import strategies as st
+from torch import Tensor
+
+from raysae.config import SAEConfig
+from raysae.saes import ARCHITECTURES
+
+F64 = torch.float64
+KINDS = ("gaussian", "low_rank", "heavy_tailed", "duplicates", "zero_rows")
+"""Structures of generated activations."""
+
+
+@st.composite
+def activations(draw, *, min_tokens: int = 2, max_tokens: int = 48, min_d: int = 1,
+                max_d: int = 12, dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
+                mean_ratios: Sequence[float] = (0.0, 1.0, 1e2, 1e4),
+                kinds: Sequence[str] = KINDS) -> Tensor:
+    """(N, d) activations: σ ≈ scale per dimension, a mean offset of |μ| ≈ ratio · σ · √d."""
+    n = draw(st.integers(min_tokens, max_tokens))
+    d = draw(st.integers(min_d, max_d))
+    scale = 10.0 ** draw(st.integers(-3, 3))
+    ratio = draw(st.sampled_from(mean_ratios))
+    kind = draw(st.sampled_from(kinds))
+    dtype = draw(st.sampled_from(dtypes))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    if kind == "low_rank":
+        x = x[:, :1] @ torch.randn(1, d, generator=g, dtype=F64)
+    elif kind == "heavy_tailed":
+        x = x * torch.randn(n, 1, generator=g, dtype=F64).mul(2).exp()
+    elif kind == "duplicates":
+        x = x[torch.randint(0, max(1, n // 3), (n,), generator=g)]
+    mean = torch.randn(d, generator=g, dtype=F64)
+    mean = mean / mean.norm() * ratio * math.sqrt(d)
+    x = ((x + mean) * scale)
+    if kind == "zero_rows":  # some tokens, or all of them, exactly zero
+        x[torch.rand(n, generator=g) < draw(st.sampled_from([0.3, 1.0]))] = 0.0
+    return x.to(dtype)
+
+
+@st.composite
+def reconstructions(draw, x: Tensor) -> Tensor:
+    """A plausible x̂ for x, in x's dtype: exact, shrunk, noisy, the mean, zero or unrelated."""
+    kind = draw(st.sampled_from(("exact", "shrunk", "noisy", "mean", "zero", "unrelated")))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    x64 = x.to(F64)
+    spread = float(x64.std()) if x.numel() > 1 else 1.0
+    if kind == "exact":
+        x_hat = x64
+    elif kind == "shrunk":
+        x_hat = x64 * draw(st.floats(0.1, 1.0))
+    elif kind == "noisy":
+        x_hat = x64 + draw(st.floats(1e-3, 1.0)) * spread * torch.randn(x.shape, generator=g,
+                                                                        dtype=F64)
+    elif kind == "mean":
+        x_hat = x64.mean(0).expand_as(x64)
+    elif kind == "zero":
+        x_hat = torch.zeros_like(x64)
+    else:
+        x_hat = spread * torch.randn(x.shape, generator=g, dtype=F64)
+    return x_hat.to(x.dtype)
+
+
+@st.composite
+def sae_configs(draw, *, architectures: Sequence[str] = tuple(ARCHITECTURES), max_d_in: int = 12,
+                max_latents: int = 32) -> SAEConfig:
+    """A small valid SAEConfig of any architecture (k ≤ n_latents for the TopK family)."""
+    n_latents = draw(st.integers(1, max_latents))
+    return SAEConfig(
+        d_in=draw(st.integers(1, max_d_in)),
+        n_latents=n_latents,
+        architecture=draw(st.sampled_from(architectures)),
+        k=draw(st.integers(1, n_latents)),
+        l1_coefficient=draw(st.sampled_from([0.0, 0.1, 5.0])),
+        l0_coefficient=draw(st.sampled_from([0.0, 1e-3, 1.0])),
+        jumprelu_init_threshold=draw(st.sampled_from([1e-3, 0.1, 1.0])),
+        jumprelu_bandwidth=draw(st.sampled_from([1e-3, 0.1, 1.0])),
+        b_dec_init=draw(st.sampled_from(["geometric_median", "mean", "zeros"])),
+        normalize_inputs=draw(st.booleans()),
+    )
+
+
+@st.composite
+def partitions(draw, n: int, *, max_parts: int = 6) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) slices covering range(n) in order; parts may be empty."""
+    cuts = sorted(draw(st.lists(st.integers(0, n), min_size=0, max_size=max_parts - 1)))
+    bounds = [0, *cuts, n]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+Tree = Union[int, tuple["Tree", "Tree"]]
+T = TypeVar("T")
+
+
+@st.composite
+def merge_trees(draw, n_leaves: int) -> Tree:
+    """A random binary tree over a random permutation of leaf indices 0..n_leaves-1: an order
+    and a grouping in which to merge n_leaves accumulators."""
+    nodes: list[Tree] = list(draw(st.permutations(range(n_leaves))))
+    while len(nodes) > 1:
+        i = draw(st.integers(0, len(nodes) - 2))
+        nodes[i:i + 2] = [(nodes[i], nodes[i + 1])]
+    return nodes[0]
+
+
+def fold_tree(tree: Tree, leaves: Sequence[T], merge: Callable[[T, T], T]) -> T:
+    """Combine `leaves` as `tree` says, e.g. ((2, 0), 1) → merge(merge(l2, l0), l1)."""
+    if isinstance(tree, int):
+        return leaves[tree]
+    return merge(fold_tree(tree[0], leaves, merge), fold_tree(tree[1], leaves, merge))
