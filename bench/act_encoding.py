@@ -16,6 +16,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +65,9 @@ def binary_to_torch(column: pa.ChunkedArray, d: int) -> torch.Tensor:
     data = np.frombuffer(array.buffers()[1], dtype=np.float16, count=len(array) * d)
     return torch.from_numpy(data.reshape(-1, d))
 
+
+# Arrow buffers are read-only; these views are only read, so torch's warning is noise here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 PLAIN = {"use_dictionary": False, "compression": "none"}
 

@@ -131,7 +131,11 @@ def main() -> None:
     from raysae import shards
 
     ray.init(
-        num_cpus=os.cpu_count(), object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False
+        address="local",  # a new instance even when another Ray cluster runs on this machine
+        num_cpus=os.cpu_count(),
+        object_store_memory=1 << 30,
+        include_dashboard=False,
+        log_to_driver=False,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     row_bytes = args.d_in * 2
