@@ -369,17 +369,22 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=absolute(cfg.data.uri)))
 
 
-def load_run_config(path: str, overrides: Optional[dict] = None) -> RunConfig:
-    """Read a run YAML file into a RunConfig; `overrides` maps dotted keys to values."""
+def read_yaml(path: str, what: str = "config file") -> Any:
+    """The parsed YAML at `path`; a missing file or bad YAML is a ConfigError naming `what`."""
     import yaml
 
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+
+
+def load_run_config(path: str, overrides: Optional[dict] = None) -> RunConfig:
+    """Read a run YAML file into a RunConfig; `overrides` maps dotted keys to values."""
+    data = read_yaml(path)
     if data is None:
         raise ConfigError(f"config file {path} is empty")
     for dotted, value in (overrides or {}).items():

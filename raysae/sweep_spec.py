@@ -33,7 +33,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from raysae.config import ConfigError, RunConfig, from_dict, to_dict
+from raysae.config import ConfigError, RunConfig, from_dict, read_yaml, to_dict
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
@@ -113,15 +113,7 @@ class SweepSpec:
 
 def load_sweep_spec(path: str) -> SweepSpec:
     """Read and validate a sweep YAML (every point is built, so bad values fail here)."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"sweep spec {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep spec {path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "sweep spec")
     spec = with_absolute_paths(from_dict(SweepSpec, data or {}, ""))
     expand(spec)  # validates every point
     return spec
