@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 import yaml
 
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, OSError, ValueError) as e:  # bad input: named in the message
+        if os.environ.get("RAYSAE_TRACEBACK"):
+            traceback.print_exc()
         print(f"raysae {args.command}: error: {e}", file=sys.stderr)
         return 2
 

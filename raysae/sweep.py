@@ -164,9 +164,11 @@ def _scheduler(spec: SweepSpec, points: list[RunConfig]):
     from ray.tune.schedulers import ASHAScheduler
 
     s = spec.scheduler
+    # max_t one past the budget: ASHA stops a trial that reaches max_t, which would cut off the
+    # held-out evaluation that follows the last training report.
     return ASHAScheduler(time_attr="tokens", metric=s.metric, mode=s.mode,
                          grace_period=s.grace_tokens, reduction_factor=s.reduction_factor,
-                         max_t=max(p.train.total_tokens for p in points))
+                         max_t=max(p.train.total_tokens for p in points) + 1)
 
 
 def collect(grid, sweep_dir: str) -> pd.DataFrame:
