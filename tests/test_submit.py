@@ -42,7 +42,11 @@ def cluster_address(s3_endpoint, tmp_path_factory):
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", "--num-cpus=2"],
+         f"--dashboard-port={dashboard}", "--num-cpus=2",
+         # Every other listening port free too: the session's test cluster holds the defaults
+         # (a job agent that cannot bind 52365 leaves "No available agent to submit job").
+         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # A second node joining on this same machine shares the head's session directory, and its
     # runtime-env agent then deletes the job's working dir under the job (seen: the driver's
