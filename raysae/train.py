@@ -32,6 +32,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -235,7 +236,7 @@ def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple =
                    # FVU_B's per-token denominators are taken about the dataset mean.
                    "reference_mean": manifest.stats.mean.tolist(),
                    "fault_at_tokens": int(fault) if fault else None,
-                   "fault_marker": _fault_marker(out, name) if fault else None}
+                   "fault_marker": _fault_marker() if fault else None}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -327,6 +328,6 @@ def _initial_values(cfg: RunConfig, train_parts: list[str]) -> dict:
     return {"input_scale": float(model.input_scale), "b_dec": model.b_dec.detach().tolist()}
 
 
-def _fault_marker(out: str, name: str) -> str:
-    path = Path(tempfile.gettempdir()) / f"raysae-fault-{hashlib.sha1((out + name).encode()).hexdigest()[:12]}"
-    return str(path)
+def _fault_marker() -> str:
+    """A file new to this invocation: the injected fault fires once per `fit`, not once ever."""
+    return str(Path(tempfile.gettempdir()) / f"raysae-fault-{uuid.uuid4().hex}")
