@@ -32,7 +32,7 @@ from raysae.config import load_run_config, to_dict
 from raysae.geometry import decoder_geometry
 from raysae.metrics import Moments, ReconstructionStats, SparsityStats
 from raysae.saes import SparseAutoencoder
-from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery
+from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line
 
 TOY_PREFIX = "toy:"
 """`--data toy:RUN.yaml`: toy activations from a run config's data.toy section."""
@@ -275,8 +275,7 @@ def format_report(report: dict) -> str:
                  f"{geo['random_expected_max']:.3f}")
     rec = report.get("feature_recovery")
     if rec:
-        lines.append(f"toy features recovered (max cos ≥ {rec['threshold']}): "
-                     f"{rec['fraction_recovered']:.1%}, mean max cos {rec['mean_max_cos']:.3f}")
+        lines.append(recovery_line(rec))
     return "\n".join(lines)
 
 

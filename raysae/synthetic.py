@@ -110,6 +110,12 @@ def feature_recovery(true_directions: Tensor, W_dec: Tensor, threshold: float = 
     }
 
 
+def recovery_line(recovery: dict) -> str:
+    """One console line for a `feature_recovery` result."""
+    return (f"toy features recovered (max cos ≥ {recovery['threshold']}): "
+            f"{recovery['fraction_recovered']:.1%}, mean max cos {recovery['mean_max_cos']:.3f}")
+
+
 def write_toy_dataset(uri: str, cfg: ToyDataConfig, d_in: int, n_tokens: int,
                       rows_per_part: int, overwrite: bool = False):
     """Write `n_tokens` toy activations as a raysae dataset (float32 parts + manifest).

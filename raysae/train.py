@@ -43,7 +43,7 @@ from raysae.checkpoint import load_sae, save_sae
 from raysae.config import ConfigError, RunConfig, to_dict, with_absolute_paths
 from raysae.evaluate import data_mean, evaluate
 from raysae.saes import build_sae
-from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, toy_directions
+from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line, toy_directions
 from raysae.trainer import check_batch, fit, take_init_sample
 
 FAULT_ENV = "RAYSAE_FAULT_AT_TOKENS"
@@ -174,8 +174,7 @@ def summary(result: dict) -> str:
                      f"{result['replayed_tokens']:,}")
     rec = result.get("feature_recovery")
     if rec:
-        lines.append(f"toy features recovered (max cos ≥ {rec['threshold']}): "
-                     f"{rec['fraction_recovered']:.1%}, mean max cos {rec['mean_max_cos']:.3f}")
+        lines.append(recovery_line(rec))
     return "\n".join(lines)
 
 
