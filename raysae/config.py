@@ -301,6 +301,10 @@ def _coerce(tp: Any, value: Any, key: str):
         key_type, value_type = args
         return {_coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
                 for k, v in value.items()}
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")

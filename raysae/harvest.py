@@ -61,6 +61,7 @@ import ray.data
 import torch
 
 from raysae import shards, storage
+from raysae.config import from_dict as build_config
 
 
 @dataclass(frozen=True)
@@ -133,16 +134,11 @@ class HarvestConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HarvestConfig:
-        """Build from a plain dict (YAML, CLI); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown harvest settings {unknown}; valid: {sorted(known)}")
-        values = dict(data)
-        if "layers" in values:
-            layers = values["layers"]
-            values["layers"] = (layers,) if isinstance(layers, int) else tuple(layers)
-        return cls(**values)
+        """Build from a plain dict (YAML, CLI) with config.from_dict's checks; `layers` may be
+        a single int."""
+        if isinstance(data, dict) and isinstance(data.get("layers"), int):
+            data = {**data, "layers": [data["layers"]]}
+        return build_config(cls, data, "harvest")
 
 
 def layer_uri(output: str, layer: int) -> str:

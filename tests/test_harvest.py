@@ -320,7 +320,8 @@ def test_stdlib_corpus_is_docstrings() -> None:
 def test_config_validation_and_unknown_keys() -> None:
     base = {"model": "m", "layers": [3], "output": "/tmp/x"}
     assert harvest.HarvestConfig.from_dict(base).layers == (3,)
-    with pytest.raises(ValueError, match="unknown harvest settings \\['layer'\\]"):
+    assert harvest.HarvestConfig.from_dict({**base, "layers": 3}).layers == (3,)
+    with pytest.raises(ValueError, match="harvest: unknown key\\(s\\) 'layer'"):
         harvest.HarvestConfig.from_dict({**base, "layer": 3})
     for bad, message in [
         ({"layers": []}, "layers="),
@@ -328,6 +329,8 @@ def test_config_validation_and_unknown_keys() -> None:
         ({"dtype": "int8"}, "dtype='int8'"),
         ({"context_length": 1}, "context_length=1"),
         ({"layers": [2, 2]}, "distinct"),
+        ({"layers": ["x"]}, "harvest.layers\\[0\\]='x'"),
+        ({"seed": "zero"}, "harvest.seed='zero'"),
     ]:
         with pytest.raises(ValueError, match=message):
             harvest.HarvestConfig.from_dict({**base, **bad})
