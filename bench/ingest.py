@@ -31,19 +31,22 @@ import torch
 BUCKET = "raysae-bench"
 
 
-def consume(read: Callable[[], Iterable[torch.Tensor]]) -> tuple[int, float, float]:
-    """Pull every batch (touching one value, so none is skipped): rows, seconds, seconds to first batch."""
-    rows, first, start = 0, None, time.perf_counter()
+def consume(read: Callable[[], Iterable[torch.Tensor]]) -> tuple[int, float, float, int]:
+    """Pull every batch (touching one value, so none is skipped): rows, seconds, seconds to the
+    first batch, and rows of the first batch (the steady-state rate leaves the first batch out)."""
+    rows, first, first_rows, start = 0, None, 0, time.perf_counter()
     for batch in read():
-        first = first if first is not None else time.perf_counter() - start
+        if first is None:
+            first, first_rows = time.perf_counter() - start, batch.shape[0]
         rows += batch.shape[0]
         float(batch[0, 0])
-    return rows, time.perf_counter() - start, first or 0.0
+    return rows, time.perf_counter() - start, first or 0.0, first_rows
 
 
 def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: int) -> None:
     """Time both readers on ``uri``, alternating (a) and (b) so both see the same machine load;
-    print each reader's medians and the median of the per-repeat ratios."""
+    print each reader's medians and the median of the per-repeat ratios: over the whole pass,
+    and in steady state (after the first batch, i.e. without the per-epoch start-up)."""
     from raysae import shards, stream
 
     d_in = shards.read_manifest(uri).d_in
@@ -56,7 +59,7 @@ def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: i
         return stream.iter_torch_batches(dataset, batch_size=batch_size, dtype=torch.float32, d_in=d_in)
 
     readers = {"(a) plain pyarrow": plain, "(b) ray data": ray_data}
-    runs: dict[str, list[tuple[int, float, float]]] = {name: [] for name in readers}
+    runs: dict[str, list[tuple[int, float, float, int]]] = {name: [] for name in readers}
     for repeat in range(repeats + 1):  # repeat 0 warms the page cache and Ray's workers
         for name, read in readers.items():
             result = consume(read)
@@ -71,9 +74,14 @@ def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: i
             f"{rows * row_bytes / seconds / 1e6:>7,.0f} MB/s  first batch {first:.2f} s"
         )
     (a, b) = runs.values()
-    ratios = [(rb[0] / rb[1]) / (ra[0] / ra[1]) for ra, rb in zip(a, b)]
-    spread = f"median of {repeats} pairs; min {min(ratios):.2f}, max {max(ratios):.2f}"
-    print(f"{label:<6} ratio (b)/(a)      {statistics.median(ratios):.2f}  ({spread})")
+
+    def steady(r: tuple[int, float, float, int]) -> float:
+        return (r[0] - r[3]) / (r[1] - r[2])
+
+    for what, rate in (("whole pass", lambda r: r[0] / r[1]), ("steady state", steady)):
+        ratios = [rate(rb) / rate(ra) for ra, rb in zip(a, b)]
+        spread = f"median of {repeats} pairs; min {min(ratios):.2f}, max {max(ratios):.2f}"
+        print(f"{label:<6} ratio (b)/(a), {what:<12} {statistics.median(ratios):.2f}  ({spread})")
 
 
 def serve_s3(port: int) -> None:
