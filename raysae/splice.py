@@ -15,7 +15,7 @@ mergeable like raysae.metrics):
     ce_loss_recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean)
                         1: splicing loses nothing; 0: as bad as removing the residual stream
                         (`ce_loss_recovered_mean_ablation`: the same against CE_mean)
-    kl_spliced        = mean over scored tokens of Σ_v p_clean(v) · (log p_clean(v) − log p_spliced(v))
+    kl_spliced        = mean over scored tokens of Σ_v p_clean(v) · log(p_clean(v) / p_spliced(v))
 
 Where
     "Block L's output" is the residual stream after block L, the activation harvest records
@@ -42,9 +42,11 @@ Mean ablation
     μ is the mean of block L's output over the replaced positions of the evaluated windows
     (in-sample, like the baselines of raysae.evaluate), from a first pass that stops at block L.
 
-Cost: per batch, four full forward passes and one up to block L. The evaluated windows are the
-first of the corpus, as harvest's are: when the SAE was trained on activations harvested from
-the same corpus, these tokens are in its training data.
+Cost: per batch, four full forward passes and one up to block L, and the four runs' logits at
+the scored positions held at once (4 · tokens · vocab float32 values: lower ``batch_size`` for a
+large vocabulary). The evaluated windows are the first of the corpus, as harvest's are: when
+the SAE was trained on activations harvested from the same corpus, these tokens are in its
+training data.
 """
 
 from __future__ import annotations
@@ -56,13 +58,15 @@ import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from raysae.config import ConfigError
 from raysae.harvest import (
     Window,
     _keep_mask,  # harvest's rule for which tokens are recorded: the same rule here
@@ -90,13 +94,13 @@ class SpliceConfig:
     """Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens)."""
     corpus: str = "stdlib"
     """``stdlib``, a .txt/.jsonl/.parquet file or directory, or a hub dataset."""
-    corpus_config: Optional[str] = None
+    corpus_config: str | None = None
     """Hub dataset configuration name."""
     corpus_split: str = "train"
     """Hub dataset split."""
     text_column: str = "text"
     """Field holding the text in .jsonl, .parquet and hub datasets."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Model revision for hub models."""
     context_length: int = 128
     """Tokens per window, BOS included."""
@@ -105,7 +109,7 @@ class SpliceConfig:
     prepend_bos: bool = True
     """Start every window with the tokenizer's BOS token, if it has one."""
     exclude_special_tokens: bool = True
-    """Leave special tokens (BOS, EOS, …) clean and unscored, as harvest leaves them unrecorded."""
+    """Leave special tokens (BOS, EOS, …) clean and unscored, as harvest leaves them out."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
     mean_ablation: bool = True
@@ -113,7 +117,7 @@ class SpliceConfig:
 
     def __post_init__(self) -> None:
         if self.layer < 0:
-            raise ValueError(f"layer={self.layer}: must be ≥ 0")
+            raise ValueError(f"layer={self.layer}: must be a block index ≥ 0")
         for name in ("n_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be ≥ 1")
@@ -127,6 +131,10 @@ class SpliceConfig:
 # ---------------------------------------------------------------- accumulator
 
 
+_CHUNK_ELEMENTS = 2**24
+"""Logits per chunk in SpliceStats.update (64 MiB of float32 per run)."""
+
+
 class SpliceStats:
     """Float64 sums of per-token cross-entropies and KL divergences; `update`, `merge`, `compute`.
 
@@ -136,7 +144,7 @@ class SpliceStats:
     RUNS = ("clean", "spliced", "zero_ablated", "mean_ablated")
     SUMS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated",
             "kl_spliced", "kl_zero_ablated", "kl_mean_ablated")
-    """Sums over scored tokens kept in `sums` (float64), in this order (KL is from the clean run)."""
+    """Sums over scored tokens kept in `sums` (float64), in this order; KL from the clean run."""
 
     def __init__(self, mean_ablation: bool = True):
         self.mean_ablation = mean_ablation
@@ -148,8 +156,8 @@ class SpliceStats:
 
     @torch.no_grad()
     def update(self, targets: Tensor, clean: Tensor, spliced: Tensor, zero_ablated: Tensor,
-               mean_ablated: Optional[Tensor] = None) -> None:
-        """targets: (N,) next-token ids; clean, spliced, …: (N, vocab) logits at the same tokens."""
+               mean_ablated: Tensor | None = None) -> None:
+        """targets: (N,) next-token ids; clean, spliced, …: (N, vocab) logits at those tokens."""
         if (mean_ablated is not None) != self.mean_ablation:
             raise ValueError(f"SpliceStats(mean_ablation={self.mean_ablation}) got "
                              f"{'no ' if mean_ablated is None else ''}mean-ablated logits")
@@ -158,21 +166,28 @@ class SpliceStats:
                 or clean.shape[0] != targets.shape[0]:
             raise ValueError(f"expected targets (N,) and logits (N, vocab) of one shape, got "
                              f"{tuple(targets.shape)} and {[tuple(r.shape) for r in runs]}")
-        # Per token in float32 (a (N, vocab) float64 copy of each run would cost 2× the memory),
-        # summed in float64.
+        # Per token in float32, summed in float64: a float64 copy of (N, vocab) logits would
+        # double the memory, which the vocabulary already makes the largest term. Row chunks
+        # bound the temporaries of log_softmax.
+        rows = max(1, _CHUNK_ELEMENTS // clean.shape[1])
+        batch = torch.zeros(len(self.SUMS), dtype=torch.float64, device=clean.device)
+        for i in range(0, targets.shape[0], rows):
+            batch += self._sums(targets[i:i + rows], [r[i:i + rows] for r in runs])
+        self.sums = self.sums.to(batch.device) + batch
+        self.n += targets.shape[0]
+
+    def _sums(self, targets: Tensor, runs: list[Tensor]) -> Tensor:
+        """(len(SUMS),) float64 sums over one chunk of tokens."""
         log_p = [r.float().log_softmax(-1) for r in runs]
         p_clean = log_p[0].exp()
         ce = [-lp.gather(1, targets[:, None].long()).squeeze(1) for lp in log_p]
         # p log(p/q) with 0 · log 0 = 0, also where q underflows to 0 (a -inf log-probability).
         kl = [torch.where(p_clean > 0, p_clean * (log_p[0] - lp), 0.0).sum(-1) for lp in log_p[1:]]
         if not self.mean_ablation:  # keep the layout of SUMS
-            zero = torch.zeros_like(ce[0])
-            ce, kl = ce + [zero], kl + [zero]
-        batch = torch.stack([v.double().sum() for v in ce + kl])
-        self.sums = self.sums.to(batch.device) + batch
-        self.n += targets.shape[0]
+            ce, kl = ce + [torch.zeros_like(ce[0])], kl + [torch.zeros_like(kl[0])]
+        return torch.stack([v.double().sum() for v in ce + kl])
 
-    def merge(self, other: "SpliceStats") -> "SpliceStats":
+    def merge(self, other: SpliceStats) -> SpliceStats:
         """Fold `other` into self; returns self."""
         if other.mean_ablation != self.mean_ablation:
             raise ValueError("cannot merge SpliceStats with and without mean ablation")
@@ -290,16 +305,17 @@ def residual_mean(model: nn.Module, layer: int, batches: Sequence[Batch]) -> Ten
     """
     total, count = None, 0
 
-    def capture(hidden: Tensor) -> Tensor:
+    def capture(hidden: Tensor, mask: Tensor) -> Tensor:
         nonlocal total, count
-        rows = hidden[batch.replaced].double()
+        rows = hidden[mask].double()
         total = rows.sum(0) if total is None else total + rows.sum(0)
         count += rows.shape[0]
         raise _StopForward
 
     for batch in batches:
         try:
-            with replaced_output(decoder_blocks(model)[layer], capture):
+            with replaced_output(decoder_blocks(model)[layer],
+                                 partial(capture, mask=batch.replaced)):
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                       use_cache=False)
         except _StopForward:
@@ -313,7 +329,7 @@ def residual_mean(model: nn.Module, layer: int, batches: Sequence[Batch]) -> Ten
 def evaluate_splice(model: nn.Module, layer: int, sae: SparseAutoencoder,
                     windows: Sequence[Window], *, excluded: np.ndarray, batch_size: int = 8,
                     mean_ablation: bool = True,
-                    progress: Optional[Callable[[str], None]] = None) -> SpliceStats:
+                    progress: Callable[[str], None] | None = None) -> SpliceStats:
     """Clean, spliced and ablated runs of `model` over `windows`, accumulated (module docstring).
 
     `excluded`: token ids left clean and unscored (harvest's ``tokenizer.all_special_ids``).
@@ -323,7 +339,11 @@ def evaluate_splice(model: nn.Module, layer: int, sae: SparseAutoencoder,
     block = decoder_blocks(model)[layer]
     batches = [make_batch(windows[i:i + batch_size], excluded, device)
                for i in range(0, len(windows), batch_size)]
-    mean = residual_mean(model, layer, batches) if mean_ablation else None
+    mean = None
+    if mean_ablation:
+        if progress:
+            progress(f"splice: mean of block {layer}'s output (a pass up to block {layer})")
+        mean = residual_mean(model, layer, batches)
     was_training = sae.training
     sae.eval()
     stats = SpliceStats(mean_ablation)
@@ -338,8 +358,7 @@ def evaluate_splice(model: nn.Module, layer: int, sae: SparseAutoencoder,
         for i, batch in enumerate(batches):
             runs = {"clean": _logits(model, batch)}
             for name, rows in replacements.items():
-                replace = lambda h, rows=rows: _replace_rows(h, batch.replaced, rows)  # noqa: E731
-                with replaced_output(block, replace):
+                with replaced_output(block, partial(_replace_rows, mask=batch.replaced, rows=rows)):
                     runs[name] = _logits(model, batch)
             stats.update(batch.input_ids[:, 1:][batch.scored], **runs)
             now = time.monotonic()
@@ -378,7 +397,7 @@ def check_model(sae: SparseAutoencoder, cfg: SpliceConfig) -> Any:
 
 
 def run_splice(sae: SparseAutoencoder, cfg: SpliceConfig, *, device: str | torch.device = "cpu",
-               progress: Optional[Callable[[str], None]] = None) -> dict:
+               progress: Callable[[str], None] | None = None) -> dict:
     """Check, build the windows, load the model, evaluate; the report's ``splice`` section."""
     check_model(sae, cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -405,3 +424,75 @@ def run_splice(sae: SparseAutoencoder, cfg: SpliceConfig, *, device: str | torch
 def print_progress(line: str) -> None:
     """Default progress display: lines on stderr (stdout carries the report)."""
     print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- settings from a dataset
+
+FROM_HARVEST = ("corpus", "corpus_config", "corpus_split", "text_column", "context_length",
+                "prepend_bos", "exclude_special_tokens", "model_dtype")
+"""Settings taken from a harvested dataset's manifest when not given: the same text, windows
+and excluded tokens as the activations the SAE was trained on."""
+
+CORPUS_SETTINGS = ("corpus", "corpus_config", "corpus_split", "text_column")
+"""These travel together: a corpus given explicitly takes none of them from the manifest."""
+
+
+def resolve_config(data_spec: str | None, **given: Any) -> tuple[SpliceConfig, list[str]]:
+    """The SpliceConfig for `raysae eval --data DATA_SPEC`, and lines saying where values came from.
+
+    `given`: SpliceConfig fields from the command line, None where not given. When DATA_SPEC is
+    a harvested dataset (not ``toy:…``), its manifest supplies the model, revision and layer,
+    and the FROM_HARVEST settings.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    defaults: dict[str, Any] = {}
+    manifest = _harvest_manifest(data_spec)
+    if manifest is not None:
+        if given.get("model", manifest.model) == manifest.model:
+            defaults.update(model=manifest.model, revision=manifest.revision)
+        defaults["layer"] = manifest.layer
+        skip = CORPUS_SETTINGS if "corpus" in given else ()
+        defaults.update({k: manifest.harvest[k] for k in FROM_HARVEST
+                         if k in manifest.harvest and k not in skip})
+    missing = [k for k in ("model", "layer") if k not in given and k not in defaults]
+    if missing:
+        where = (f"--data {data_spec} is not a dataset harvested from a model"
+                 if data_spec else "no dataset was given")
+        raise ConfigError(f"the splice evaluation needs {' and '.join('--' + k for k in missing)}: "
+                          f"{where}; pass the model and layer the SAE was trained on")
+    cfg = SpliceConfig(**{**defaults, **given})
+    notes = [f"splice: {k} {getattr(cfg, k)} from the manifest of {data_spec}"
+             for k in ("model", "layer") if k not in given]
+    if manifest is not None and cfg.layer != manifest.layer:
+        notes.append(f"splice: note: {data_spec} was harvested at layer {manifest.layer}, "
+                     f"the SAE is spliced in at layer {cfg.layer}")
+    return cfg, notes
+
+
+def _harvest_manifest(data_spec: str | None) -> Any:
+    """The manifest of a dataset taken from a model (harvested), or None (toy data, none)."""
+    if not data_spec or data_spec.startswith("toy:"):
+        return None
+    from raysae.shards import read_manifest
+
+    manifest = read_manifest(data_spec)
+    return manifest if manifest.layer is not None else None
+
+
+# ---------------------------------------------------------------- report
+
+
+def report_lines(section: dict) -> list[str]:
+    """The console form of run_splice's report section."""
+    s = section
+    return [
+        (f"SAE spliced into {s['model']} at {s['hook']} (BOS {s['bos']}), {s['n_tokens']:,} "
+         f"next-token predictions in {s['windows']:,} windows of {s['corpus']}:"),
+        (f"  CE loss (nats/token): clean {s['ce_clean']:.4f}, spliced {s['ce_spliced']:.4f} "
+         f"(+{s['ce_loss_increase']:.4f}), zero-ablated {s['ce_zero_ablated']:.4f}, "
+         f"mean-ablated {s['ce_mean_ablated']:.4f}"),
+        (f"  CE loss recovered: {s['ce_loss_recovered']:.4f} against zero ablation, "
+         f"{s['ce_loss_recovered_mean_ablation']:.4f} against mean ablation"),
+        (f"  KL(clean ‖ run) (nats/token): spliced {s['kl_spliced']:.4g}, zero-ablated "
+         f"{s['kl_zero_ablated']:.4g}, mean-ablated {s['kl_mean_ablated']:.4g}"),
+    ]

@@ -1,5 +1,6 @@
 """raysae.splice: the SAE spliced into the LM (CE loss recovered, KL), on a tiny random Llama."""
 
+import json
 import math
 
 import numpy as np
@@ -7,10 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from raysae import harvest
+from raysae import harvest, shards
+from raysae.__main__ import main
+from raysae.checkpoint import save_sae
 from raysae.config import SAEConfig
 from raysae.saes import build_sae
 from raysae.splice import (
+    SpliceConfig,
     SpliceStats,
     _replace_rows,
     decoder_blocks,
@@ -18,6 +22,8 @@ from raysae.splice import (
     make_batch,
     replaced_output,
     residual_mean,
+    resolve_config,
+    run_splice,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -111,7 +117,7 @@ def test_a_random_sae_loses_loss(lm):
 
 
 def test_scored_and_replaced_positions_follow_harvest(lm):
-    model, windows, excluded = lm
+    _, windows, excluded = lm
     m = run(lm, identity_sae(), mean_ablation=False).compute()
     # Harvest records the non-special tokens; a prediction is scored where one of them has a
     # next token in its window.
@@ -122,11 +128,26 @@ def test_scored_and_replaced_positions_follow_harvest(lm):
     assert not batch.replaced[batch.attention_mask == 0].any()  # padding too
 
 
+def test_clean_ce_is_the_models_own_loss_without_the_bos_prediction(lm):
+    model, windows, excluded = lm
+    full = [w for w in windows if len(w.input_ids) == 32][:6]  # no padding
+    assert len(full) == 6 and all(np.isin(w.input_ids[1:], excluded, invert=True).all()
+                                  for w in full)
+    m = evaluate_splice(model, LAYER, identity_sae(), full, excluded=excluded,
+                        mean_ablation=False).compute()
+    batch = make_batch(full, excluded, torch.device("cpu"))
+    labels = batch.input_ids.clone()
+    labels[:, :2] = -100  # labels[:, 1] is predicted at BOS, which is not scored
+    with torch.no_grad():
+        loss = model(input_ids=batch.input_ids, labels=labels).loss
+    assert m["n_tokens"] == 6 * 30 and m["ce_clean"] == pytest.approx(float(loss), rel=1e-5)
+
+
 def test_bos_stays_clean_and_later_positions_change(lm):
     model, windows, excluded = lm
     batch = make_batch(windows[:8], excluded, torch.device("cpu"))
     clean = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    zero = lambda h: _replace_rows(h, batch.replaced, torch.zeros_like)  # noqa: E731
+    zero = lambda h: _replace_rows(h, batch.replaced, torch.zeros_like)
     with torch.no_grad(), replaced_output(decoder_blocks(model)[LAYER], zero):
         ablated = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert torch.equal(ablated[:, 0], clean[:, 0])  # causal: position 0 sees only BOS
@@ -245,6 +266,18 @@ def test_accumulator_merge_is_one_pass():
     assert m["ce_loss_recovered"] == pytest.approx((ce[2] - ce[1]) / (ce[2] - ce[0]), rel=1e-5)
 
 
+def test_accumulator_chunks_do_not_change_the_sums(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randint(20, (50,), generator=g)
+    runs = [torch.randn(50, 20, generator=g) for _ in SpliceStats.RUNS]
+    whole, chunked = SpliceStats(), SpliceStats()
+    whole.update(targets, *runs)
+    monkeypatch.setattr("raysae.splice._CHUNK_ELEMENTS", 7 * 20)  # chunks of 7 tokens
+    chunked.update(targets, *runs)
+    torch.testing.assert_close(chunked.sums, whole.sums, rtol=1e-12, atol=1e-12)
+    assert chunked.n == whole.n == 50
+
+
 def test_accumulator_refuses_mismatched_input():
     stats = SpliceStats(mean_ablation=False)
     logits = torch.zeros(3, 5)
@@ -254,3 +287,91 @@ def test_accumulator_refuses_mismatched_input():
         stats.merge(SpliceStats(mean_ablation=True))
     with pytest.raises(ValueError, match="logits"):
         stats.update(torch.zeros(2), logits, logits, logits)
+
+
+# ---------------------------------------------------------------- `raysae eval --splice-tokens`
+
+HARVEST_SETTINGS = {"corpus": "stdlib", "context_length": 32, "prepend_bos": True,
+                    "exclude_special_tokens": True, "model_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def harvested(tiny_model_dir, tmp_path_factory):
+    """A dataset whose manifest says: tiny_model_dir, layer 1, 32-token windows of stdlib text
+    (the activations are stand-ins: the splice evaluation reads only the manifest)."""
+    uri = str(tmp_path_factory.mktemp("acts") / "layer_1")
+    acts = torch.randn(512, D, generator=torch.Generator().manual_seed(0))
+    shards.write_dataset(uri, acts, model=tiny_model_dir, hook=harvest.hook_name(LAYER),
+                         layer=LAYER, harvest=HARVEST_SETTINGS)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def identity_checkpoint(tmp_path_factory):
+    return str(save_sae(identity_sae(), tmp_path_factory.mktemp("ckpt") / "sae"))
+
+
+def test_eval_splices_with_model_and_layer_from_the_manifest(
+        harvested, identity_checkpoint, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["eval", identity_checkpoint, "--data", harvested, "--tokens", "512",
+                 "--kmeans-k", "4", "--splice-tokens", "300", "--splice-batch-size", "4",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    splice = json.loads(out.read_text())["splice"]
+    assert (splice["model"], splice["layer"], splice["context_length"]) == (tiny_model_dir, 1, 32)
+    assert splice["hook"] == "blocks.1.hook_resid_post" and splice["bos"] == "clean"
+    assert 0 < splice["n_tokens"] < 300
+    assert splice["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-9)
+    assert abs(splice["kl_spliced"]) < 1e-9 and splice["kl_zero_ablated"] > 0
+    assert "CE loss recovered: 1.0000 against zero ablation" in printed.out
+    assert f"splice: model {tiny_model_dir} from the manifest of {harvested}" in printed.err
+    assert "splice: batch" in printed.err  # progress
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "3"], "layer 3: model {model} has 3 blocks; choose --layer in 0..2"),
+    (["--model", "/no/such/model"], "model /no/such/model: no such file or directory; pass "),
+    (["--d-in", "16"], "the SAE has d_in=16 but model {model} has hidden_size=32"),
+    (["--data-toy"], "the splice evaluation needs --model and --layer: --data toy:"),
+    (["--no-splice"], "--model configure the splice evaluation; add --splice-tokens N"),
+])
+def test_bad_splice_input_is_named_before_any_evaluation(
+        harvested, identity_checkpoint, tiny_model_dir, tmp_path, capsys, extra, message):
+    checkpoint, data, splice = identity_checkpoint, harvested, ["--splice-tokens", "100"]
+    if extra == ["--d-in", "16"]:
+        checkpoint, extra = str(save_sae(identity_sae(16), tmp_path / "sae16")), []
+    elif extra == ["--data-toy"]:
+        (tmp_path / "run.yaml").write_text(
+            "sae: {d_in: 32, n_latents: 64}\ndata: {toy: {n_features: 8}}\n")
+        data, extra = f"toy:{tmp_path / 'run.yaml'}", []
+    elif extra == ["--no-splice"]:
+        splice, extra = [], ["--model", tiny_model_dir]
+    assert main(["eval", checkpoint, "--data", data, *splice, *extra]) == 2
+    assert message.format(model=tiny_model_dir) in capsys.readouterr().err
+
+
+def test_settings_come_from_the_manifest_unless_given(harvested, tmp_path):
+    cfg, _ = resolve_config(harvested, n_tokens=10)
+    assert (cfg.corpus, cfg.context_length, cfg.layer) == ("stdlib", 32, 1)
+    cfg, notes = resolve_config(harvested, n_tokens=10, layer=0, context_length=16)
+    assert (cfg.layer, cfg.context_length) == (0, 16)
+    assert any("harvested at layer 1" in line for line in notes)
+    uri = str(tmp_path / "jsonl")
+    shards.write_dataset(uri, torch.zeros(4, D), model="m", hook="h", layer=2,
+                         harvest={"corpus": "docs.jsonl", "text_column": "body"})
+    assert resolve_config(uri, n_tokens=10)[0].text_column == "body"
+    # A corpus given explicitly takes none of the manifest's corpus settings.
+    cfg = resolve_config(uri, n_tokens=10, corpus="stdlib")[0]
+    assert (cfg.corpus, cfg.text_column, cfg.model, cfg.layer) == ("stdlib", "text", "m", 2)
+
+
+@pytest.mark.slow
+def test_identity_sae_in_smollm2_recovers_everything(smollm2_gguf):
+    cfg = SpliceConfig(model=smollm2_gguf, layer=6, n_tokens=512, context_length=64,
+                       batch_size=4)
+    splice = run_splice(identity_sae(576), cfg)
+    assert splice["n_tokens"] > 400
+    assert splice["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert abs(splice["kl_spliced"]) < 1e-6
+    assert splice["ce_zero_ablated"] > splice["ce_mean_ablated"] > splice["ce_clean"]
