@@ -67,12 +67,29 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+SPLICE_OPTIONS = {"model": "model", "layer": "layer", "corpus": "corpus",
+                  "corpus_config": "corpus_config", "context_length": "context_length",
+                  "batch_size": "splice_batch_size", "mean_ablation": "mean_ablation"}
+"""raysae.splice.SpliceConfig field → `raysae eval` option (dest) setting it."""
+
+
 def _eval(args: argparse.Namespace) -> int:
     from raysae.evaluate import eval_command
 
+    splice = {field: getattr(args, dest) for field, dest in SPLICE_OPTIONS.items()}
+    if args.splice_tokens is None:
+        given = [f"--{dest.replace('_', '-')}" for field, dest in SPLICE_OPTIONS.items()
+                 if splice[field] is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} configure the splice evaluation; add "
+                              "--splice-tokens N to run it")
+        splice = None
+    else:
+        splice["n_tokens"] = args.splice_tokens
     eval_command(args.checkpoint, args.data, out=args.out, n_tokens=args.tokens,
                  batch_size=args.batch_size, pca_ks=args.pca_k, kmeans_ks=args.kmeans_k,
-                 kmeans_tokens=args.kmeans_tokens, seed=args.seed, device=args.device)
+                 kmeans_tokens=args.kmeans_tokens, seed=args.seed, device=args.device,
+                 splice=splice)
     return 0
 
 
@@ -164,8 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "bias, L0, L1, dead/dense latents and firing frequencies; the same metrics "
                     "for baselines fitted on the same rows (mean, PCA-k, k-means as an L0=1 "
                     "SAE, nearest-centroid and best-scaled); each decoder row's max cosine to "
-                    "another, next to random directions. Prints a table; --out writes all of "
-                    "it (with per-latent frequencies) as JSON.")
+                    "another, next to random directions. With --splice-tokens N, also splices "
+                    "the SAE into its language model over N tokens of text: next-token CE loss "
+                    "clean, with block L's output replaced by the SAE's reconstruction, and "
+                    "with it zero- and mean-ablated; CE loss recovered and KL(clean ‖ spliced). "
+                    "Model, layer and text default to those --data was harvested with. Prints "
+                    "a table; --out writes all of it (with per-latent frequencies) as JSON.")
     ev.add_argument("checkpoint", help="SAE checkpoint directory, e.g. OUT/sae from raysae train")
     ev.add_argument("--data", required=True, metavar="SOURCE",
                     help="toy:RUN.yaml — the held-out toy stream of the data.toy section of a "
@@ -187,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seed of k-means and of the random directions (default 0)")
     ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ev.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
+    splice = ev.add_argument_group(
+        "SAE spliced into the LM", "BOS and other special tokens keep their clean residual and "
+        "are not scored, as harvest does not record them (see raysae/splice.py)")
+    splice.add_argument("--splice-tokens", type=_positive_int, metavar="N",
+                        help="run the splice evaluation over N tokens, counted as harvest "
+                             "counts them (default: no splice evaluation)")
+    splice.add_argument("--model",
+                        help="causal LM: hub id, local directory, .gguf file or "
+                             "pkg://PACKAGE/FILE (default: the model --data was harvested from)")
+    splice.add_argument("--layer", type=int,
+                        help="block whose output (residual stream after it) the SAE replaces, "
+                             "0-based (default: the layer of --data)")
+    splice.add_argument("--corpus",
+                        help="text: stdlib, a .txt/.jsonl/.parquet file or directory, or a hub "
+                             "dataset (default: the corpus --data was harvested from, else "
+                             "stdlib)")
+    splice.add_argument("--corpus-config", help="hub dataset configuration name of --corpus")
+    splice.add_argument("--context-length", type=_positive_int,
+                        help="tokens per window, BOS included (default: as --data was "
+                             "harvested, else 128)")
+    splice.add_argument("--splice-batch-size", type=_positive_int,
+                        help="windows per forward pass (default 8)")
+    splice.add_argument("--mean-ablation", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run the mean-ablated model (default: yes)")
     ev.set_defaults(func=_eval)
     return parser
 

@@ -12,6 +12,10 @@ made in two passes over the first n_tokens rows of a restartable stream:
 Baselines are fitted in-sample on the evaluated tokens, which flatters them: an SAE that beats
 them here beats them. Pass 2 checks that the stream restarted on the same tokens (otherwise the
 mean predictor's FVU would not be 1).
+
+With `splice` settings, `eval_command` also splices the SAE into the language model
+(raysae.splice: CE loss recovered and KL); its model, layer and text default to those of the
+harvested dataset given as data, and are checked against the SAE before anything long runs.
 """
 
 from __future__ import annotations
@@ -221,10 +225,21 @@ def eval_command(checkpoint: str | os.PathLike, data_spec: str, *, out: Optional
                  n_tokens: int = 65_536, batch_size: int = 4096,
                  pca_ks: Optional[Sequence[int]] = None, kmeans_ks: Optional[Sequence[int]] = None,
                  kmeans_tokens: int = 65_536, seed: int = 0, device: Optional[str] = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """`raysae eval`: evaluate a checkpoint, print the report, write it as JSON to `out`."""
+                 splice: Optional[dict] = None, log: Callable[[str], None] = print) -> dict:
+    """`raysae eval`: evaluate a checkpoint, print the report, write it as JSON to `out`.
+
+    splice: raysae.splice.SpliceConfig fields (None = from the dataset's manifest) to also
+    splice the SAE into its language model; None skips that part.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sae(checkpoint, device)
+    if splice is not None:  # the data plane and the LM are needed only here
+        from raysae import splice as splicing
+
+        splice_cfg, notes = splicing.resolve_config(data_spec, **splice)
+        for line in notes:
+            splicing.print_progress(line)
+        splicing.check_model(model, splice_cfg)  # bad input fails now, not after the eval
     data = open_data(data_spec, model.cfg.d_in, batch_size)
     report = {"checkpoint": str(checkpoint), "data": data.description,
               "sae_config": to_dict(model.cfg),
@@ -234,6 +249,9 @@ def eval_command(checkpoint: str | os.PathLike, data_spec: str, *, out: Optional
     if data.true_directions is not None:
         recovery = feature_recovery(data.true_directions, model.W_dec)
         report["feature_recovery"] = {k: v for k, v in recovery.items() if k != "max_cos"}
+    if splice is not None:
+        report["splice"] = splicing.run_splice(model, splice_cfg, device=device,
+                                               progress=splicing.print_progress)
     log(format_report(report))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +294,10 @@ def format_report(report: dict) -> str:
     rec = report.get("feature_recovery")
     if rec:
         lines.append(recovery_line(rec))
+    if "splice" in report:
+        from raysae.splice import report_lines
+
+        lines.extend(report_lines(report["splice"]))
     return "\n".join(lines)
 
 
