@@ -312,7 +312,7 @@ class Window(NamedTuple):
     """Rows this window contributes (tokens not excluded)."""
 
 
-def _keep_mask(input_ids: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+def keep_mask(input_ids: np.ndarray, excluded: np.ndarray) -> np.ndarray:
     """Which tokens of ``input_ids`` are recorded (shared by driver budget and actors)."""
     return ~np.isin(input_ids, excluded)
 
@@ -330,7 +330,7 @@ def _document_windows(
                 np.concatenate([[bos], body]).astype(np.int32),
                 np.concatenate([[-1], pos]).astype(np.int32),
             )
-        yield Window(doc_id, pos, body, int(_keep_mask(body, excluded).sum()))
+        yield Window(doc_id, pos, body, int(keep_mask(body, excluded).sum()))
 
 
 def build_windows(
@@ -363,7 +363,7 @@ def build_windows(
 
 def _cut(window: Window, rows: int, excluded: np.ndarray) -> Window:
     """The shortest prefix of ``window`` holding ``rows`` recorded tokens."""
-    end = int(np.searchsorted(np.cumsum(_keep_mask(window.input_ids, excluded)), rows)) + 1
+    end = int(np.searchsorted(np.cumsum(keep_mask(window.input_ids, excluded)), rows)) + 1
     return Window(window.doc_id, window.pos[:end], window.input_ids[:end], rows)
 
 
@@ -489,14 +489,15 @@ class PartHarvester:
         order = np.argsort([len(w) for w in windows], kind="stable")  # similar lengths: less padding
         for start in range(0, len(order), self.cfg.batch_size):
             batch = order[start : start + self.cfg.batch_size]
-            ids, batch_pos, attention = _pad([windows[i] for i in batch], [positions[i] for i in batch])
+            ids, batch_pos, attention = pad_windows([windows[i] for i in batch],
+                                                    [positions[i] for i in batch])
             # Padding is on the right: causal attention keeps it out of every real token.
             out = self.model.base_model(
                 input_ids=ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 output_hidden_states=True,
             )
-            keep = attention.bool() & torch.from_numpy(_keep_mask(ids.numpy(), self.excluded))
+            keep = attention.bool() & torch.from_numpy(keep_mask(ids.numpy(), self.excluded))
             for layer in self.cfg.layers:
                 hidden = out.hidden_states[layer + 1][keep.to(self.device)]
                 acts[layer].append(hidden.to("cpu", shards.STORAGE_DTYPES[self.cfg.dtype][0]))
@@ -511,7 +512,7 @@ class PartHarvester:
         )
 
 
-def _pad(
+def pad_windows(
     windows: list[np.ndarray], positions: list[np.ndarray]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad windows into (B, T) tensors: token ids, document positions, attention mask."""

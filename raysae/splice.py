@@ -69,14 +69,14 @@ from torch import Tensor, nn
 from raysae.config import ConfigError
 from raysae.harvest import (
     Window,
-    _keep_mask,  # harvest's rule for which tokens are recorded: the same rule here
-    _pad,  # harvest's right-padding of windows into (B, T) tensors
     build_windows,
     hook_name,
     iter_documents,
+    keep_mask,  # harvest's rule for which tokens are recorded: the same rule here
     load_config,
     load_model,
     load_tokenizer,
+    pad_windows,  # harvest's right-padding of windows into (B, T) tensors
     resolve_package_path,
 )
 from raysae.saes import SparseAutoencoder
@@ -283,9 +283,9 @@ class Batch(NamedTuple):
 
 def make_batch(windows: Sequence[Window], excluded: np.ndarray, device: torch.device) -> Batch:
     """Pad `windows` (harvest's padding) and mark the replaced and scored positions."""
-    ids, _, attention = _pad([w.input_ids for w in windows], [w.pos for w in windows])
+    ids, _, attention = pad_windows([w.input_ids for w in windows], [w.pos for w in windows])
     real = attention.bool()
-    replaced = real & torch.from_numpy(_keep_mask(ids.numpy(), excluded))
+    replaced = real & torch.from_numpy(keep_mask(ids.numpy(), excluded))
     scored = replaced[:, :-1] & real[:, 1:]
     return Batch(ids.to(device), attention.to(device), replaced.to(device), scored.to(device))
 
