@@ -370,8 +370,8 @@ def check_one_step(steppers: dict[str, Stepper], x: Tensor, init: Init) -> None:
 
 
 def time_steps(steppers: dict[str, Stepper], batches: list[Tensor], rounds: int, steps: int,
-               warmup: int) -> dict[str, list[float]]:
-    """Per-step seconds; implementations take turns, the starting one rotating each round."""
+               warmup: int) -> dict[str, list[list[float]]]:
+    """Per-step seconds by round; implementations take turns, the first rotating each round."""
     names = list(steppers)
     counters = dict.fromkeys(names, 0)
 
@@ -385,26 +385,32 @@ def time_steps(steppers: dict[str, Stepper], batches: list[Tensor], rounds: int,
     for _ in range(warmup):
         for name in names:
             run(name)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            times[name] += [run(name) for _ in range(steps)]
+            times[name].append([run(name) for _ in range(steps)])
     return times
 
 
 # -- report ---------------------------------------------------------------------------------
 
 
-def print_table(size: Size, times: dict[str, list[float]]) -> dict[str, float]:
-    """Median ms/step, quartiles, tokens/s and raysae's speed-up over each; returns the medians."""
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    print(f"| implementation | ms/step (median) | p25–p75 ms | tokens/s | raysae speed-up |")
-    print(f"|---|---:|---:|---:|---:|")
-    for name, t in times.items():
+def print_table(size: Size, times: dict[str, list[list[float]]]) -> dict[str, float]:
+    """Per-step median, quartiles and minimum, tokens/s at the median, and raysae's speed-up:
+    the ratio of medians, and the median over rounds of the ratio within a round (the steps
+    of one round run back to back, so that ratio is less exposed to slow drifts in load)."""
+    flat = {name: [t for r in rounds for t in r] for name, rounds in times.items()}
+    medians = {name: statistics.median(t) for name, t in flat.items()}
+    print("| implementation | ms/step median | p25–p75 | min | tokens/s | raysae speed-up "
+          "(ratio of medians) | (median per-round ratio) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, t in flat.items():
         q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0], t[0], t[0]]
-        speedup = medians[name] / medians["raysae"]
+        paired = statistics.median(statistics.median(mine) / statistics.median(ours)
+                                   for mine, ours in zip(times[name], times["raysae"]))
         print(f"| {name} | {medians[name] * 1e3:,.0f} | {q[0] * 1e3:,.0f}–{q[2] * 1e3:,.0f} "
-              f"| {size.batch / medians[name]:,.0f} | {speedup:.2f}× |")
+              f"| {min(t) * 1e3:,.0f} | {size.batch / medians[name]:,.0f} "
+              f"| {medians[name] / medians['raysae']:.2f}× | {paired:.2f}× |")
     return medians
 
 
@@ -442,8 +448,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="d_in,n_latents,k,batch per configuration (default: %(default)s)")
     parser.add_argument("--impls", type=lambda s: s.split(","), default=names,
                         help=f"comma-separated subset of: {', '.join(names)} (raysae is always run)")
-    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds timed")
-    parser.add_argument("--steps", type=int, default=2, help="steps per implementation per round")
+    parser.add_argument("--rounds", type=int, default=10, help="round-robin rounds timed")
+    parser.add_argument("--steps", type=int, default=1, help="steps per implementation per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--grad-clip", type=float, default=1.0,
