@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import math
+import os
 import statistics
 import sys
 import time
@@ -487,8 +488,11 @@ def main(argv: list[str] | None = None) -> None:
         check_one_step(steppers, batches[0], init)
         if args.check_only:
             continue
+        load_before = os.getloadavg()[0]
         times = time_steps(steppers, batches, args.rounds, args.steps, args.warmup)
-        print(f"{args.rounds} rounds × {args.steps} steps after {args.warmup} warm-up step(s):")
+        print(f"{args.rounds} rounds × {args.steps} steps after {args.warmup} warm-up step(s); "
+              f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+              f"(this benchmark itself adds up to {args.threads}):")
         print_targets(print_table(size, times))
 
 
