@@ -3,9 +3,9 @@
 Every implementation gets the same sizes (d_in, n_latents, k, batch), fp32 on CPU, Adam with the
 same lr and betas, and the same initial W_enc, b_enc, W_dec, b_dec (copied into each peer's
 layout). AuxK is off everywhere (no latent is ever dead within the run). Before timing, one step
-from the shared initial weights is checked: reconstruction loss and x̂ must agree with raysae's,
-and so must the parameters after the step where the update rule is the same; a disagreement
-stops the benchmark. Timing interleaves the implementations round-robin (the machine is shared
+from the shared initial weights is checked: reconstruction loss, x̂, the gradient handed to Adam
+and the parameters after the update must agree with raysae's (where the peer's rule is the same;
+tolerances below); a disagreement stops the benchmark. Timing interleaves the implementations round-robin (the machine is shared
 and noisy) and reports per-step medians.
 
     PYTHONPATH=. python bench/step.py                       # raysae + plain torch in any venv
@@ -254,6 +254,7 @@ IMPLS = [
     Impl("SAELens sparse", lambda s, i, c: build_saelens(s, i, c, sparse=True), "sae-lens",
          "sae_lens"),
 ]
+TESTED_VERSIONS = {"eai-sparsify": "1.3.3", "sae-lens": "6.54.12"}
 
 
 def available(impl: Impl) -> tuple[bool, str]:
@@ -261,7 +262,8 @@ def available(impl: Impl) -> tuple[bool, str]:
     try:
         __import__(impl.module)
     except ImportError as err:
-        return False, f"not importable ({err}); install with: pip install {impl.package}"
+        return False, (f"MISSING ({err}); install it in a separate venv: pip install "
+                       f"{impl.package}=={TESTED_VERSIONS[impl.package]}")
     if impl.package is None:
         return True, torch.__version__ if impl.module == "torch" else "this checkout"
     return True, importlib.metadata.version(impl.package)
@@ -326,7 +328,7 @@ def snapshot(stepper: Stepper, of: str) -> dict[str, Tensor]:
 def agreement(stepper: Stepper, result: tuple[Tensor, Tensor], ref: dict, init: Init) -> dict:
     """Disagreements of one implementation's first step with raysae's, by quantity."""
     (loss, x_hat), params, grads = result, snapshot(stepper, "param"), snapshot(stepper, "grad")
-    errors = {"loss": abs(float(loss) - ref["loss"]) / ref["loss"],
+    errors = {"loss": abs(float(loss.detach()) - ref["loss"]) / ref["loss"],
               "x_hat": float((x_hat.detach() - ref["x_hat"]).abs().max() / ref["x_hat"].abs().max())}
     for p in stepper.compare:
         g, g_ref = grads[p] / grads[p].norm(), ref["grads"][p] / ref["grads"][p].norm()
@@ -348,7 +350,7 @@ def check_one_step(steppers: dict[str, Stepper], x: Tensor, init: Init) -> None:
         for group, eps in zip(stepper.optimizer.param_groups, saved):
             group["eps"] = eps
     loss, x_hat = results["raysae"]
-    ref = {"loss": float(loss), "x_hat": x_hat.detach(),
+    ref = {"loss": float(loss.detach()), "x_hat": x_hat.detach(),
            "params": snapshot(steppers["raysae"], "param"),
            "grads": snapshot(steppers["raysae"], "grad")}
     limits = {"loss": LOSS_RTOL, "x_hat": XHAT_TOL, "grad": GRAD_TOL, "step": UPDATE_RTOL}
@@ -446,7 +448,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      epilog="\n".join(__doc__.splitlines()[1:]))
     parser.add_argument("--sizes", type=parse_size, nargs="+",
                         default=[Size(576, 4608, 32, 4096), Size(768, 16384, 64, 2048)],
-                        help="d_in,n_latents,k,batch per configuration (default: %(default)s)")
+                        metavar="D,N,K,B",
+                        help="d_in,n_latents,k,batch per configuration "
+                             "(default: 576,4608,32,4096 768,16384,64,2048)")
     parser.add_argument("--impls", type=lambda s: s.split(","), default=names,
                         help=f"comma-separated subset of: {', '.join(names)} (raysae is always run)")
     parser.add_argument("--rounds", type=int, default=10, help="round-robin rounds timed")
