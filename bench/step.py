@@ -5,8 +5,8 @@ same lr and betas, and the same initial W_enc, b_enc, W_dec, b_dec (copied into 
 layout). AuxK is off everywhere (no latent is ever dead within the run). Before timing, one step
 from the shared initial weights is checked: reconstruction loss, x̂, the gradient handed to Adam
 and the parameters after the update must agree with raysae's (where the peer's rule is the same;
-tolerances below); a disagreement stops the benchmark. Timing interleaves the implementations round-robin (the machine is shared
-and noisy) and reports per-step medians.
+tolerances below); a disagreement stops the benchmark. Timing interleaves the implementations
+round-robin (the machine is shared and noisy) and reports per-step medians.
 
     PYTHONPATH=. python bench/step.py                       # raysae + plain torch in any venv
     PYTHONPATH=. /work/bench-venv/bin/python bench/step.py  # + the peers (see BENCHMARKS.md)
