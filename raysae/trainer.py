@@ -59,8 +59,13 @@ def sparsity_scale(cfg: TrainConfig, tokens: int) -> float:
 
 
 def make_optimizer(model: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(model.parameters(), lr=cfg.effective_lr(model.cfg.n_latents),
-                            betas=cfg.adam_betas)
+    """Adam over the model's parameters (already on their device). The fused kernel does the
+    whole update in one pass per tensor (bench/step.py: ~7 % of a CPU step at d=768, n=16384);
+    the same Adam, equal to the unfused one up to float rounding."""
+    params = list(model.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.Adam(params, lr=cfg.effective_lr(model.cfg.n_latents),
+                            betas=cfg.adam_betas, fused=fused)
 
 
 def check_batch(batch: Tensor, d_in: int, where: str) -> None:
@@ -97,11 +102,18 @@ def train_step(model: SparseAutoencoder, optimizer: torch.optim.Optimizer, batch
     loss.backward()
     sae.remove_parallel_decoder_grad_()
     if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        params = [p for p in sae.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # Rescale only when over the limit: a pass over every gradient saved on most steps. The
+        # comparison waits for the device, as the fired flags below do on every step anyway.
+        if norm > cfg.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, norm)
     optimizer.step()
     sae.normalize_decoder_()
 
-    fired = sync_fired((out.latents != 0).any(0)).cpu()
+    # Latents are never negative (every architecture ends in a ReLU or a threshold), so "fired
+    # in this batch" is a column max > 0: one pass over (B, n), no boolean copy of it.
+    fired = sync_fired(out.latents.amax(0) > 0).cpu()
     state.tokens_since_fired = torch.where(fired, 0, state.tokens_since_fired + n_tokens)
     state.tokens += n_tokens
     state.step += 1

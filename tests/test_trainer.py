@@ -113,3 +113,31 @@ def test_logged_dead_fraction_spans_the_window_not_the_interval():
     assert len(history) == 12 and all(a >= b for a, b in zip(dead, dead[1:]))
     assert all(r["l0"] <= 2 and r["n_tokens"] == 16 for r in history)
     assert "fvu_b" in history[0]  # about the initialisation sample's mean
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3, 1e9])
+def test_gradients_are_clipped_to_the_limit_and_left_alone_below_it(clip):
+    """After a step the gradients the optimizer used are still on the parameters: their total
+    norm is min(unclipped norm, clip), and below the limit they equal the unclipped ones."""
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(0)) * 3
+
+    def step_grads(grad_clip: float) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_sae(SAEConfig(d_in=16, n_latents=64, architecture="topk", k=4))
+        model.init_from_sample_(x)
+        cfg = TrainConfig(total_tokens=10_000, batch_size=256, grad_clip=grad_clip)
+        train_step(model, make_optimizer(model, cfg), x, TrainState.fresh(64), cfg)
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    unclipped = step_grads(0.0)
+    grads = step_grads(clip)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    full = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in unclipped]))
+    assert full > 1e-2  # the small limit really clips
+    if clip == 1e-3:
+        torch.testing.assert_close(norm, torch.tensor(clip), rtol=1e-4, atol=0)
+        for g, u in zip(grads, unclipped):
+            torch.testing.assert_close(g, u * (clip / full), rtol=1e-4, atol=1e-9)
+    else:
+        for g, u in zip(grads, unclipped):
+            torch.testing.assert_close(g, u, rtol=0, atol=0)
