@@ -64,16 +64,12 @@ from raysae import shards, storage
 from raysae.config import from_dict as build_config
 
 
-@dataclass(frozen=True)
-class HarvestConfig:
-    """Settings of one harvest run."""
+@dataclass(frozen=True, kw_only=True)
+class TextWindows:
+    """How a corpus becomes the model's token windows and which tokens count. Harvest records
+    these in the manifest, and the splice evaluation (raysae.splice) reads them back, so both
+    see the same windows."""
 
-    model: str
-    """Causal LM: a hub id, a local model directory, or a local ``.gguf`` file."""
-    layers: tuple[int, ...]
-    """Blocks whose output (the residual stream after block L) to record; 0-based."""
-    output: str
-    """Prefix (local directory or s3://bucket/prefix); layer L is written to <output>/layer_<L>."""
     corpus: str = "stdlib"
     """``stdlib`` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset"""
     corpus_config: str | None = None
@@ -82,24 +78,48 @@ class HarvestConfig:
     """Hub dataset split."""
     text_column: str = "text"
     """Field holding the text in .jsonl, .parquet and hub datasets."""
+    context_length: int = 128
+    """Tokens per forward-pass window, BOS included."""
+    prepend_bos: bool = True
+    """Start every window with the tokenizer's BOS token, if it has one."""
+    exclude_special_tokens: bool = True
+    """Skip rows whose token is special (BOS, EOS, padding, …)."""
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model runs in."""
+
+    def __post_init__(self) -> None:
+        if self.context_length < 2:
+            raise ValueError(f"context_length={self.context_length}: must be ≥ 2 (BOS plus one token)")
+        _check_choice(self, "model_dtype")
+
+
+def _check_choice(config: Any, name: str) -> None:
+    """A Literal-typed field holds one of its allowed values."""
+    allowed = typing.get_args(typing.get_type_hints(type(config))[name])
+    if getattr(config, name) not in allowed:
+        raise ValueError(f"{name}={getattr(config, name)!r}: expected one of {allowed}")
+
+
+@dataclass(frozen=True)
+class HarvestConfig(TextWindows):
+    """Settings of one harvest run (and, keyword-only, the TextWindows settings)."""
+
+    model: str
+    """Causal LM: a hub id, a local model directory, or a local ``.gguf`` file."""
+    layers: tuple[int, ...]
+    """Blocks whose output (the residual stream after block L) to record; 0-based."""
+    output: str
+    """Prefix (local directory or s3://bucket/prefix); layer L is written to <output>/layer_<L>."""
     revision: str | None = None
     """Model revision (branch, tag or commit) for hub models; recorded in the manifest."""
     n_tokens: int = 1_000_000
     """Rows to record per layer (exact)."""
-    context_length: int = 128
-    """Tokens per forward-pass window, BOS included."""
     batch_size: int = 16
     """Windows per forward pass."""
     tokens_per_part: int | None = None
     """Rows per Parquet part; default: about shards.PART_BYTES of activations."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Stored activation dtype."""
-    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the model runs in."""
-    exclude_special_tokens: bool = True
-    """Skip rows whose token is special (BOS, EOS, padding, …)."""
-    prepend_bos: bool = True
-    """Start every window with the tokenizer's BOS token, if it has one."""
     num_actors: int = 1
     """Model replicas (Ray actors) running in parallel."""
     cpus_per_actor: float = 1.0
@@ -121,16 +141,13 @@ class HarvestConfig:
         for name in ("n_tokens", "batch_size", "num_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be ≥ 1")
-        if self.context_length < 2:
-            raise ValueError(f"context_length={self.context_length}: must be ≥ 2 (BOS plus one token)")
+        super().__post_init__()
         if self.tokens_per_part is not None and self.tokens_per_part < 1:
             raise ValueError(f"tokens_per_part={self.tokens_per_part}: must be ≥ 1")
         if self.cpus_per_actor <= 0:
             raise ValueError(f"cpus_per_actor={self.cpus_per_actor}: must be > 0")
-        for name in ("dtype", "model_dtype", "device"):
-            allowed = typing.get_args(typing.get_type_hints(HarvestConfig)[name])
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        for name in ("dtype", "device"):
+            _check_choice(self, name)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HarvestConfig:
@@ -688,10 +705,18 @@ def _commit(
 
 def _field_docs(cls: type) -> dict[str, str]:
     """Field name → the docstring written under it in the class body (the CLI's help text)."""
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    except (OSError, TypeError):  # source unavailable (frozen app): help stays empty
-        return {}
+    docs = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):  # source unavailable (frozen app): help stays empty
+            return {}
+        docs.update(_docstrings_below(body))
+    return docs
+
+
+def _docstrings_below(body: list) -> dict[str, str]:
+    """Field name → the string literal right below its annotated assignment in a class body."""
     docs = {}
     for node, following in zip(body, body[1:]):
         if (
@@ -721,7 +746,8 @@ def _argparse_kind(hint: Any) -> dict[str, Any]:
 def add_harvest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per HarvestConfig field (``--n-tokens`` for ``n_tokens``; help = its docstring)."""
     hints, docs = typing.get_type_hints(HarvestConfig), _field_docs(HarvestConfig)
-    for f in dataclasses.fields(HarvestConfig):
+    fields = dataclasses.fields(HarvestConfig)  # TextWindows' first: list the required ones first
+    for f in sorted(fields, key=lambda f: f.default is not dataclasses.MISSING):
         kwargs: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, "").replace("%", "%%")}
         if f.default is dataclasses.MISSING:
             kwargs["required"] = True

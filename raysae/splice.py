@@ -51,16 +51,16 @@ training data.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
-import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from raysae.config import ConfigError
 from raysae.harvest import (
+    TextWindows,
     Window,
     build_windows,
     hook_name,
@@ -83,49 +84,30 @@ from raysae.saes import SparseAutoencoder
 
 
 @dataclass(frozen=True)
-class SpliceConfig:
-    """Settings of one splice evaluation; the token settings mirror raysae.harvest.HarvestConfig."""
+class SpliceConfig(TextWindows):
+    """Settings of one splice evaluation; the TextWindows settings (keyword-only) are harvest's,
+    and default from the dataset's manifest (see resolve_config)."""
 
     model: str
     """Causal LM: a hub id, a local model directory, a local ``.gguf`` file or ``pkg://…``."""
     layer: int
     """Block whose output (the residual stream after block L) the SAE replaces; 0-based."""
-    n_tokens: int = 16_384
-    """Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens)."""
-    corpus: str = "stdlib"
-    """``stdlib``, a .txt/.jsonl/.parquet file or directory, or a hub dataset."""
-    corpus_config: str | None = None
-    """Hub dataset configuration name."""
-    corpus_split: str = "train"
-    """Hub dataset split."""
-    text_column: str = "text"
-    """Field holding the text in .jsonl, .parquet and hub datasets."""
     revision: str | None = None
     """Model revision for hub models."""
-    context_length: int = 128
-    """Tokens per window, BOS included."""
+    n_tokens: int = 16_384
+    """Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens)."""
     batch_size: int = 8
     """Windows per forward pass."""
-    prepend_bos: bool = True
-    """Start every window with the tokenizer's BOS token, if it has one."""
-    exclude_special_tokens: bool = True
-    """Leave special tokens (BOS, EOS, …) clean and unscored, as harvest leaves them out."""
-    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the model runs in."""
     mean_ablation: bool = True
     """Also run the mean-ablated model (one more forward per batch, plus one up to block L)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # context_length, model_dtype
         if self.layer < 0:
             raise ValueError(f"layer={self.layer}: must be a block index ≥ 0")
         for name in ("n_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be ≥ 1")
-        if self.context_length < 2:
-            raise ValueError(f"context_length={self.context_length}: must be ≥ 2")
-        allowed = typing.get_args(typing.get_type_hints(SpliceConfig)["model_dtype"])
-        if self.model_dtype not in allowed:
-            raise ValueError(f"model_dtype={self.model_dtype!r}: expected one of {allowed}")
 
 
 # ---------------------------------------------------------------- accumulator
@@ -428,8 +410,7 @@ def print_progress(line: str) -> None:
 
 # ---------------------------------------------------------------- settings from a dataset
 
-FROM_HARVEST = ("corpus", "corpus_config", "corpus_split", "text_column", "context_length",
-                "prepend_bos", "exclude_special_tokens", "model_dtype")
+FROM_HARVEST = tuple(f.name for f in dataclasses.fields(TextWindows))
 """Settings taken from a harvested dataset's manifest when not given: the same text, windows
 and excluded tokens as the activations the SAE was trained on."""
 
