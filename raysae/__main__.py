@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import traceback
+from collections.abc import Callable, Collection
 
 import yaml
 
@@ -103,22 +104,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="raysae",
-        description="Train and sweep sparse autoencoders on language-model activations with Ray.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    train = sub.add_parser(
-        "train", help="train one SAE from a run config (YAML)",
-        description="Train one SAE. The config has sections sae:, train:, data: and scaling: "
-                    "(see raysae/config.py for every field). With data.uri (a dataset) it runs on "
-                    "Ray Train: scaling.num_workers DDP workers on the cluster at --address (a new "
-                    "local one by default), checkpoints every scaling.checkpoint_every_tokens, and "
-                    "re-running the same command resumes the run. Writes OUT/NAME/sae "
-                    "(safetensors + JSON) and OUT/NAME/metrics.json. With data.toy, or --local, it "
-                    "trains in this process and writes OUT/sae and OUT/metrics.json.")
+def _train_options(train: argparse.ArgumentParser) -> None:
+    train.description = (
+        "Train one SAE. The config has sections sae:, train:, data: and scaling: "
+        "(see raysae/config.py for every field). With data.uri (a dataset) it runs on "
+        "Ray Train: scaling.num_workers DDP workers on the cluster at --address (a new "
+        "local one by default), checkpoints every scaling.checkpoint_every_tokens, and "
+        "re-running the same command resumes the run. Writes OUT/NAME/sae "
+        "(safetensors + JSON) and OUT/NAME/metrics.json. With data.toy, or --local, it "
+        "trains in this process and writes OUT/sae and OUT/metrics.json.")
     train.add_argument("config", help="run config YAML, e.g. sweeps/toy-train.yaml")
     train.add_argument("--out", required=True,
                        help="output location: a local directory or s3://bucket/prefix")
@@ -135,12 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replace results already in --out")
     train.set_defaults(func=_train)
 
-    sweep = sub.add_parser(
-        "sweep", help="run a sweep of SAEs from a spec (YAML) with Ray Tune",
-        description="Expand the spec's search space, train every point with Ray Train inside "
-                    "Ray Tune trials (pack: N SAEs share each trial's batches), and write "
-                    "OUTPUT/NAME/results.{csv,parquet}, pareto.csv and pareto.png. See "
-                    "raysae/sweep_spec.py for the spec's fields and sweeps/ for examples.")
+
+def _sweep_options(sweep: argparse.ArgumentParser) -> None:
+    sweep.description = (
+        "Expand the spec's search space, train every point with Ray Train inside "
+        "Ray Tune trials (pack: N SAEs share each trial's batches), and write "
+        "OUTPUT/NAME/results.{csv,parquet}, pareto.csv and pareto.png. See "
+        "raysae/sweep_spec.py for the spec's fields and sweeps/ for examples.")
     sweep.add_argument("spec", help="sweep spec YAML, e.g. sweeps/quickstart.yaml")
     sweep.add_argument("--resume", action="store_true",
                        help="continue an interrupted sweep: finished trials are kept, "
@@ -149,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray cluster address (default: start a local Ray)")
     sweep.set_defaults(func=_sweep)
 
-    submit = sub.add_parser(
-        "submit", help="submit a sweep to a running Ray cluster as a Ray Job",
-        description="Submit `raysae sweep SPEC` as a Ray Job (this directory is uploaded as the "
-                    "job's working dir), or ask about a job. Use an s3:// output in the spec: a "
-                    "relative local path would be written inside the job's working dir.")
+
+def _submit_options(submit: argparse.ArgumentParser) -> None:
+    submit.description = (
+        "Submit `raysae sweep SPEC` as a Ray Job (this directory is uploaded as the "
+        "job's working dir), or ask about a job. Use an s3:// output in the spec: a "
+        "relative local path would be written inside the job's working dir.")
     submit.add_argument("spec", nargs="?", help="sweep spec YAML (path relative to this directory)")
     submit.add_argument("--address", required=True,
                         help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265")
@@ -162,31 +158,33 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--logs", metavar="JOB", help="print the job's logs so far")
     submit.set_defaults(func=_submit)
 
+
+def _harvest_options(harvest: argparse.ArgumentParser) -> None:
     from raysae.harvest import add_harvest_arguments, run_harvest_cli
 
-    harvest = sub.add_parser(
-        "harvest", help="record a transformers model's activations as Parquet shards",
-        description="Run a causal LM (hub id, local directory or local .gguf file) over a corpus "
-                    "on Ray Data and write the residual stream after the chosen blocks as "
-                    "activation datasets (Parquet parts + manifest.json) to a local directory or "
-                    "s3:// prefix. The default corpus is the Python standard library's "
-                    "docstrings, which every machine has.")
+    harvest.description = (
+        "Run a causal LM (hub id, local directory or local .gguf file) over a corpus "
+        "on Ray Data and write the residual stream after the chosen blocks as "
+        "activation datasets (Parquet parts + manifest.json) to a local directory or "
+        "s3:// prefix. The default corpus is the Python standard library's "
+        "docstrings, which every machine has.")
     add_harvest_arguments(harvest)
     harvest.set_defaults(func=run_harvest_cli)
 
-    ev = sub.add_parser(
-        "eval", help="evaluate a trained SAE against baselines on activations",
-        description="Evaluate an SAE on the first --tokens rows of --data: FVU (and the legacy "
-                    "FVU_B), explained variance, MSE, cosine, l2 ratio, relative reconstruction "
-                    "bias, L0, L1, dead/dense latents and firing frequencies; the same metrics "
-                    "for baselines fitted on the same rows (mean, PCA-k, k-means as an L0=1 "
-                    "SAE, nearest-centroid and best-scaled); each decoder row's max cosine to "
-                    "another, next to random directions. With --splice-tokens N, also splices "
-                    "the SAE into its language model over N tokens of text: next-token CE loss "
-                    "clean, with block L's output replaced by the SAE's reconstruction, and "
-                    "with it zero- and mean-ablated; CE loss recovered and KL(clean ‖ spliced). "
-                    "Model, layer and text default to those --data was harvested with. Prints "
-                    "a table; --out writes all of it (with per-latent frequencies) as JSON.")
+
+def _eval_options(ev: argparse.ArgumentParser) -> None:
+    ev.description = (
+        "Evaluate an SAE on the first --tokens rows of --data: FVU (and the legacy "
+        "FVU_B), explained variance, MSE, cosine, l2 ratio, relative reconstruction "
+        "bias, L0, L1, dead/dense latents and firing frequencies; the same metrics "
+        "for baselines fitted on the same rows (mean, PCA-k, k-means as an L0=1 "
+        "SAE, nearest-centroid and best-scaled); each decoder row's max cosine to "
+        "another, next to random directions. With --splice-tokens N, also splices "
+        "the SAE into its language model over N tokens of text: next-token CE loss "
+        "clean, with block L's output replaced by the SAE's reconstruction, and "
+        "with it zero- and mean-ablated; CE loss recovered and KL(clean ‖ spliced). "
+        "Model, layer and text default to those --data was harvested with. Prints "
+        "a table; --out writes all of it (with per-latent frequencies) as JSON.")
     ev.add_argument("checkpoint", help="SAE checkpoint directory, e.g. OUT/sae from raysae train")
     ev.add_argument("--data", required=True, metavar="SOURCE",
                     help="toy:RUN.yaml — the held-out toy stream of the data.toy section of a "
@@ -233,11 +231,39 @@ def build_parser() -> argparse.ArgumentParser:
     splice.add_argument("--mean-ablation", action=argparse.BooleanOptionalAction, default=None,
                         help="also run the mean-ablated model (default: yes)")
     ev.set_defaults(func=_eval)
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "train": ("train one SAE from a run config (YAML)", _train_options),
+    "sweep": ("run a sweep of SAEs from a spec (YAML) with Ray Tune", _sweep_options),
+    "submit": ("submit a sweep to a running Ray cluster as a Ray Job", _submit_options),
+    "harvest": ("record a transformers model's activations as Parquet shards", _harvest_options),
+    "eval": ("evaluate a trained SAE against baselines on activations", _eval_options),
+}
+"""Subcommand → (one-line help, the function adding its description and options)."""
+
+
+def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The raysae parser. Every subcommand is listed; only those in ``commands`` (default: all)
+    get their options, so a run builds just the one it needs."""
+    parser = argparse.ArgumentParser(
+        prog="raysae",
+        description="Train and sweep sparse autoencoders on language-model activations with Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, add_options) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if commands is None or name in commands:
+            add_options(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only the named subcommand's options are built: `raysae sweep` never imports harvest's
+    # modules (Ray Data, torch) just to describe options it will not use.
+    command = next((arg for arg in argv if arg in COMMANDS), None)
+    args = build_parser([command] if command else []).parse_args(argv)
     try:
         return args.func(args)
     except (ConfigError, OSError, ValueError) as e:  # bad input: named in the message

@@ -39,14 +39,11 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import inspect
 import json
 import re
 import sys
 import sysconfig
-import textwrap
 import time
-import types
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -703,59 +700,11 @@ def _commit(
 # ---------------------------------------------------------------- command line
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """Field name → the docstring written under it in the class body (the CLI's help text)."""
-    docs = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        try:
-            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
-        except (OSError, TypeError):  # source unavailable (frozen app): help stays empty
-            return {}
-        docs.update(_docstrings_below(body))
-    return docs
-
-
-def _docstrings_below(body: list) -> dict[str, str]:
-    """Field name → the string literal right below its annotated assignment in a class body."""
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-        ):
-            if isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
-                docs[node.target.id] = following.value.value
-    return docs
-
-
-def _argparse_kind(hint: Any) -> dict[str, Any]:
-    """argparse keywords for a field's type hint."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if origin is tuple:
-        return {"nargs": "+", "type": args[0]}
-    if origin is Literal:
-        return {"choices": list(args)}
-    if origin in (typing.Union, types.UnionType):
-        return _argparse_kind(next(arg for arg in args if arg is not type(None)))
-    return {"type": hint}
-
-
 def add_harvest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per HarvestConfig field (``--n-tokens`` for ``n_tokens``; help = its docstring)."""
-    hints, docs = typing.get_type_hints(HarvestConfig), _field_docs(HarvestConfig)
-    fields = dataclasses.fields(HarvestConfig)  # TextWindows' first: list the required ones first
-    for f in sorted(fields, key=lambda f: f.default is not dataclasses.MISSING):
-        kwargs: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, "").replace("%", "%%")}
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default
-            kwargs["help"] += " (default: %(default)s)"
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs, **_argparse_kind(hints[f.name]))
-    return parser
+    from raysae.settings import add_options
+
+    return add_options(parser, HarvestConfig)
 
 
 def run_harvest_cli(args: argparse.Namespace) -> int:
