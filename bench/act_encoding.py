@@ -72,7 +72,12 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 PLAIN = {"use_dictionary": False, "compression": "none"}
 
 CANDIDATES = [
-    Candidate("fixed_size_list<f16> (pyarrow defaults: dictionary, snappy)", list_column, {}, list_to_torch),
+    Candidate(
+        "fixed_size_list<f16> (pyarrow defaults: dictionary, snappy)",
+        list_column,
+        {},
+        list_to_torch,
+    ),
     Candidate("fixed_size_list<f16> plain, uncompressed", list_column, PLAIN, list_to_torch),
     Candidate("fixed_size_binary(d*2) plain, uncompressed", binary_column, PLAIN, binary_to_torch),
     Candidate(
@@ -117,7 +122,9 @@ def main() -> None:
         for i, candidate in enumerate(CANDIDATES):
             path = os.path.join(tmp, f"{i}.parquet")
             start = time.perf_counter()
-            pq.write_table(pa.table({"act": candidate.to_arrow(acts)}), path, **candidate.write_options)
+            pq.write_table(
+                pa.table({"act": candidate.to_arrow(acts)}), path, **candidate.write_options
+            )
             write_s = time.perf_counter() - start
             read_s = time_read(path, candidate, args.d_in, args.repeats)
             size = os.path.getsize(path) / 1e6

@@ -56,7 +56,9 @@ def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: i
 
     def ray_data() -> Iterable[torch.Tensor]:
         dataset = stream.build_dataset(uri, seed=0)
-        return stream.iter_torch_batches(dataset, batch_size=batch_size, dtype=torch.float32, d_in=d_in)
+        return stream.iter_torch_batches(
+            dataset, batch_size=batch_size, dtype=torch.float32, d_in=d_in
+        )
 
     readers = {"(a) plain pyarrow": plain, "(b) ray data": ray_data}
     runs: dict[str, list[tuple[int, float, float, int]]] = {name: [] for name in readers}
@@ -103,7 +105,9 @@ def start_s3() -> multiprocessing.Process:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = multiprocessing.get_context("spawn").Process(target=serve_s3, args=(port,), daemon=True)
+    server = multiprocessing.get_context("spawn").Process(
+        target=serve_s3, args=(port,), daemon=True
+    )
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(
@@ -125,14 +129,20 @@ def main() -> None:
     """Write the shards, start Ray (and S3), compare the readers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=400_000, help="rows in the local dataset")
-    parser.add_argument("--s3-rows", type=int, default=100_000, help="rows in the S3 dataset (moto is slow)")
-    parser.add_argument("--d-in", type=int, default=576, help="activation width (SmolLM2-135M: 576)")
+    parser.add_argument(
+        "--s3-rows", type=int, default=100_000, help="rows in the S3 dataset (moto is slow)"
+    )
+    parser.add_argument(
+        "--d-in", type=int, default=576, help="activation width (SmolLM2-135M: 576)"
+    )
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", choices=["local", "s3"], help="run one of the two cases")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    server = start_s3() if args.only != "local" else None  # before Ray, so its workers see the endpoint
+    server = (
+        start_s3() if args.only != "local" else None
+    )  # before Ray, so its workers see the endpoint
 
     import ray
 
@@ -160,7 +170,9 @@ def main() -> None:
                 f"{label:<6} {rows:,} rows × d_in={args.d_in} float16 = {rows * row_bytes / 1e6:,.0f} MB "
                 f"in {len(manifest.parts)} parts; batches of {args.batch_size} float32; {os.cpu_count()} CPUs"
             )
-            compare(label, uri, batch_size=args.batch_size, repeats=args.repeats, row_bytes=row_bytes)
+            compare(
+                label, uri, batch_size=args.batch_size, repeats=args.repeats, row_bytes=row_bytes
+            )
     ray.shutdown()
     if server is not None:
         server.terminate()

@@ -105,10 +105,22 @@ def build_raysae(size: Size, init: Init, grad_clip: float) -> Stepper:
     from raysae.saes import build_sae
     from raysae.trainer import TrainState, make_optimizer, train_step
 
-    sae_cfg = SAEConfig(d_in=size.d_in, n_latents=size.n_latents, architecture="topk", k=size.k,
-                        normalize_inputs=False, b_dec_init="zeros")
-    train_cfg = TrainConfig(total_tokens=BIG, batch_size=size.batch, lr=size.lr, decay_fraction=0.0,
-                            grad_clip=grad_clip, dead_tokens=BIG)
+    sae_cfg = SAEConfig(
+        d_in=size.d_in,
+        n_latents=size.n_latents,
+        architecture="topk",
+        k=size.k,
+        normalize_inputs=False,
+        b_dec_init="zeros",
+    )
+    train_cfg = TrainConfig(
+        total_tokens=BIG,
+        batch_size=size.batch,
+        lr=size.lr,
+        decay_fraction=0.0,
+        grad_clip=grad_clip,
+        dead_tokens=BIG,
+    )
     sae = build_sae(sae_cfg)
     with torch.no_grad():
         for name, value in vars(init).items():
@@ -126,7 +138,7 @@ def build_raysae(size: Size, init: Init, grad_clip: float) -> Stepper:
 class PlainTopKSAE(nn.Module):
     """The obvious TopK SAE: dense latents, dense decoder matmul, autograd for everything.
 
-        f = scatter(topk_k(ReLU(W_enc (x − b_dec) + b_enc)));  x̂ = f W_dec + b_dec
+    f = scatter(topk_k(ReLU(W_enc (x − b_dec) + b_enc)));  x̂ = f W_dec + b_dec
     """
 
     def __init__(self, init: Init, k: int):
@@ -199,8 +211,12 @@ def build_sparsify(size: Size, init: Init, grad_clip: float) -> Stepper:
         # FVU = Σ‖e‖² / Σ‖x − mean‖²; raysae's loss is mean_b ‖e‖², so rescale to compare.
         return out.fvu.detach() * total_variance / x.shape[0], out.sae_out
 
-    parameters = {"W_enc": sae.encoder.weight, "b_enc": sae.encoder.bias, "W_dec": sae.W_dec,
-                  "b_dec": sae.b_dec}
+    parameters = {
+        "W_enc": sae.encoder.weight,
+        "b_enc": sae.encoder.bias,
+        "W_dec": sae.W_dec,
+        "b_dec": sae.b_dec,
+    }
     # sparsify renormalises W_dec at the start of the next step rather than the end of this one.
     return Stepper(step, parameters, optimizer, sync=sae.set_decoder_norm_to_unit_norm)
 
@@ -210,12 +226,18 @@ def build_saelens(size: Size, init: Init, grad_clip: float, sparse: bool = False
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    cfg = TopKTrainingSAEConfig(d_in=size.d_in, d_sae=size.n_latents, k=size.k, dtype="float32",
-                                device="cpu", decoder_init_norm=None,
-                                use_sparse_activations=sparse,
-                                # With its default (True) the sparse path fails in backward on CPU
-                                # ("aten::view ... SparseCPU", sae-lens 6.54.12, torch 2.13).
-                                rescale_acts_by_decoder_norm=not sparse)
+    cfg = TopKTrainingSAEConfig(
+        d_in=size.d_in,
+        d_sae=size.n_latents,
+        k=size.k,
+        dtype="float32",
+        device="cpu",
+        decoder_init_norm=None,
+        use_sparse_activations=sparse,
+        # With its default (True) the sparse path fails in backward on CPU
+        # ("aten::view ... SparseCPU", sae-lens 6.54.12, torch 2.13).
+        rescale_acts_by_decoder_norm=not sparse,
+    )
     sae = TopKTrainingSAE(cfg)
     with torch.no_grad():  # SAELens stores W_enc as (d, n)
         sae.W_enc.copy_(init.W_enc.T)
@@ -223,18 +245,33 @@ def build_saelens(size: Size, init: Init, grad_clip: float, sparse: bool = False
         sae.W_dec.copy_(init.W_dec)
         sae.b_dec.copy_(init.b_dec)
     trainer = SAETrainer(
-        cfg=SAETrainerConfig(total_training_samples=BIG, train_batch_size_samples=size.batch,
-                             lr=size.lr, lr_end=size.lr, adam_beta1=0.9, adam_beta2=0.999, device="cpu",
-                             dead_feature_window=BIG, feature_sampling_window=BIG),
-        sae=sae, data_provider=iter(()))
+        cfg=SAETrainerConfig(
+            total_training_samples=BIG,
+            train_batch_size_samples=size.batch,
+            lr=size.lr,
+            lr_end=size.lr,
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            device="cpu",
+            dead_feature_window=BIG,
+            feature_sampling_window=BIG,
+        ),
+        sae=sae,
+        data_provider=iter(()),
+    )
 
     def step(x: Tensor) -> tuple[Tensor, Tensor]:
         out = trainer.step(x)
         return out.losses["mse_loss"], out.sae_out
 
     # W_dec is not compared: SAELens neither projects its gradient nor renormalises it.
-    return Stepper(step, {name: getattr(sae, name) for name in vars(init)}, trainer.optimizer,
-                   transposed=("W_enc",), compare=("W_enc", "b_enc", "b_dec"))
+    return Stepper(
+        step,
+        {name: getattr(sae, name) for name in vars(init)},
+        trainer.optimizer,
+        transposed=("W_enc",),
+        compare=("W_enc", "b_enc", "b_dec"),
+    )
 
 
 @dataclass(frozen=True)
@@ -251,8 +288,12 @@ IMPLS = [
     Impl("plain torch", build_plain, None, "torch"),
     Impl("sparsify", build_sparsify, "eai-sparsify", "sparsify"),
     Impl("SAELens", build_saelens, "sae-lens", "sae_lens"),
-    Impl("SAELens sparse", lambda s, i, c: build_saelens(s, i, c, sparse=True), "sae-lens",
-         "sae_lens"),
+    Impl(
+        "SAELens sparse",
+        lambda s, i, c: build_saelens(s, i, c, sparse=True),
+        "sae-lens",
+        "sae_lens",
+    ),
 ]
 TESTED_VERSIONS = {"eai-sparsify": "1.3.3", "sae-lens": "6.54.12"}
 
@@ -262,8 +303,10 @@ def available(impl: Impl) -> tuple[bool, str]:
     try:
         __import__(impl.module)
     except ImportError as err:
-        return False, (f"MISSING ({err}); install it in a separate venv: pip install "
-                       f"{impl.package}=={TESTED_VERSIONS[impl.package]}")
+        return False, (
+            f"MISSING ({err}); install it in a separate venv: pip install "
+            f"{impl.package}=={TESTED_VERSIONS[impl.package]}"
+        )
     if impl.package is None:
         return True, torch.__version__ if impl.module == "torch" else "this checkout"
     return True, importlib.metadata.version(impl.package)
@@ -299,8 +342,10 @@ def make_batches(size: Size, count: int, seed: int = 0) -> list[Tensor]:
     rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
     spectrum = torch.linspace(1.0, 0.05, d) ** 2 * 4.0
     mean = torch.randn(d, generator=gen)
-    return [((torch.randn(size.batch, d, generator=gen) * spectrum) @ rotation + mean).contiguous()
-            for _ in range(count)]
+    return [
+        ((torch.randn(size.batch, d, generator=gen) * spectrum) @ rotation + mean).contiguous()
+        for _ in range(count)
+    ]
 
 
 def make_init(size: Size, batch: Tensor, seed: int = 0) -> Init:
@@ -309,10 +354,19 @@ def make_init(size: Size, batch: Tensor, seed: int = 0) -> Init:
     from raysae.saes import build_sae
 
     torch.manual_seed(seed)
-    sae = build_sae(SAEConfig(d_in=size.d_in, n_latents=size.n_latents, k=size.k,
-                              normalize_inputs=False, b_dec_init="mean"))
+    sae = build_sae(
+        SAEConfig(
+            d_in=size.d_in,
+            n_latents=size.n_latents,
+            k=size.k,
+            normalize_inputs=False,
+            b_dec_init="mean",
+        )
+    )
     sae.init_from_sample_(batch)
-    return Init(*(getattr(sae, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")))
+    return Init(
+        *(getattr(sae, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    )
 
 
 def snapshot(stepper: Stepper, of: str) -> dict[str, Tensor]:
@@ -328,8 +382,10 @@ def snapshot(stepper: Stepper, of: str) -> dict[str, Tensor]:
 def agreement(stepper: Stepper, result: tuple[Tensor, Tensor], ref: dict, init: Init) -> dict:
     """Disagreements of one implementation's first step with raysae's, by quantity."""
     (loss, x_hat), params, grads = result, snapshot(stepper, "param"), snapshot(stepper, "grad")
-    errors = {"loss": abs(float(loss.detach()) - ref["loss"]) / ref["loss"],
-              "x_hat": float((x_hat.detach() - ref["x_hat"]).abs().max() / ref["x_hat"].abs().max())}
+    errors = {
+        "loss": abs(float(loss.detach()) - ref["loss"]) / ref["loss"],
+        "x_hat": float((x_hat.detach() - ref["x_hat"]).abs().max() / ref["x_hat"].abs().max()),
+    }
     for p in stepper.compare:
         g, g_ref = grads[p] / grads[p].norm(), ref["grads"][p] / ref["grads"][p].norm()
         errors[f"grad {p}"] = float((g - g_ref).norm())
@@ -350,9 +406,12 @@ def check_one_step(steppers: dict[str, Stepper], x: Tensor, init: Init) -> None:
         for group, eps in zip(stepper.optimizer.param_groups, saved):
             group["eps"] = eps
     loss, x_hat = results["raysae"]
-    ref = {"loss": float(loss.detach()), "x_hat": x_hat.detach(),
-           "params": snapshot(steppers["raysae"], "param"),
-           "grads": snapshot(steppers["raysae"], "grad")}
+    ref = {
+        "loss": float(loss.detach()),
+        "x_hat": x_hat.detach(),
+        "params": snapshot(steppers["raysae"], "param"),
+        "grads": snapshot(steppers["raysae"], "grad"),
+    }
     limits = {"loss": LOSS_RTOL, "x_hat": XHAT_TOL, "grad": GRAD_TOL, "step": UPDATE_RTOL}
     failures = []
     for name, stepper in steppers.items():
@@ -360,20 +419,30 @@ def check_one_step(steppers: dict[str, Stepper], x: Tensor, init: Init) -> None:
             continue
         errors = agreement(stepper, results[name], ref, init)
         bad = [key for key, err in errors.items() if not err <= limits[key.split()[0]]]
-        print(f"  check {name:<15} " + "  ".join(f"{k} {v:.0e}" for k, v in errors.items())
-              + ("  FAIL: " + ", ".join(bad) if bad else "  ok"))
-        failures += [f"{name}: {key} differs by {errors[key]:.2e} (limit "
-                     f"{limits[key.split()[0]]:.0e})" for key in bad]
-    print(f"  (raysae loss {ref['loss']:.6g}; limits: loss {LOSS_RTOL:.0e} rel, x_hat "
-          f"{XHAT_TOL:.0e} of max|x_hat|, grad {GRAD_TOL:.0e} (unit-normalised), step "
-          f"{UPDATE_RTOL:.0e} rel with Adam eps {CHECK_ADAM_EPS:.0e})")
+        print(
+            f"  check {name:<15} "
+            + "  ".join(f"{k} {v:.0e}" for k, v in errors.items())
+            + ("  FAIL: " + ", ".join(bad) if bad else "  ok")
+        )
+        failures += [
+            f"{name}: {key} differs by {errors[key]:.2e} (limit {limits[key.split()[0]]:.0e})"
+            for key in bad
+        ]
+    print(
+        f"  (raysae loss {ref['loss']:.6g}; limits: loss {LOSS_RTOL:.0e} rel, x_hat "
+        f"{XHAT_TOL:.0e} of max|x_hat|, grad {GRAD_TOL:.0e} (unit-normalised), step "
+        f"{UPDATE_RTOL:.0e} rel with Adam eps {CHECK_ADAM_EPS:.0e})"
+    )
     if failures:
-        sys.exit("one-step check failed, timings would not compare like with like:\n  "
-                 + "\n  ".join(failures))
+        sys.exit(
+            "one-step check failed, timings would not compare like with like:\n  "
+            + "\n  ".join(failures)
+        )
 
 
-def time_steps(steppers: dict[str, Stepper], batches: list[Tensor], rounds: int, steps: int,
-               warmup: int) -> dict[str, list[list[float]]]:
+def time_steps(
+    steppers: dict[str, Stepper], batches: list[Tensor], rounds: int, steps: int, warmup: int
+) -> dict[str, list[list[float]]]:
     """Per-step seconds by round; implementations take turns, the first rotating each round."""
     names = list(steppers)
     counters = dict.fromkeys(names, 0)
@@ -390,7 +459,7 @@ def time_steps(steppers: dict[str, Stepper], batches: list[Tensor], rounds: int,
             run(name)
     times: dict[str, list[list[float]]] = {name: [] for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append([run(name) for _ in range(steps)])
     return times
 
@@ -404,24 +473,32 @@ def print_table(size: Size, times: dict[str, list[list[float]]]) -> dict[str, fl
     of one round run back to back, so that ratio is less exposed to slow drifts in load)."""
     flat = {name: [t for r in rounds for t in r] for name, rounds in times.items()}
     medians = {name: statistics.median(t) for name, t in flat.items()}
-    print("| implementation | ms/step median | p25–p75 | min | tokens/s | raysae speed-up "
-          "(ratio of medians) | (median per-round ratio) |")
+    print(
+        "| implementation | ms/step median | p25–p75 | min | tokens/s | raysae speed-up "
+        "(ratio of medians) | (median per-round ratio) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, t in flat.items():
         q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0], t[0], t[0]]
-        paired = statistics.median(statistics.median(mine) / statistics.median(ours)
-                                   for mine, ours in zip(times[name], times["raysae"]))
-        print(f"| {name} | {medians[name] * 1e3:,.0f} | {q[0] * 1e3:,.0f}–{q[2] * 1e3:,.0f} "
-              f"| {min(t) * 1e3:,.0f} | {size.batch / medians[name]:,.0f} "
-              f"| {medians[name] / medians['raysae']:.2f}× | {paired:.2f}× |")
+        paired = statistics.median(
+            statistics.median(mine) / statistics.median(ours)
+            for mine, ours in zip(times[name], times["raysae"])
+        )
+        print(
+            f"| {name} | {medians[name] * 1e3:,.0f} | {q[0] * 1e3:,.0f}–{q[2] * 1e3:,.0f} "
+            f"| {min(t) * 1e3:,.0f} | {size.batch / medians[name]:,.0f} "
+            f"| {medians[name] / medians['raysae']:.2f}× | {paired:.2f}× |"
+        )
     return medians
 
 
 def print_targets(medians: dict[str, float]) -> None:
     """The DESIGN targets: ≥ 2× SAELens; ≥ 1.2× the best of sparsify / plain torch."""
     ray = medians["raysae"]
-    for label, names, target in (("SAELens (faster row)", ("SAELens", "SAELens sparse"), 2.0),
-                                 ("best of sparsify / plain torch", ("sparsify", "plain torch"), 1.2)):
+    for label, names, target in (
+        ("SAELens (faster row)", ("SAELens", "SAELens sparse"), 2.0),
+        ("best of sparsify / plain torch", ("sparsify", "plain torch"), 1.2),
+    ):
         present = [n for n in names if n in medians]
         if not present:
             print(f"  target vs {label}: not measured (peer not installed)")
@@ -437,34 +514,53 @@ def parse_size(text: str) -> Size:
         d_in, n_latents, k, batch = (int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"size {text!r}: expected d_in,n_latents,k,batch, e.g. 576,4608,32,4096") from None
+            f"size {text!r}: expected d_in,n_latents,k,batch, e.g. 576,4608,32,4096"
+        ) from None
     return Size(d_in, n_latents, k, batch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = [impl.name for impl in IMPLS]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--sizes", type=parse_size, nargs="+",
-                        default=[Size(576, 4608, 32, 4096), Size(768, 16384, 64, 2048)],
-                        metavar="D,N,K,B",
-                        help="d_in,n_latents,k,batch per configuration "
-                             "(default: 576,4608,32,4096 768,16384,64,2048)")
-    parser.add_argument("--impls", type=lambda s: s.split(","), default=names,
-                        help=f"comma-separated subset of: {', '.join(names)} (raysae is always run)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    parser.add_argument(
+        "--sizes",
+        type=parse_size,
+        nargs="+",
+        default=[Size(576, 4608, 32, 4096), Size(768, 16384, 64, 2048)],
+        metavar="D,N,K,B",
+        help="d_in,n_latents,k,batch per configuration "
+        "(default: 576,4608,32,4096 768,16384,64,2048)",
+    )
+    parser.add_argument(
+        "--impls",
+        type=lambda s: s.split(","),
+        default=names,
+        help=f"comma-separated subset of: {', '.join(names)} (raysae is always run)",
+    )
     parser.add_argument("--rounds", type=int, default=10, help="round-robin rounds timed")
     parser.add_argument("--steps", type=int, default=1, help="steps per implementation per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--grad-clip", type=float, default=1.0,
-                        help="grad-norm clip of raysae and plain torch (raysae's default; SAELens "
-                             "always clips at 1.0, sparsify never clips)")
-    parser.add_argument("--check-only", action="store_true", help="run the one-step check, no timing")
+    parser.add_argument(
+        "--grad-clip",
+        type=float,
+        default=1.0,
+        help="grad-norm clip of raysae and plain torch (raysae's default; SAELens "
+        "always clips at 1.0, sparsify never clips)",
+    )
+    parser.add_argument(
+        "--check-only", action="store_true", help="run the one-step check, no timing"
+    )
     args = parser.parse_args(argv)
     unknown = set(args.impls) - set(names)
     if unknown:
-        parser.error(f"--impls: unknown {', '.join(sorted(unknown))}; choose from {', '.join(names)}")
+        parser.error(
+            f"--impls: unknown {', '.join(sorted(unknown))}; choose from {', '.join(names)}"
+        )
     return args
 
 
@@ -472,8 +568,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     print("command: " + " ".join([sys.executable, *sys.argv]))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on CPU, "
-          f"AuxK off, grad clip {args.grad_clip} (raysae, plain torch)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on CPU, "
+        f"AuxK off, grad clip {args.grad_clip} (raysae, plain torch)"
+    )
     impls = []
     for impl in IMPLS:
         if impl.name not in args.impls and impl.name != "raysae":
@@ -494,9 +592,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         load_before = os.getloadavg()[0]
         times = time_steps(steppers, batches, args.rounds, args.steps, args.warmup)
-        print(f"{args.rounds} rounds × {args.steps} steps after {args.warmup} warm-up step(s); "
-              f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
-              f"(this benchmark itself adds up to {args.threads}):")
+        print(
+            f"{args.rounds} rounds × {args.steps} steps after {args.warmup} warm-up step(s); "
+            f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+            f"(this benchmark itself adds up to {args.threads}):"
+        )
         print_targets(print_table(size, times))
 
 

@@ -26,16 +26,27 @@ def spec(root: Path, name: str, points: int, pack: int, tokens: int) -> dict:
     if points > 1:
         architectures["batchtopk"] = {"sae.k": ks}
     return {
-        "name": name, "output": str(root / "sweeps"),
+        "name": name,
+        "output": str(root / "sweeps"),
         "base": {
             "sae": {"d_in": 64, "n_latents": 1024, "k": 8},
-            "train": {"total_tokens": tokens, "batch_size": 1024, "lr": 2e-3,
-                      "log_every_tokens": tokens // 2, "init_tokens": 4096},
+            "train": {
+                "total_tokens": tokens,
+                "batch_size": 1024,
+                "lr": 2e-3,
+                "log_every_tokens": tokens // 2,
+                "init_tokens": 4096,
+            },
             "data": {"uri": str(root / "acts"), "eval_parts": 1, "read_cpus": 0.25},
-            "scaling": {"num_workers": 1, "cpus_per_worker": 0.4,
-                        "checkpoint_every_tokens": tokens},
+            "scaling": {
+                "num_workers": 1,
+                "cpus_per_worker": 0.4,
+                "checkpoint_every_tokens": tokens,
+            },
         },
-        "architectures": architectures, "pack": pack, "max_concurrent_trials": 2,
+        "architectures": architectures,
+        "pack": pack,
+        "max_concurrent_trials": 2,
     }
 
 
@@ -56,18 +67,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         parts = args.tokens // 16_384 + 2
-        write_toy_dataset(str(root / "acts"), ToyDataConfig(n_features=512, active_per_token=5),
-                          64, parts * 16_384, 16_384)
-        cases = [("1 config", 1, 1), ("8 configs, 8 trials", 8, 1),
-                 ("8 configs, pack 4 (2 trials)", 8, 4), ("8 configs, pack 8 (1 trial)", 8, 8)]
+        write_toy_dataset(
+            str(root / "acts"),
+            ToyDataConfig(n_features=512, active_per_token=5),
+            64,
+            parts * 16_384,
+            16_384,
+        )
+        cases = [
+            ("1 config", 1, 1),
+            ("8 configs, 8 trials", 8, 1),
+            ("8 configs, pack 4 (2 trials)", 8, 4),
+            ("8 configs, pack 8 (1 trial)", 8, 8),
+        ]
         times = {}
         for label, points, pack in cases:
             runs = []
             for r in range(args.repeats):
                 name = f"{points}-{pack}-{r}"
                 t0 = time.perf_counter()
-                table = run_sweep(from_dict(SweepSpec, spec(root, name, points, pack, args.tokens)),
-                                  log=lambda s: None)
+                table = run_sweep(
+                    from_dict(SweepSpec, spec(root, name, points, pack, args.tokens)),
+                    log=lambda s: None,
+                )
                 runs.append(time.perf_counter() - t0)
                 assert len(table) == points and (table["status"] == "finished").all()
             times[label] = statistics.median(runs)

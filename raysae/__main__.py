@@ -60,17 +60,25 @@ def _submit(args: argparse.Namespace) -> int:
         print(submit.logs(args.address, args.logs))
     elif args.spec:
         job_id = submit.submit(args.spec, args.address, resume=args.resume)
-        print(f"submitted {job_id}\n"
-              f"follow it:  raysae submit --address {args.address} --logs {job_id}\n"
-              f"status:     raysae submit --address {args.address} --status {job_id}")
+        print(
+            f"submitted {job_id}\n"
+            f"follow it:  raysae submit --address {args.address} --logs {job_id}\n"
+            f"status:     raysae submit --address {args.address} --status {job_id}"
+        )
     else:
         raise ConfigError("give a sweep spec to submit, or --status JOB / --logs JOB")
     return 0
 
 
-SPLICE_OPTIONS = {"model": "model", "layer": "layer", "corpus": "corpus",
-                  "corpus_config": "corpus_config", "context_length": "context_length",
-                  "batch_size": "splice_batch_size", "mean_ablation": "mean_ablation"}
+SPLICE_OPTIONS = {
+    "model": "model",
+    "layer": "layer",
+    "corpus": "corpus",
+    "corpus_config": "corpus_config",
+    "context_length": "context_length",
+    "batch_size": "splice_batch_size",
+    "mean_ablation": "mean_ablation",
+}
 """raysae.splice.SpliceConfig field → `raysae eval` option (dest) setting it."""
 
 
@@ -79,18 +87,32 @@ def _eval(args: argparse.Namespace) -> int:
 
     splice = {field: getattr(args, dest) for field, dest in SPLICE_OPTIONS.items()}
     if args.splice_tokens is None:
-        given = [f"--{dest.replace('_', '-')}" for field, dest in SPLICE_OPTIONS.items()
-                 if splice[field] is not None]
+        given = [
+            f"--{dest.replace('_', '-')}"
+            for field, dest in SPLICE_OPTIONS.items()
+            if splice[field] is not None
+        ]
         if given:
-            raise ConfigError(f"{', '.join(given)} configure the splice evaluation; add "
-                              "--splice-tokens N to run it")
+            raise ConfigError(
+                f"{', '.join(given)} configure the splice evaluation; add "
+                "--splice-tokens N to run it"
+            )
         splice = None
     else:
         splice["n_tokens"] = args.splice_tokens
-    eval_command(args.checkpoint, args.data, out=args.out, n_tokens=args.tokens,
-                 batch_size=args.batch_size, pca_ks=args.pca_k, kmeans_ks=args.kmeans_k,
-                 kmeans_tokens=args.kmeans_tokens, seed=args.seed, device=args.device,
-                 splice=splice)
+    eval_command(
+        args.checkpoint,
+        args.data,
+        out=args.out,
+        n_tokens=args.tokens,
+        batch_size=args.batch_size,
+        pca_ks=args.pca_k,
+        kmeans_ks=args.kmeans_k,
+        kmeans_tokens=args.kmeans_tokens,
+        seed=args.seed,
+        device=args.device,
+        splice=splice,
+    )
     return 0
 
 
@@ -112,21 +134,30 @@ def _train_options(train: argparse.ArgumentParser) -> None:
         "local one by default), checkpoints every scaling.checkpoint_every_tokens, and "
         "re-running the same command resumes the run. Writes OUT/NAME/sae "
         "(safetensors + JSON) and OUT/NAME/metrics.json. With data.toy, or --local, it "
-        "trains in this process and writes OUT/sae and OUT/metrics.json.")
+        "trains in this process and writes OUT/sae and OUT/metrics.json."
+    )
     train.add_argument("config", help="run config YAML, e.g. sweeps/toy-train.yaml")
-    train.add_argument("--out", required=True,
-                       help="output location: a local directory or s3://bucket/prefix")
-    train.add_argument("--name", default=None,
-                       help="run name under --out (default: architecture, size and a hash of "
-                            "the config, so the same config resumes the same run)")
-    train.add_argument("--address", default=None,
-                       help="Ray cluster address (default: start a local Ray)")
-    train.add_argument("--local", action="store_true",
-                       help="train in this process without Ray")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set sae.k=64 (repeatable)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace results already in --out")
+    train.add_argument(
+        "--out", required=True, help="output location: a local directory or s3://bucket/prefix"
+    )
+    train.add_argument(
+        "--name",
+        default=None,
+        help="run name under --out (default: architecture, size and a hash of "
+        "the config, so the same config resumes the same run)",
+    )
+    train.add_argument(
+        "--address", default=None, help="Ray cluster address (default: start a local Ray)"
+    )
+    train.add_argument("--local", action="store_true", help="train in this process without Ray")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set sae.k=64 (repeatable)",
+    )
+    train.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     train.set_defaults(func=_train)
 
 
@@ -135,13 +166,18 @@ def _sweep_options(sweep: argparse.ArgumentParser) -> None:
         "Expand the spec's search space, train every point with Ray Train inside "
         "Ray Tune trials (pack: N SAEs share each trial's batches), and write "
         "OUTPUT/NAME/results.{csv,parquet}, pareto.csv and pareto.png. See "
-        "raysae/sweep_spec.py for the spec's fields and sweeps/ for examples.")
+        "raysae/sweep_spec.py for the spec's fields and sweeps/ for examples."
+    )
     sweep.add_argument("spec", help="sweep spec YAML, e.g. sweeps/quickstart.yaml")
-    sweep.add_argument("--resume", action="store_true",
-                       help="continue an interrupted sweep: finished trials are kept, "
-                            "unfinished ones resume from their checkpoints")
-    sweep.add_argument("--address", default=None,
-                       help="Ray cluster address (default: start a local Ray)")
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep: finished trials are kept, "
+        "unfinished ones resume from their checkpoints",
+    )
+    sweep.add_argument(
+        "--address", default=None, help="Ray cluster address (default: start a local Ray)"
+    )
     sweep.set_defaults(func=_sweep)
 
 
@@ -149,10 +185,12 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
     submit.description = (
         "Submit `raysae sweep SPEC` as a Ray Job (this directory is uploaded as the "
         "job's working dir), or ask about a job. Use an s3:// output in the spec: a "
-        "relative local path would be written inside the job's working dir.")
+        "relative local path would be written inside the job's working dir."
+    )
     submit.add_argument("spec", nargs="?", help="sweep spec YAML (path relative to this directory)")
-    submit.add_argument("--address", required=True,
-                        help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265")
+    submit.add_argument(
+        "--address", required=True, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265"
+    )
     submit.add_argument("--resume", action="store_true", help="submit `raysae sweep --resume`")
     submit.add_argument("--status", metavar="JOB", help="print the job's status")
     submit.add_argument("--logs", metavar="JOB", help="print the job's logs so far")
@@ -167,7 +205,8 @@ def _harvest_options(harvest: argparse.ArgumentParser) -> None:
         "on Ray Data and write the residual stream after the chosen blocks as "
         "activation datasets (Parquet parts + manifest.json) to a local directory or "
         "s3:// prefix. The default corpus is the Python standard library's "
-        "docstrings, which every machine has.")
+        "docstrings, which every machine has."
+    )
     add_harvest_arguments(harvest)
     harvest.set_defaults(func=run_harvest_cli)
 
@@ -184,52 +223,100 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
         "clean, with block L's output replaced by the SAE's reconstruction, and "
         "with it zero- and mean-ablated; CE loss recovered and KL(clean ‖ spliced). "
         "Model, layer and text default to those --data was harvested with. Prints "
-        "a table; --out writes all of it (with per-latent frequencies) as JSON.")
+        "a table; --out writes all of it (with per-latent frequencies) as JSON."
+    )
     ev.add_argument("checkpoint", help="SAE checkpoint directory, e.g. OUT/sae from raysae train")
-    ev.add_argument("--data", required=True, metavar="SOURCE",
-                    help="toy:RUN.yaml — the held-out toy stream of the data.toy section of a "
-                         "run config (the one the SAE was trained with); otherwise a raysae "
-                         "dataset: a local directory or s3://bucket/prefix")
-    ev.add_argument("--tokens", type=_positive_int, default=65_536,
-                    help="rows of the data to evaluate on (default 65536)")
-    ev.add_argument("--batch-size", type=_positive_int, default=4096,
-                    help="rows per batch (default 4096)")
-    ev.add_argument("--pca-k", type=_positive_int, nargs="+", metavar="K",
-                    help="PCA baselines with these numbers of components (default: the "
-                         "SAE's measured L0, rounded)")
-    ev.add_argument("--kmeans-k", type=_positive_int, nargs="+", metavar="K",
-                    help="k-means baselines with these numbers of centroids (default: the "
-                         "SAE's n_latents, capped at a quarter of --kmeans-tokens)")
-    ev.add_argument("--kmeans-tokens", type=_positive_int, default=65_536,
-                    help="rows k-means is fitted on, the first of the evaluated (default 65536)")
-    ev.add_argument("--seed", type=int, default=0,
-                    help="seed of k-means and of the random directions (default 0)")
+    ev.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help="toy:RUN.yaml — the held-out toy stream of the data.toy section of a "
+        "run config (the one the SAE was trained with); otherwise a raysae "
+        "dataset: a local directory or s3://bucket/prefix",
+    )
+    ev.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=65_536,
+        help="rows of the data to evaluate on (default 65536)",
+    )
+    ev.add_argument(
+        "--batch-size", type=_positive_int, default=4096, help="rows per batch (default 4096)"
+    )
+    ev.add_argument(
+        "--pca-k",
+        type=_positive_int,
+        nargs="+",
+        metavar="K",
+        help="PCA baselines with these numbers of components (default: the "
+        "SAE's measured L0, rounded)",
+    )
+    ev.add_argument(
+        "--kmeans-k",
+        type=_positive_int,
+        nargs="+",
+        metavar="K",
+        help="k-means baselines with these numbers of centroids (default: the "
+        "SAE's n_latents, capped at a quarter of --kmeans-tokens)",
+    )
+    ev.add_argument(
+        "--kmeans-tokens",
+        type=_positive_int,
+        default=65_536,
+        help="rows k-means is fitted on, the first of the evaluated (default 65536)",
+    )
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of k-means and of the random directions (default 0)",
+    )
     ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ev.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
     splice = ev.add_argument_group(
-        "SAE spliced into the LM", "BOS and other special tokens keep their clean residual and "
-        "are not scored, as harvest does not record them (see raysae/splice.py)")
-    splice.add_argument("--splice-tokens", type=_positive_int, metavar="N",
-                        help="run the splice evaluation over N tokens, counted as harvest "
-                             "counts them (default: no splice evaluation)")
-    splice.add_argument("--model",
-                        help="causal LM: hub id, local directory, .gguf file or "
-                             "pkg://PACKAGE/FILE (default: the model --data was harvested from)")
-    splice.add_argument("--layer", type=int,
-                        help="block whose output (residual stream after it) the SAE replaces, "
-                             "0-based (default: the layer of --data)")
-    splice.add_argument("--corpus",
-                        help="text: stdlib, a .txt/.jsonl/.parquet file or directory, or a hub "
-                             "dataset (default: the corpus --data was harvested from, else "
-                             "stdlib)")
+        "SAE spliced into the LM",
+        "BOS and other special tokens keep their clean residual and "
+        "are not scored, as harvest does not record them (see raysae/splice.py)",
+    )
+    splice.add_argument(
+        "--splice-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="run the splice evaluation over N tokens, counted as harvest "
+        "counts them (default: no splice evaluation)",
+    )
+    splice.add_argument(
+        "--model",
+        help="causal LM: hub id, local directory, .gguf file or "
+        "pkg://PACKAGE/FILE (default: the model --data was harvested from)",
+    )
+    splice.add_argument(
+        "--layer",
+        type=int,
+        help="block whose output (residual stream after it) the SAE replaces, "
+        "0-based (default: the layer of --data)",
+    )
+    splice.add_argument(
+        "--corpus",
+        help="text: stdlib, a .txt/.jsonl/.parquet file or directory, or a hub "
+        "dataset (default: the corpus --data was harvested from, else "
+        "stdlib)",
+    )
     splice.add_argument("--corpus-config", help="hub dataset configuration name of --corpus")
-    splice.add_argument("--context-length", type=_positive_int,
-                        help="tokens per window, BOS included (default: as --data was "
-                             "harvested, else 128)")
-    splice.add_argument("--splice-batch-size", type=_positive_int,
-                        help="windows per forward pass (default 8)")
-    splice.add_argument("--mean-ablation", action=argparse.BooleanOptionalAction, default=None,
-                        help="also run the mean-ablated model (default: yes)")
+    splice.add_argument(
+        "--context-length",
+        type=_positive_int,
+        help="tokens per window, BOS included (default: as --data was harvested, else 128)",
+    )
+    splice.add_argument(
+        "--splice-batch-size", type=_positive_int, help="windows per forward pass (default 8)"
+    )
+    splice.add_argument(
+        "--mean-ablation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run the mean-ablated model (default: yes)",
+    )
     ev.set_defaults(func=_eval)
 
 

@@ -83,8 +83,11 @@ class KMeansBaseline(Baseline):
 
     def __init__(self, mean: Tensor, centroids: Tensor, scaled: bool):
         suffix = "_scaled" if scaled else ""
-        super().__init__(f"kmeans_K={centroids.shape[0]}{suffix}", mean,
-                         centroids.to(torch.float64) - mean.to(torch.float64))
+        super().__init__(
+            f"kmeans_K={centroids.shape[0]}{suffix}",
+            mean,
+            centroids.to(torch.float64) - mean.to(torch.float64),
+        )
         self.scaled = scaled
 
     def forward(self, x):
@@ -120,8 +123,9 @@ def pca_baselines(moments: Moments, ks: Sequence[int]) -> list[PCABaseline]:
     return [PCABaseline(moments.mean, principal[:k]) for k in ks]
 
 
-def kmeans_baselines(sample: Tensor, mean: Tensor, ks: Sequence[int],
-                     seed: int = 0) -> list[KMeansBaseline]:
+def kmeans_baselines(
+    sample: Tensor, mean: Tensor, ks: Sequence[int], seed: int = 0
+) -> list[KMeansBaseline]:
     """For each K, MiniBatchKMeans on `sample` (N, d_in); both the nearest-centroid and the
     scaled baseline share the centroids."""
     from sklearn.cluster import MiniBatchKMeans  # imported here: it takes ~1 s
@@ -133,23 +137,36 @@ def kmeans_baselines(sample: Tensor, mean: Tensor, ks: Sequence[int],
     data = (sample.detach().cpu().to(torch.float64) - mean).to(torch.float32).numpy()
     for k in ks:
         if not 0 < k <= len(data):
-            raise ValueError(f"k-means K={k} needs 1..{len(data)} centroids: the k-means sample "
-                             f"has {len(data)} tokens; lower K or raise the sample size")
-        km = MiniBatchKMeans(n_clusters=k, batch_size=min(2048, len(data)), n_init=1,
-                             random_state=seed).fit(data)
+            raise ValueError(
+                f"k-means K={k} needs 1..{len(data)} centroids: the k-means sample "
+                f"has {len(data)} tokens; lower K or raise the sample size"
+            )
+        km = MiniBatchKMeans(
+            n_clusters=k, batch_size=min(2048, len(data)), n_init=1, random_state=seed
+        ).fit(data)
         centroids = mean + torch.from_numpy(np.asarray(km.cluster_centers_, dtype=np.float64))
-        out += [KMeansBaseline(mean, centroids, scaled=False),
-                KMeansBaseline(mean, centroids, scaled=True)]
+        out += [
+            KMeansBaseline(mean, centroids, scaled=False),
+            KMeansBaseline(mean, centroids, scaled=True),
+        ]
     return out
 
 
-def fit_baselines(moments: Moments, kmeans_sample: Tensor, pca_ks: Sequence[int],
-                  kmeans_ks: Sequence[int], seed: int = 0) -> list[Baseline]:
+def fit_baselines(
+    moments: Moments,
+    kmeans_sample: Tensor,
+    pca_ks: Sequence[int],
+    kmeans_ks: Sequence[int],
+    seed: int = 0,
+) -> list[Baseline]:
     """The mean, PCA-k for each k and k-means (both kinds) for each K."""
     if moments.n == 0:
         raise ValueError("no data to fit baselines on: the evaluation stream was empty")
-    return [MeanBaseline(moments.mean), *pca_baselines(moments, pca_ks),
-            *kmeans_baselines(kmeans_sample, moments.mean, kmeans_ks, seed)]
+    return [
+        MeanBaseline(moments.mean),
+        *pca_baselines(moments, pca_ks),
+        *kmeans_baselines(kmeans_sample, moments.mean, kmeans_ks, seed),
+    ]
 
 
 def default_kmeans_k(n_latents: int, sample_tokens: int, min_tokens_per_centroid: int = 4) -> int:

@@ -25,8 +25,9 @@ WEIGHTS = "sae.safetensors"
 CONFIG = "config.json"
 
 
-def save_sae(model: SparseAutoencoder, directory: str | os.PathLike,
-             metadata: Optional[dict] = None) -> Path:
+def save_sae(
+    model: SparseAutoencoder, directory: str | os.PathLike, metadata: Optional[dict] = None
+) -> Path:
     """Write `model` to `directory` (created if needed). Files are written then renamed into place."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -54,8 +55,10 @@ def load_sae(directory: str | os.PathLike, device: str | torch.device = "cpu") -
     state = load_file(str(weights_path), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{weights_path}: tensors do not match architecture "
-                         f"{model.cfg.architecture!r} (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{weights_path}: tensors do not match architecture "
+            f"{model.cfg.architecture!r} (missing {missing}, unexpected {unexpected})"
+        )
     return model.to(device)
 
 
@@ -68,8 +71,10 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt") from None
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format_version {version!r} is not supported "
-                         f"(this raysae reads version {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: checkpoint format_version {version!r} is not supported "
+            f"(this raysae reads version {FORMAT_VERSION})"
+        )
     return config
 
 
@@ -92,8 +97,13 @@ TRAIN_TENSORS = "train_state.safetensors"
 TRAIN_JSON = "train_state.json"
 
 
-def save_training_checkpoint(directory: str | os.PathLike, model: SparseAutoencoder,
-                             optimizer: torch.optim.Optimizer, state, progress: dict) -> Path:
+def save_training_checkpoint(
+    directory: str | os.PathLike,
+    model: SparseAutoencoder,
+    optimizer: torch.optim.Optimizer,
+    state,
+    progress: dict,
+) -> Path:
     """Write model, optimizer and TrainState (`raysae.trainer.TrainState`) plus `progress`
     (a JSON-safe dict: where in the data stream the run is)."""
     directory = save_sae(model, directory)
@@ -106,16 +116,24 @@ def save_training_checkpoint(directory: str | os.PathLike, model: SparseAutoenco
             else:
                 scalars[f"{index}.{name}"] = value
     _atomic_write(directory / OPTIMIZER, lambda p: save_file(tensors, p))
-    _atomic_write(directory / TRAIN_TENSORS, lambda p: save_file(
-        {"tokens_since_fired": state.tokens_since_fired.contiguous().cpu()}, p))
-    meta = {"tokens": state.tokens, "step": state.step, "progress": progress,
-            "param_groups": opt["param_groups"], "optimizer_scalars": scalars}
+    _atomic_write(
+        directory / TRAIN_TENSORS,
+        lambda p: save_file({"tokens_since_fired": state.tokens_since_fired.contiguous().cpu()}, p),
+    )
+    meta = {
+        "tokens": state.tokens,
+        "step": state.step,
+        "progress": progress,
+        "param_groups": opt["param_groups"],
+        "optimizer_scalars": scalars,
+    }
     _atomic_write(directory / TRAIN_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return directory
 
 
-def load_training_checkpoint(directory: str | os.PathLike, model: SparseAutoencoder,
-                             optimizer: torch.optim.Optimizer) -> tuple[int, int, torch.Tensor, dict]:
+def load_training_checkpoint(
+    directory: str | os.PathLike, model: SparseAutoencoder, optimizer: torch.optim.Optimizer
+) -> tuple[int, int, torch.Tensor, dict]:
     """Restore model and optimizer in place; returns (tokens, step, tokens_since_fired, progress)."""
     directory = Path(directory)
     saved = load_sae(directory)

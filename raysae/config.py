@@ -150,13 +150,23 @@ class ToyDataConfig:
     """Seed of the feature directions and of the token stream."""
 
     def __post_init__(self) -> None:
-        _positive(self, "n_features", "active_per_token", "correlated_group_size", "one_hot_set_size")
-        _non_negative(self, "frequency_decay", "magnitude_std", "noise_std",
-                      "n_correlated_groups", "n_one_hot_sets")
+        _positive(
+            self, "n_features", "active_per_token", "correlated_group_size", "one_hot_set_size"
+        )
+        _non_negative(
+            self,
+            "frequency_decay",
+            "magnitude_std",
+            "noise_std",
+            "n_correlated_groups",
+            "n_one_hot_sets",
+        )
         if not 0.0 <= self.correlation <= 1.0:
             raise ConfigError(f"toy.correlation={self.correlation} must be in [0, 1]")
-        grouped = (self.n_correlated_groups * self.correlated_group_size
-                   + self.n_one_hot_sets * self.one_hot_set_size)
+        grouped = (
+            self.n_correlated_groups * self.correlated_group_size
+            + self.n_one_hot_sets * self.one_hot_set_size
+        )
         if grouped > self.n_features:
             raise ConfigError(
                 f"toy: correlated groups and one-hot sets use {grouped} features "
@@ -187,7 +197,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if (self.uri is None) == (self.toy is None):
-            raise ConfigError("data: give exactly one of data.uri (a dataset) or data.toy (synthetic)")
+            raise ConfigError(
+                "data: give exactly one of data.uri (a dataset) or data.toy (synthetic)"
+            )
         _non_negative(self, "eval_parts", "shuffle_buffer_tokens")
         _positive(self, "eval_tokens", "read_cpus")
 
@@ -215,12 +227,19 @@ class ScalingConfig:
     """Older checkpoints are deleted from storage."""
 
     def __post_init__(self) -> None:
-        _positive(self, "num_workers", "cpus_per_worker", "checkpoint_every_tokens",
-                  "num_checkpoints_to_keep")
+        _positive(
+            self,
+            "num_workers",
+            "cpus_per_worker",
+            "checkpoint_every_tokens",
+            "num_checkpoints_to_keep",
+        )
         _non_negative(self, "max_failures")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
-            raise ConfigError(f"scaling.min_workers={self.min_workers} must be in "
-                              f"1..scaling.num_workers={self.num_workers}")
+            raise ConfigError(
+                f"scaling.min_workers={self.min_workers} must be in "
+                f"1..scaling.num_workers={self.num_workers}"
+            )
 
 
 @dataclass(frozen=True)
@@ -240,6 +259,7 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------
 # Building configs from plain dicts (YAML, CLI overrides, JSON checkpoints).
 
+
 def from_dict(cls: type, data: Any, where: str = ""):
     """Build dataclass `cls` from a dict, coercing scalars and rejecting unknown or missing keys.
 
@@ -249,7 +269,9 @@ def from_dict(cls: type, data: Any, where: str = ""):
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(f"{label}: expected a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(
+            f"{label}: expected a mapping of keys to values, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -272,6 +294,7 @@ def from_dict(cls: type, data: Any, where: str = ""):
 
 def to_dict(config) -> dict:
     """A plain, JSON/YAML-safe dict of a config (tuples become lists)."""
+
     def plain(v):
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
@@ -280,6 +303,7 @@ def to_dict(config) -> dict:
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
+
     return plain(config)
 
 
@@ -299,8 +323,10 @@ def _coerce(tp: Any, value: Any, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r}: expected a mapping")
         key_type, value_type = args
-        return {_coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
-                for k, v in value.items()}
+        return {
+            _coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list")
@@ -359,9 +385,13 @@ def _non_negative(cfg, *names: str) -> None:
 
 
 def _section(cfg) -> str:
-    return {"SAEConfig": "sae", "TrainConfig": "train", "ToyDataConfig": "data.toy",
-            "DataConfig": "data", "ScalingConfig": "scaling"}.get(
-        type(cfg).__name__, type(cfg).__name__)
+    return {
+        "SAEConfig": "sae",
+        "TrainConfig": "train",
+        "ToyDataConfig": "data.toy",
+        "DataConfig": "data",
+        "ScalingConfig": "scaling",
+    }.get(type(cfg).__name__, type(cfg).__name__)
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:

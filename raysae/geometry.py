@@ -60,8 +60,13 @@ def max_cosine_to_others(W: Tensor, max_block_elements: int = MAX_BLOCK_ELEMENTS
     return out.clamp(-1.0, 1.0)
 
 
-def random_unit_directions(n: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float32,
-                           device: Optional[torch.device] = None) -> Tensor:
+def random_unit_directions(
+    n: int,
+    d: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> Tensor:
     """(n, d) directions uniform on the unit sphere (normalised Gaussians), seeded."""
     g = torch.Generator(device=device or "cpu").manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype, device=device)
@@ -86,13 +91,16 @@ def summarize_cosines(values: Tensor, bins: int = 20) -> dict:
         "p99": q[2],
         "max": float(v.max()),
         "near_duplicate_fraction": float((v >= NEAR_DUPLICATE_COS).double().mean()),
-        "histogram": {"edges": torch.linspace(-1.0, 1.0, bins + 1).tolist(),
-                      "counts": [int(c) for c in counts.tolist()]},
+        "histogram": {
+            "edges": torch.linspace(-1.0, 1.0, bins + 1).tolist(),
+            "counts": [int(c) for c in counts.tolist()],
+        },
     }
 
 
-def decoder_geometry(W_dec: Tensor, seed: int = 0, bins: int = 20,
-                     max_block_elements: int = MAX_BLOCK_ELEMENTS) -> dict:
+def decoder_geometry(
+    W_dec: Tensor, seed: int = 0, bins: int = 20, max_block_elements: int = MAX_BLOCK_ELEMENTS
+) -> dict:
     """Max cosine of each decoder row to any other, summarised, next to random directions.
 
     W_dec: (n_latents, d_in), latent-major as stored by raysae SAEs. Returns
@@ -103,7 +111,8 @@ def decoder_geometry(W_dec: Tensor, seed: int = 0, bins: int = 20,
     random = random_unit_directions(n, d, seed, dtype=torch.float32, device=W_dec.device)
     return {
         "decoder": summarize_cosines(max_cosine_to_others(W_dec, max_block_elements), bins),
-        "random_baseline": summarize_cosines(max_cosine_to_others(random, max_block_elements),
-                                             bins),
+        "random_baseline": summarize_cosines(
+            max_cosine_to_others(random, max_block_elements), bins
+        ),
         "random_expected_max": min(1.0, math.sqrt(2.0 * math.log(max(n, 2)) / d)),
     }

@@ -86,7 +86,9 @@ class TextWindows:
 
     def __post_init__(self) -> None:
         if self.context_length < 2:
-            raise ValueError(f"context_length={self.context_length}: must be ≥ 2 (BOS plus one token)")
+            raise ValueError(
+                f"context_length={self.context_length}: must be ≥ 2 (BOS plus one token)"
+            )
         _check_choice(self, "model_dtype")
 
 
@@ -192,14 +194,18 @@ def stdlib_docstrings() -> Iterator[str]:
 def _file_documents(path: Path, text_column: str) -> Iterator[str]:
     """Documents of one local file: .txt paragraphs (blank-line separated), .jsonl lines, .parquet rows."""
     if path.suffix == ".txt":
-        yield from (p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip())
+        yield from (
+            p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()
+        )
     elif path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, 1):
                 if line.strip():
                     record = json.loads(line)
                     if text_column not in record:
-                        raise ValueError(f"{path}:{number} has no {text_column!r} field; set text_column")
+                        raise ValueError(
+                            f"{path}:{number} has no {text_column!r} field; set text_column"
+                        )
                     yield record[text_column]
     elif path.suffix == ".parquet":
         for batch in pq.ParquetFile(path).iter_batches(columns=[text_column]):
@@ -361,7 +367,9 @@ def build_windows(
     windows, total, doc_id = [], 0, 0
     for chunk in _chunks(documents, 256):  # fast tokenizers encode a list in parallel
         for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            for window in _document_windows(doc_id, ids, length=context_length, bos=bos, excluded=excluded):
+            for window in _document_windows(
+                doc_id, ids, length=context_length, bos=bos, excluded=excluded
+            ):
                 if total + window.kept >= n_tokens:
                     windows.append(_cut(window, n_tokens - total, excluded))
                     return windows
@@ -411,7 +419,9 @@ def part_jobs(windows: list[Window], *, tokens_per_part: int, seed: int) -> list
 def _nested(arrays: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
     """One row holding a list of variable-length arrays (built from offsets, no Python lists)."""
     offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
-    inner = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(arrays), type=arrow_type))
+    inner = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(np.concatenate(arrays), type=arrow_type)
+    )
     return pa.ListArray.from_arrays(pa.array([0, len(arrays)], type=pa.int32()), inner)
 
 
@@ -473,13 +483,19 @@ class PartHarvester:
         positions = _unnest(job.column("pos"))
         windows = _unnest(job.column("input_ids"))
         rows = self._forward(windows, doc_ids, positions)
-        perm = torch.from_numpy(np.random.default_rng([self.cfg.seed, part]).permutation(len(rows.token_id)))
+        perm = torch.from_numpy(
+            np.random.default_rng([self.cfg.seed, part]).permutation(len(rows.token_id))
+        )
         token_id, doc_id, pos = rows.token_id[perm], rows.doc_id[perm], rows.pos[perm]
         name = shards.part_name(part, self.write_id)
         records = []
         for layer, layer_acts in rows.acts.items():
-            table = shards.shard_table(layer_acts[perm], token_id, doc_id, pos, dtype=self.cfg.dtype)
-            stored = shards.decode_act(table.column("act"), d_in=layer_acts.shape[1], dtype=self.cfg.dtype)
+            table = shards.shard_table(
+                layer_acts[perm], token_id, doc_id, pos, dtype=self.cfg.dtype
+            )
+            stored = shards.decode_act(
+                table.column("act"), d_in=layer_acts.shape[1], dtype=self.cfg.dtype
+            )
             shards.check_finite(stored, where=f"layer {layer} {name}")
             written = shards.write_part(self.uris[layer], name, table)
             stats = shards.ActStats.of(stored)
@@ -496,15 +512,20 @@ class PartHarvester:
         return pa.Table.from_pylist(records)
 
     @torch.inference_mode()
-    def _forward(self, windows: list[np.ndarray], doc_ids: np.ndarray, positions: list[np.ndarray]) -> Rows:
+    def _forward(
+        self, windows: list[np.ndarray], doc_ids: np.ndarray, positions: list[np.ndarray]
+    ) -> Rows:
         """Run the model over ``windows`` in batches; the recorded rows, in window order."""
         acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.cfg.layers}
         token_id, doc_id, pos = [], [], []
-        order = np.argsort([len(w) for w in windows], kind="stable")  # similar lengths: less padding
+        order = np.argsort(
+            [len(w) for w in windows], kind="stable"
+        )  # similar lengths: less padding
         for start in range(0, len(order), self.cfg.batch_size):
             batch = order[start : start + self.cfg.batch_size]
-            ids, batch_pos, attention = pad_windows([windows[i] for i in batch],
-                                                    [positions[i] for i in batch])
+            ids, batch_pos, attention = pad_windows(
+                [windows[i] for i in batch], [positions[i] for i in batch]
+            )
             # Padding is on the right: causal attention keeps it out of every real token.
             out = self.model.base_model(
                 input_ids=ids.to(self.device),
@@ -594,7 +615,9 @@ def harvest(
     config = load_config(cfg.model, cfg.revision)
     _check_layers(cfg, config.num_hidden_layers)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    excluded = np.asarray(tokenizer.all_special_ids if cfg.exclude_special_tokens else [], dtype=np.int64)
+    excluded = np.asarray(
+        tokenizer.all_special_ids if cfg.exclude_special_tokens else [], dtype=np.int64
+    )
     documents = iter_documents(
         cfg.corpus, text_column=cfg.text_column, split=cfg.corpus_split, config=cfg.corpus_config
     )
@@ -606,13 +629,17 @@ def harvest(
         prepend_bos=cfg.prepend_bos,
         excluded=excluded,
     )
-    tokens_per_part = cfg.tokens_per_part or shards.default_rows_per_part(config.hidden_size, cfg.dtype)
+    tokens_per_part = cfg.tokens_per_part or shards.default_rows_per_part(
+        config.hidden_size, cfg.dtype
+    )
     jobs = part_jobs(windows, tokens_per_part=tokens_per_part, seed=cfg.seed)
     # Later blocks cannot change the requested layers; one extra block keeps the final norm
     # (applied to the last entry of hidden_states) off them. _check_layers made this ≤ the total.
     n_blocks = max(cfg.layers) + 2
     records = _run(cfg, jobs, uris, excluded, n_blocks, progress)
-    return {layer: _commit(cfg, layer, uris[layer], records, config.hidden_size) for layer in cfg.layers}
+    return {
+        layer: _commit(cfg, layer, uris[layer], records, config.hidden_size) for layer in cfg.layers
+    }
 
 
 def _check_layers(cfg: HarvestConfig, n_blocks: int) -> None:
@@ -637,7 +664,9 @@ def _run(
     """Run the part jobs on the actor pool; the written parts' records (layer, name, rows, sums)."""
     if not ray.is_initialized():
         ray.init()
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    use_gpu = cfg.device == "cuda" or (
+        cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1
+    )
     harvested = ray.data.from_arrow(jobs).map_batches(
         PartHarvester,
         fn_constructor_kwargs={
@@ -662,7 +691,11 @@ def _run(
             done = [r for r in records if r["layer"] == cfg.layers[0]]
             progress(
                 Progress(
-                    len(done), len(jobs), sum(r["rows"] for r in done), cfg.n_tokens, time.monotonic() - start
+                    len(done),
+                    len(jobs),
+                    sum(r["rows"] for r in done),
+                    cfg.n_tokens,
+                    time.monotonic() - start,
                 )
             )
     return records
@@ -709,7 +742,9 @@ def add_harvest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def run_harvest_cli(args: argparse.Namespace) -> int:
     """``raysae harvest``: run a harvest from parsed arguments; returns the exit status."""
-    cfg = HarvestConfig.from_dict({f.name: getattr(args, f.name) for f in dataclasses.fields(HarvestConfig)})
+    cfg = HarvestConfig.from_dict(
+        {f.name: getattr(args, f.name) for f in dataclasses.fields(HarvestConfig)}
+    )
     for layer, manifest in harvest(cfg).items():
         uri = layer_uri(cfg.output, layer)
         print(

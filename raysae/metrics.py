@@ -83,8 +83,10 @@ class Moments:
     def merge(self, other: "Moments") -> "Moments":
         """Fold `other` into self; returns self."""
         if (other.d, other.full) != (self.d, self.full):
-            raise ValueError(f"cannot merge Moments(d={other.d}, full={other.full}) into "
-                             f"Moments(d={self.d}, full={self.full})")
+            raise ValueError(
+                f"cannot merge Moments(d={other.d}, full={other.full}) into "
+                f"Moments(d={self.d}, full={self.full})"
+            )
         if other.n:
             self._combine(other.n, other.mean, other.scatter)
         return self
@@ -120,10 +122,13 @@ class ReconstructionStats:
     def __init__(self, d_in: int, reference_mean: Optional[Tensor] = None):
         self.d_in = d_in
         if reference_mean is not None and tuple(reference_mean.shape) != (d_in,):
-            raise ValueError(f"reference_mean has shape {tuple(reference_mean.shape)}, "
-                             f"expected ({d_in},): one mean per activation dimension")
-        self.reference_mean = (None if reference_mean is None
-                               else reference_mean.detach().to(torch.float64).cpu())
+            raise ValueError(
+                f"reference_mean has shape {tuple(reference_mean.shape)}, "
+                f"expected ({d_in},): one mean per activation dimension"
+            )
+        self.reference_mean = (
+            None if reference_mean is None else reference_mean.detach().to(torch.float64).cpu()
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -139,8 +144,10 @@ class ReconstructionStats:
     def update(self, x: Tensor, x_hat: Tensor) -> None:
         """x, x_hat: (B, d_in), any float dtype, same device."""
         if x.shape != x_hat.shape or x.ndim != 2 or x.shape[1] != self.d_in:
-            raise ValueError(f"expected x and x_hat of shape (B, {self.d_in}), "
-                             f"got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+            raise ValueError(
+                f"expected x and x_hat of shape (B, {self.d_in}), "
+                f"got {tuple(x.shape)} and {tuple(x_hat.shape)}"
+            )
         if x.shape[0] == 0:
             return
         x, x_hat = x.detach().to(torch.float64), x_hat.detach().to(torch.float64)
@@ -156,8 +163,18 @@ class ReconstructionStats:
             n_fvu_b = (spread > 0).sum().to(torch.float64)
         cos = dot / (x_norm * xhat_norm).clamp_min(_TINY)
         l2_ratio = torch.where(nonzero, xhat_norm / x_norm.clamp_min(_TINY), 0.0)
-        batch = torch.stack([err.sum(), fvu_b, n_fvu_b, cos.sum(), l2_ratio.sum(),
-                             nonzero.sum().to(torch.float64), xhat_norm.pow(2).sum(), dot.sum()])
+        batch = torch.stack(
+            [
+                err.sum(),
+                fvu_b,
+                n_fvu_b,
+                cos.sum(),
+                l2_ratio.sum(),
+                nonzero.sum().to(torch.float64),
+                xhat_norm.pow(2).sum(),
+                dot.sum(),
+            ]
+        )
         self.sums = self.sums.to(x.device) + batch
         self.moments.update(x)
 
@@ -166,9 +183,11 @@ class ReconstructionStats:
         if other.d_in != self.d_in:
             raise ValueError(f"cannot merge stats of d_in={other.d_in} into d_in={self.d_in}")
         if not _same_reference(self.reference_mean, other.reference_mean):
-            raise ValueError("cannot merge ReconstructionStats with different reference means: "
-                             "fvu_b sums are only comparable about the same mean; give every "
-                             "worker the same reference_mean")
+            raise ValueError(
+                "cannot merge ReconstructionStats with different reference means: "
+                "fvu_b sums are only comparable about the same mean; give every "
+                "worker the same reference_mean"
+            )
         if other.n:
             self.sums = self.sums + other.sums.to(self.sums.device)
             self.moments.merge(other.moments)
@@ -194,24 +213,28 @@ class ReconstructionStats:
 
     def state_tensor(self) -> Tensor:
         """Flat float64 state [n, Σ‖x − x̄‖², *sums, *mean], for all-gather across workers."""
-        head = torch.stack([torch.tensor(float(self.n), dtype=torch.float64),
-                            self.moments.total_variance().cpu()])
-        return torch.cat([head.to(self.sums.device), self.sums,
-                          self.moments.mean.to(self.sums.device)])
+        head = torch.stack(
+            [torch.tensor(float(self.n), dtype=torch.float64), self.moments.total_variance().cpu()]
+        )
+        return torch.cat(
+            [head.to(self.sums.device), self.sums, self.moments.mean.to(self.sums.device)]
+        )
 
     @classmethod
-    def from_state_tensor(cls, t: Tensor, d_in: int,
-                          reference_mean: Optional[Tensor] = None) -> "ReconstructionStats":
+    def from_state_tensor(
+        cls, t: Tensor, d_in: int, reference_mean: Optional[Tensor] = None
+    ) -> "ReconstructionStats":
         expected = 2 + len(cls.SUMS) + d_in
         if t.shape != (expected,):
-            raise ValueError(f"state tensor has shape {tuple(t.shape)}, expected ({expected},) "
-                             f"for d_in={d_in}")
+            raise ValueError(
+                f"state tensor has shape {tuple(t.shape)}, expected ({expected},) for d_in={d_in}"
+            )
         s = cls(d_in, reference_mean)
         t = t.to(torch.float64)
         s.moments.n = int(round(float(t[0])))
         s.moments.scatter = t[1].clone()
-        s.sums = t[2:2 + len(cls.SUMS)].clone()
-        s.moments.mean = t[2 + len(cls.SUMS):].clone()
+        s.sums = t[2 : 2 + len(cls.SUMS)].clone()
+        s.moments.mean = t[2 + len(cls.SUMS) :].clone()
         return s
 
 
@@ -258,8 +281,9 @@ class SparsityStats:
     def update(self, latents: Tensor, start: Optional[int] = None) -> None:
         """latents: (B, n_latents); start: stream position of the first row (default self.end)."""
         if latents.ndim != 2 or latents.shape[1] != self.n_latents:
-            raise ValueError(f"expected latents of shape (B, {self.n_latents}), "
-                             f"got {tuple(latents.shape)}")
+            raise ValueError(
+                f"expected latents of shape (B, {self.n_latents}), got {tuple(latents.shape)}"
+            )
         b = latents.shape[0]
         start = self.end if start is None else start
         if start < 0:
@@ -278,8 +302,9 @@ class SparsityStats:
         self._to(latents.device)
         self.fire_counts += counts
         self.last_fired = torch.maximum(self.last_fired, last)
-        self.sums += torch.stack([counts.sum().to(torch.float64),
-                                  latents.abs().sum(dtype=torch.float64)])
+        self.sums += torch.stack(
+            [counts.sum().to(torch.float64), latents.abs().sum(dtype=torch.float64)]
+        )
 
     def _track(self, begin: int, end: int) -> None:
         if begin == end:
@@ -290,13 +315,15 @@ class SparsityStats:
 
     def _to(self, device: torch.device) -> None:
         self.sums, self.fire_counts, self.last_fired = (
-            t.to(device) for t in (self.sums, self.fire_counts, self.last_fired))
+            t.to(device) for t in (self.sums, self.fire_counts, self.last_fired)
+        )
 
     def merge(self, other: "SparsityStats") -> "SparsityStats":
         """Fold in `other` (positions in the same stream); returns self."""
         if other.n_latents != self.n_latents:
-            raise ValueError(f"cannot merge stats of {other.n_latents} latents into "
-                             f"{self.n_latents}")
+            raise ValueError(
+                f"cannot merge stats of {other.n_latents} latents into {self.n_latents}"
+            )
         device = self.sums.device
         self.sums = self.sums + other.sums.to(device)
         self.fire_counts = self.fire_counts + other.fire_counts.to(device)
@@ -334,22 +361,26 @@ class SparsityStats:
         all-gather. Counts and positions stay exact in float64 up to 2^53 tokens."""
         device = self.sums.device
         head = torch.tensor([self.n, self.begin, self.end], dtype=torch.float64, device=device)
-        return torch.cat([head, self.sums, self.fire_counts.to(torch.float64),
-                          self.last_fired.to(torch.float64)])
+        return torch.cat(
+            [head, self.sums, self.fire_counts.to(torch.float64), self.last_fired.to(torch.float64)]
+        )
 
     @classmethod
-    def from_state_tensor(cls, t: Tensor, n_latents: int,
-                          dead_window: int = 10_000_000) -> "SparsityStats":
+    def from_state_tensor(
+        cls, t: Tensor, n_latents: int, dead_window: int = 10_000_000
+    ) -> "SparsityStats":
         expected = 5 + 2 * n_latents
         if t.shape != (expected,):
-            raise ValueError(f"state tensor has shape {tuple(t.shape)}, expected ({expected},) "
-                             f"for n_latents={n_latents}")
+            raise ValueError(
+                f"state tensor has shape {tuple(t.shape)}, expected ({expected},) "
+                f"for n_latents={n_latents}"
+            )
         s = cls(n_latents, dead_window)
         t = t.to(torch.float64)
         s.n, s.begin, s.end = (int(round(v)) for v in t[:3].tolist())
         s.sums = t[3:5].clone()
-        s.fire_counts = t[5:5 + n_latents].round().to(torch.int64)
-        s.last_fired = t[5 + n_latents:].round().to(torch.int64)
+        s.fire_counts = t[5 : 5 + n_latents].round().to(torch.int64)
+        s.last_fired = t[5 + n_latents :].round().to(torch.int64)
         return s
 
 
@@ -358,14 +389,18 @@ def frequency_histogram(freq: Tensor, bins: int = 20) -> dict:
     freq = freq.double().cpu().numpy()
     fired = freq[freq > 0]
     counts, edges = np.histogram(np.log10(np.clip(fired, 1e-8, 1.0)), bins=bins, range=(-8.0, 0.0))
-    return {"log10_edges": edges.tolist(), "counts": counts.tolist(),
-            "never_fired": int((freq == 0).sum())}
+    return {
+        "log10_edges": edges.tolist(),
+        "counts": counts.tolist(),
+        "never_fired": int((freq == 0).sum()),
+    }
 
 
 def scalars(metrics: dict) -> dict:
     """The int and float entries of a metrics dict (drops histograms and other structures)."""
-    return {k: v for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def _ratio(num: float, den: float) -> float:

@@ -15,10 +15,32 @@ import pandas as pd
 
 from raysae import storage
 
-COLUMNS = ["trial_id", "member", "status", "architecture", "d_in", "n_latents", "k",
-           "l1_coefficient", "l0_coefficient", "lr", "seed", "total_tokens", "l0", "fvu", "fvu_b",
-           "explained_variance", "mse", "dead_fraction", "dense_fraction", "tokens",
-           "rows_read", "wall_s", "checkpoint", "feature_recovery"]
+COLUMNS = [
+    "trial_id",
+    "member",
+    "status",
+    "architecture",
+    "d_in",
+    "n_latents",
+    "k",
+    "l1_coefficient",
+    "l0_coefficient",
+    "lr",
+    "seed",
+    "total_tokens",
+    "l0",
+    "fvu",
+    "fvu_b",
+    "explained_variance",
+    "mse",
+    "dead_fraction",
+    "dense_fraction",
+    "tokens",
+    "rows_read",
+    "wall_s",
+    "checkpoint",
+    "feature_recovery",
+]
 """Columns of results.csv / results.parquet, in order (missing values are empty)."""
 
 
@@ -33,9 +55,11 @@ def pareto_mask(l0: Sequence[float], fvu: Sequence[float]) -> list[bool]:
         if math.isnan(a0) or math.isnan(a1):
             mask.append(False)
             continue
-        dominated = any(b0 <= a0 and b1 <= a1 and (b0 < a0 or b1 < a1)
-                        for j, (b0, b1) in enumerate(points)
-                        if j != i and not (math.isnan(b0) or math.isnan(b1)))
+        dominated = any(
+            b0 <= a0 and b1 <= a1 and (b0 < a0 or b1 < a1)
+            for j, (b0, b1) in enumerate(points)
+            if j != i and not (math.isnan(b0) or math.isnan(b1))
+        )
         mask.append(not dominated)
     return mask
 
@@ -53,8 +77,20 @@ def with_frontiers(table: pd.DataFrame) -> pd.DataFrame:
 
 def frontier_table(table: pd.DataFrame) -> pd.DataFrame:
     """The per-architecture frontier points, sorted by architecture then L0."""
-    cols = [c for c in ("architecture", "n_latents", "k", "l1_coefficient", "lr", "l0", "fvu",
-                        "checkpoint") if c in table]
+    cols = [
+        c
+        for c in (
+            "architecture",
+            "n_latents",
+            "k",
+            "l1_coefficient",
+            "lr",
+            "l0",
+            "fvu",
+            "checkpoint",
+        )
+        if c in table
+    ]
     return table[table["pareto"]].sort_values(["architecture", "l0"])[cols]
 
 
@@ -94,18 +130,25 @@ def write_results(table: pd.DataFrame, out: str) -> None:
     table.to_parquet(parquet, index=False)
     storage.write_bytes(storage.join(out, "results.parquet"), parquet.getvalue())
     storage.write_bytes(storage.join(out, "results.csv"), table.to_csv(index=False).encode())
-    storage.write_bytes(storage.join(out, "pareto.csv"),
-                        frontier_table(table).to_csv(index=False).encode())
+    storage.write_bytes(
+        storage.join(out, "pareto.csv"), frontier_table(table).to_csv(index=False).encode()
+    )
     storage.write_bytes(storage.join(out, "pareto.png"), plot_pareto(table))
 
 
 def summary(table: pd.DataFrame, out: str) -> str:
     """A short text summary naming the frontier points."""
-    lines = [f"{len(table)} SAE(s) trained; results in {out}/results.csv, plot in {out}/pareto.png",
-             "Pareto frontier (L0 vs FVU) per architecture:"]
+    lines = [
+        f"{len(table)} SAE(s) trained; results in {out}/results.csv, plot in {out}/pareto.png",
+        "Pareto frontier (L0 vs FVU) per architecture:",
+    ]
     for _, row in frontier_table(table).iterrows():
-        params = ", ".join(f"{c}={row[c]:g}" if isinstance(row[c], float) else f"{c}={row[c]}"
-                           for c in ("n_latents", "k", "l1_coefficient", "lr") if c in row)
-        lines.append(f"  {row['architecture']:>10}  L0 {row['l0']:8.2f}  FVU {row['fvu']:.4f}  "
-                     f"({params})")
+        params = ", ".join(
+            f"{c}={row[c]:g}" if isinstance(row[c], float) else f"{c}={row[c]}"
+            for c in ("n_latents", "k", "l1_coefficient", "lr")
+            if c in row
+        )
+        lines.append(
+            f"  {row['architecture']:>10}  L0 {row['l0']:8.2f}  FVU {row['fvu']:.4f}  ({params})"
+        )
     return "\n".join(lines)

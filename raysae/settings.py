@@ -60,7 +60,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.Argument
         else:
             kwargs["default"] = f.default
             kwargs["help"] += " (default: %(default)s)"
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs, **_argparse_kind(hints[f.name]))
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), **kwargs, **_argparse_kind(hints[f.name])
+        )
     return parser
 
 

@@ -155,9 +155,13 @@ class ActStats:
     def merge(self, other: ActStats) -> ActStats:
         """Statistics of the union of both row sets."""
         if self.sum.shape != other.sum.shape:
-            raise ValueError(f"cannot merge statistics of d_in={self.sum.size} and d_in={other.sum.size}")
+            raise ValueError(
+                f"cannot merge statistics of d_in={self.sum.size} and d_in={other.sum.size}"
+            )
         return ActStats(
-            self.count + other.count, self.sum + other.sum, self.squared_norm_sum + other.squared_norm_sum
+            self.count + other.count,
+            self.sum + other.sum,
+            self.squared_norm_sum + other.squared_norm_sum,
         )
 
     @property
@@ -172,14 +176,20 @@ class ActStats:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; Python's float repr round-trips float64 exactly."""
-        return {"count": self.count, "sum": self.sum.tolist(), "squared_norm_sum": self.squared_norm_sum}
+        return {
+            "count": self.count,
+            "sum": self.sum.tolist(),
+            "squared_norm_sum": self.squared_norm_sum,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ActStats:
         """Inverse of :meth:`to_dict`; unknown or missing keys are an error."""
         _check_keys("stats", data, {"count", "sum", "squared_norm_sum"})
         return cls(
-            int(data["count"]), np.asarray(data["sum"], dtype=np.float64), float(data["squared_norm_sum"])
+            int(data["count"]),
+            np.asarray(data["sum"], dtype=np.float64),
+            float(data["squared_norm_sum"]),
         )
 
 
@@ -232,7 +242,9 @@ class Manifest:
                 "upgrade raysae or re-harvest"
             )
         if self.dtype not in STORAGE_DTYPES:
-            raise DatasetError(f"manifest dtype={self.dtype!r}: expected one of {sorted(STORAGE_DTYPES)}")
+            raise DatasetError(
+                f"manifest dtype={self.dtype!r}: expected one of {sorted(STORAGE_DTYPES)}"
+            )
         if self.d_in <= 0:
             raise DatasetError(f"manifest d_in={self.d_in}: must be positive")
         names = [part.name for part in self.parts]
@@ -246,7 +258,9 @@ class Manifest:
                 f"stats count {self.stats.count}; the manifest is corrupt — re-harvest"
             )
         if self.stats.sum.shape != (self.d_in,):
-            raise DatasetError(f"manifest stats.sum has {self.stats.sum.size} values, d_in={self.d_in}")
+            raise DatasetError(
+                f"manifest stats.sum has {self.stats.sum.size} values, d_in={self.d_in}"
+            )
 
     @property
     def row_bytes(self) -> int:
@@ -278,13 +292,17 @@ def _check_keys(what: str, data: Any, expected: set[str]) -> None:
         raise DatasetError(f"{what} must be a JSON object, got {type(data).__name__}")
     unknown, missing = set(data) - expected, expected - set(data)
     if unknown or missing:
-        raise DatasetError(f"{what}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        raise DatasetError(
+            f"{what}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
+        )
 
 
 # ---------------------------------------------------------------- act codec
 
 
-def encode_act(acts: torch.Tensor | np.ndarray, dtype: str, *, copy: bool = False) -> pa.FixedSizeBinaryArray:
+def encode_act(
+    acts: torch.Tensor | np.ndarray, dtype: str, *, copy: bool = False
+) -> pa.FixedSizeBinaryArray:
     """Activations (N, d_in) → ``act`` column in the stored ``dtype``.
 
     Shares memory with ``acts`` when they are already contiguous in that dtype on the CPU,
@@ -297,7 +315,9 @@ def encode_act(acts: torch.Tensor | np.ndarray, dtype: str, *, copy: bool = Fals
     bits = tensor.view(torch.int16) if dtype == "bfloat16" else tensor
     values = bits.numpy()
     width = tensor.shape[1] * numpy_dtype.itemsize
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(values)])
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(width), len(values), [None, pa.py_buffer(values)]
+    )
 
 
 def act_width(act_type: pa.DataType, dtype: str) -> int | None:
@@ -317,7 +337,9 @@ def check_act_type(act_type: pa.DataType, *, d_in: int, dtype: str, where: str) 
     width = act_width(act_type, dtype)
     if width is not None and width != d_in:
         raise DatasetError(f"{where}: act has {width} values per row, manifest says d_in={d_in}")
-    raise DatasetError(f"{where}: act column is {act_type}, expected {expected} ({dtype} × d_in={d_in})")
+    raise DatasetError(
+        f"{where}: act column is {act_type}, expected {expected} ({dtype} × d_in={d_in})"
+    )
 
 
 def _as_tensor(values: np.ndarray) -> torch.Tensor:
@@ -335,13 +357,20 @@ def _view_chunk(chunk: pa.FixedSizeBinaryArray, d_in: int, dtype: str) -> torch.
         raise DatasetError("act column has null rows; parts written by raysae never do")
     count = len(chunk) * d_in
     values = np.frombuffer(
-        chunk.buffers()[1], dtype=numpy_dtype, count=count, offset=chunk.offset * chunk.type.byte_width
+        chunk.buffers()[1],
+        dtype=numpy_dtype,
+        count=count,
+        offset=chunk.offset * chunk.type.byte_width,
     )
     return _as_tensor(values).view(len(chunk), d_in).view(torch_dtype)
 
 
 def decode_act(
-    column: pa.Array | pa.ChunkedArray, *, d_in: int, dtype: str, out_dtype: torch.dtype | None = None
+    column: pa.Array | pa.ChunkedArray,
+    *,
+    d_in: int,
+    dtype: str,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``act`` column → tensor (N, d_in) in ``out_dtype`` (default: the stored ``dtype``).
 
@@ -381,7 +410,9 @@ def collate(
     for name in columns:
         if name == "act":
             stored = dtype or stored_dtype(table.schema)
-            batch[name] = decode_act(table.column("act"), d_in=d_in, dtype=stored, out_dtype=out_dtype)
+            batch[name] = decode_act(
+                table.column("act"), d_in=d_in, dtype=stored, out_dtype=out_dtype
+            )
         else:
             batch[name] = _as_tensor(table.column(name).to_numpy())
     return batch["act"] if tuple(columns) == ("act",) else batch
@@ -441,7 +472,12 @@ def shard_schema(d_in: int, dtype: str) -> pa.Schema:
         metadata={DTYPE_KEY: dtype},
     )
     return pa.schema(
-        [act, pa.field("token_id", pa.int32()), pa.field("doc_id", pa.int64()), pa.field("pos", pa.int32())]
+        [
+            act,
+            pa.field("token_id", pa.int32()),
+            pa.field("doc_id", pa.int64()),
+            pa.field("pos", pa.int32()),
+        ]
     )
 
 
@@ -534,11 +570,15 @@ def commit_dataset(uri: str, manifest: Manifest, *, overwrite: bool) -> None:
         raise DatasetError(f"nothing was written to {uri}; refusing to commit an empty dataset")
     present = storage.list_files(uri)
     if MANIFEST_NAME in present and not overwrite:
-        raise FileExistsError(f"another writer committed a dataset at {uri} while this one was writing")
+        raise FileExistsError(
+            f"another writer committed a dataset at {uri} while this one was writing"
+        )
     listed = {part.name for part in manifest.parts}
     wrong = sorted(part.name for part in manifest.parts if present.get(part.name) != part.bytes)
     if wrong:
-        raise DatasetError(f"cannot commit {uri}: parts {wrong[:5]} are missing or not the size written")
+        raise DatasetError(
+            f"cannot commit {uri}: parts {wrong[:5]} are missing or not the size written"
+        )
     storage.write_bytes(storage.join(uri, MANIFEST_NAME), manifest.to_json().encode())
     for name in present:
         if name not in listed and name != MANIFEST_NAME and _is_ours(name):
@@ -593,7 +633,9 @@ class DatasetWriter:
             raise RuntimeError(f"DatasetWriter for {self.uri} is already committed or aborted")
         n = int(acts.shape[0])
         if acts.ndim != 2 or acts.shape[1] != self.d_in:
-            raise ValueError(f"activations have shape {tuple(acts.shape)}, expected (N, d_in={self.d_in})")
+            raise ValueError(
+                f"activations have shape {tuple(acts.shape)}, expected (N, d_in={self.d_in})"
+            )
         rows = np.arange(self._rows_seen, self._rows_seen + n)
         token_id = np.full(n, -1) if token_id is None else token_id
         doc_id = rows if doc_id is None else doc_id
@@ -710,19 +752,28 @@ def open_dataset(uri: str, *, verify: bool = False) -> Manifest:
     present = storage.list_files(uri)
     for part in manifest.parts:
         if part.name not in present:
-            raise DatasetError(f"{uri}: part {part.name} listed in {MANIFEST_NAME} is missing; re-harvest")
+            raise DatasetError(
+                f"{uri}: part {part.name} listed in {MANIFEST_NAME} is missing; re-harvest"
+            )
         if present[part.name] != part.bytes:
             raise DatasetError(
                 f"{uri}: part {part.name} is {present[part.name]} bytes, {MANIFEST_NAME} says {part.bytes} "
                 "(truncated or replaced); re-harvest"
             )
-    with ThreadPoolExecutor(max_workers=8) as pool:  # footers are small reads: overlap their latency
+    with ThreadPoolExecutor(
+        max_workers=8
+    ) as pool:  # footers are small reads: overlap their latency
         list(pool.map(lambda part: _check_footer(uri, manifest, part), manifest.parts))
     if verify:
         for part in manifest.parts:
             first_row = 0
             for batch in read_part(
-                uri, part, d_in=manifest.d_in, dtype=manifest.dtype, columns=["act"], batch_size=65536
+                uri,
+                part,
+                d_in=manifest.d_in,
+                dtype=manifest.dtype,
+                columns=["act"],
+                batch_size=65536,
             ):
                 acts = decode_act(batch.column("act"), d_in=manifest.d_in, dtype=manifest.dtype)
                 check_finite(acts, where=f"{uri}: part {part.name}", first_row=first_row)
@@ -753,12 +804,21 @@ def _check_footer(uri: str, manifest: Manifest, part: Part) -> None:
     if missing:
         raise DatasetError(f"{uri}: part {part.name} lacks columns {missing}")
     check_act_type(
-        schema.field("act").type, d_in=manifest.d_in, dtype=manifest.dtype, where=f"{uri}: part {part.name}"
+        schema.field("act").type,
+        d_in=manifest.d_in,
+        dtype=manifest.dtype,
+        where=f"{uri}: part {part.name}",
     )
 
 
 def read_part(
-    uri: str, part: Part, *, d_in: int, dtype: str, columns: Sequence[str], batch_size: int | None = None
+    uri: str,
+    part: Part,
+    *,
+    d_in: int,
+    dtype: str,
+    columns: Sequence[str],
+    batch_size: int | None = None,
 ) -> Iterator[pa.Table]:
     """One part's rows as tables of ``batch_size`` rows (default: the whole part at once).
 
@@ -767,7 +827,10 @@ def read_part(
     """
     with _open_part(uri, part) as parquet:
         check_act_type(
-            parquet.schema_arrow.field("act").type, d_in=d_in, dtype=dtype, where=f"{uri}: part {part.name}"
+            parquet.schema_arrow.field("act").type,
+            d_in=d_in,
+            dtype=dtype,
+            where=f"{uri}: part {part.name}",
         )
         try:
             for batch in parquet.iter_batches(
@@ -812,12 +875,23 @@ def iter_batches(
     rebatcher = Rebatcher(batch_size)
     for part in parts:
         for table in read_part(
-            uri, part, d_in=manifest.d_in, dtype=manifest.dtype, columns=columns, batch_size=batch_size
+            uri,
+            part,
+            d_in=manifest.d_in,
+            dtype=manifest.dtype,
+            columns=columns,
+            batch_size=batch_size,
         ):
             for batch in rebatcher.push(table):
                 yield collate(
-                    batch, d_in=manifest.d_in, dtype=manifest.dtype, out_dtype=dtype, columns=columns
+                    batch,
+                    d_in=manifest.d_in,
+                    dtype=manifest.dtype,
+                    out_dtype=dtype,
+                    columns=columns,
                 )
     rest = rebatcher.rest()
     if rest is not None and not drop_last:
-        yield collate(rest, d_in=manifest.d_in, dtype=manifest.dtype, out_dtype=dtype, columns=columns)
+        yield collate(
+            rest, d_in=manifest.d_in, dtype=manifest.dtype, out_dtype=dtype, columns=columns
+        )

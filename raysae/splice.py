@@ -124,8 +124,15 @@ class SpliceStats:
     """
 
     RUNS = ("clean", "spliced", "zero_ablated", "mean_ablated")
-    SUMS = ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated",
-            "kl_spliced", "kl_zero_ablated", "kl_mean_ablated")
+    SUMS = (
+        "ce_clean",
+        "ce_spliced",
+        "ce_zero_ablated",
+        "ce_mean_ablated",
+        "kl_spliced",
+        "kl_zero_ablated",
+        "kl_mean_ablated",
+    )
     """Sums over scored tokens kept in `sums` (float64), in this order; KL from the clean run."""
 
     def __init__(self, mean_ablation: bool = True):
@@ -137,24 +144,37 @@ class SpliceStats:
         self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, targets: Tensor, clean: Tensor, spliced: Tensor, zero_ablated: Tensor,
-               mean_ablated: Tensor | None = None) -> None:
+    def update(
+        self,
+        targets: Tensor,
+        clean: Tensor,
+        spliced: Tensor,
+        zero_ablated: Tensor,
+        mean_ablated: Tensor | None = None,
+    ) -> None:
         """targets: (N,) next-token ids; clean, spliced, …: (N, vocab) logits at those tokens."""
         if (mean_ablated is not None) != self.mean_ablation:
-            raise ValueError(f"SpliceStats(mean_ablation={self.mean_ablation}) got "
-                             f"{'no ' if mean_ablated is None else ''}mean-ablated logits")
+            raise ValueError(
+                f"SpliceStats(mean_ablation={self.mean_ablation}) got "
+                f"{'no ' if mean_ablated is None else ''}mean-ablated logits"
+            )
         runs = [clean, spliced, zero_ablated] + ([mean_ablated] if self.mean_ablation else [])
-        if targets.ndim != 1 or any(r.ndim != 2 or r.shape != clean.shape for r in runs) \
-                or clean.shape[0] != targets.shape[0]:
-            raise ValueError(f"expected targets (N,) and logits (N, vocab) of one shape, got "
-                             f"{tuple(targets.shape)} and {[tuple(r.shape) for r in runs]}")
+        if (
+            targets.ndim != 1
+            or any(r.ndim != 2 or r.shape != clean.shape for r in runs)
+            or clean.shape[0] != targets.shape[0]
+        ):
+            raise ValueError(
+                f"expected targets (N,) and logits (N, vocab) of one shape, got "
+                f"{tuple(targets.shape)} and {[tuple(r.shape) for r in runs]}"
+            )
         # Per token in float32, summed in float64: a float64 copy of (N, vocab) logits would
         # double the memory, which the vocabulary already makes the largest term. Row chunks
         # bound the temporaries of log_softmax.
         rows = max(1, _CHUNK_ELEMENTS // clean.shape[1])
         batch = torch.zeros(len(self.SUMS), dtype=torch.float64, device=clean.device)
         for i in range(0, targets.shape[0], rows):
-            batch += self._sums(targets[i:i + rows], [r[i:i + rows] for r in runs])
+            batch += self._sums(targets[i : i + rows], [r[i : i + rows] for r in runs])
         self.sums = self.sums.to(batch.device) + batch
         self.n += targets.shape[0]
 
@@ -211,8 +231,10 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     for child in base.children():
         if isinstance(child, nn.ModuleList) and len(child) == n_blocks:
             return child
-    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
-                     f"num_hidden_layers={n_blocks} modules under {type(base).__name__}")
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
+        f"num_hidden_layers={n_blocks} modules under {type(base).__name__}"
+    )
 
 
 @contextmanager
@@ -221,13 +243,16 @@ def replaced_output(block: nn.Module, replace: Callable[[Tensor], Tensor]) -> It
 
     The hook is removed on leaving, also by an exception.
     """
+
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         if isinstance(output, Tensor):
             return replace(output)
         if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
             return (replace(output[0]), *output[1:])
-        raise TypeError(f"{type(module).__name__} returned {type(output).__name__}: expected the "
-                        "hidden states as a tensor or as the first entry of a tuple")
+        raise TypeError(
+            f"{type(module).__name__} returned {type(output).__name__}: expected the "
+            "hidden states as a tensor or as the first entry of a tuple"
+        )
 
     handle = block.register_forward_hook(hook)
     try:
@@ -274,8 +299,9 @@ def make_batch(windows: Sequence[Window], excluded: np.ndarray, device: torch.de
 
 def _logits(model: nn.Module, batch: Batch) -> Tensor:
     """(N, vocab) next-token logits at the scored positions."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   use_cache=False).logits
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits
     return logits[:, :-1][batch.scored]
 
 
@@ -296,10 +322,12 @@ def residual_mean(model: nn.Module, layer: int, batches: Sequence[Batch]) -> Ten
 
     for batch in batches:
         try:
-            with replaced_output(decoder_blocks(model)[layer],
-                                 partial(capture, mask=batch.replaced)):
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      use_cache=False)
+            with replaced_output(
+                decoder_blocks(model)[layer], partial(capture, mask=batch.replaced)
+            ):
+                model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                )
         except _StopForward:
             pass
     if not count:
@@ -308,10 +336,17 @@ def residual_mean(model: nn.Module, layer: int, batches: Sequence[Batch]) -> Ten
 
 
 @torch.no_grad()
-def evaluate_splice(model: nn.Module, layer: int, sae: SparseAutoencoder,
-                    windows: Sequence[Window], *, excluded: np.ndarray, batch_size: int = 8,
-                    mean_ablation: bool = True,
-                    progress: Callable[[str], None] | None = None) -> SpliceStats:
+def evaluate_splice(
+    model: nn.Module,
+    layer: int,
+    sae: SparseAutoencoder,
+    windows: Sequence[Window],
+    *,
+    excluded: np.ndarray,
+    batch_size: int = 8,
+    mean_ablation: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> SpliceStats:
     """Clean, spliced and ablated runs of `model` over `windows`, accumulated (module docstring).
 
     `excluded`: token ids left clean and unscored (harvest's ``tokenizer.all_special_ids``).
@@ -319,8 +354,10 @@ def evaluate_splice(model: nn.Module, layer: int, sae: SparseAutoencoder,
     """
     device = next(model.parameters()).device
     block = decoder_blocks(model)[layer]
-    batches = [make_batch(windows[i:i + batch_size], excluded, device)
-               for i in range(0, len(windows), batch_size)]
+    batches = [
+        make_batch(windows[i : i + batch_size], excluded, device)
+        for i in range(0, len(windows), batch_size)
+    ]
     mean = None
     if mean_ablation:
         if progress:
@@ -346,8 +383,10 @@ def evaluate_splice(model: nn.Module, layer: int, sae: SparseAutoencoder,
             now = time.monotonic()
             if progress and (now - last_report >= 10 or i == len(batches) - 1):
                 last_report = now
-                progress(f"splice: batch {i + 1}/{len(batches)}, {stats.n:,} tokens scored, "
-                         f"{stats.n / max(now - start, 1e-9):,.0f} tokens/s")
+                progress(
+                    f"splice: batch {i + 1}/{len(batches)}, {stats.n:,} tokens scored, "
+                    f"{stats.n / max(now - start, 1e-9):,.0f} tokens/s"
+                )
     finally:
         sae.train(was_training)
     return stats
@@ -364,43 +403,76 @@ def check_model(sae: SparseAutoencoder, cfg: SpliceConfig) -> Any:
     path = resolve_package_path(cfg.model)
     looks_local = path.endswith(".gguf") or path.startswith(("/", ".", "~"))
     if looks_local and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"model {cfg.model}: no such file or directory; pass --model "
-                                "with a hub id, a local model directory or a .gguf file")
+        raise FileNotFoundError(
+            f"model {cfg.model}: no such file or directory; pass --model "
+            "with a hub id, a local model directory or a .gguf file"
+        )
     config = load_config(cfg.model, cfg.revision)
     n_blocks, width = config.num_hidden_layers, config.hidden_size
     if not 0 <= cfg.layer < n_blocks:
-        raise ValueError(f"layer {cfg.layer}: model {cfg.model} has {n_blocks} blocks; "
-                         f"choose --layer in 0..{n_blocks - 1}")
+        raise ValueError(
+            f"layer {cfg.layer}: model {cfg.model} has {n_blocks} blocks; "
+            f"choose --layer in 0..{n_blocks - 1}"
+        )
     if sae.cfg.d_in != width:
-        raise ValueError(f"the SAE has d_in={sae.cfg.d_in} but model {cfg.model} has "
-                         f"hidden_size={width}; splice the SAE into the model it was trained on "
-                         "(--model, --layer)")
+        raise ValueError(
+            f"the SAE has d_in={sae.cfg.d_in} but model {cfg.model} has "
+            f"hidden_size={width}; splice the SAE into the model it was trained on "
+            "(--model, --layer)"
+        )
     return config
 
 
-def run_splice(sae: SparseAutoencoder, cfg: SpliceConfig, *, device: str | torch.device = "cpu",
-               progress: Callable[[str], None] | None = None) -> dict:
+def run_splice(
+    sae: SparseAutoencoder,
+    cfg: SpliceConfig,
+    *,
+    device: str | torch.device = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Check, build the windows, load the model, evaluate; the report's ``splice`` section."""
     check_model(sae, cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    excluded = np.asarray(tokenizer.all_special_ids if cfg.exclude_special_tokens else [],
-                          dtype=np.int64)
-    documents = iter_documents(cfg.corpus, text_column=cfg.text_column, split=cfg.corpus_split,
-                               config=cfg.corpus_config)
-    windows = build_windows(documents, tokenizer, n_tokens=cfg.n_tokens,
-                            context_length=cfg.context_length, prepend_bos=cfg.prepend_bos,
-                            excluded=excluded)
+    excluded = np.asarray(
+        tokenizer.all_special_ids if cfg.exclude_special_tokens else [], dtype=np.int64
+    )
+    documents = iter_documents(
+        cfg.corpus, text_column=cfg.text_column, split=cfg.corpus_split, config=cfg.corpus_config
+    )
+    windows = build_windows(
+        documents,
+        tokenizer,
+        n_tokens=cfg.n_tokens,
+        context_length=cfg.context_length,
+        prepend_bos=cfg.prepend_bos,
+        excluded=excluded,
+    )
     model = load_model(cfg.model, revision=cfg.revision, dtype=cfg.model_dtype).to(device)
     if progress:
-        progress(f"splice: {cfg.model} at {hook_name(cfg.layer)}, {len(windows):,} windows "
-                 f"of ≤ {cfg.context_length} tokens from {cfg.corpus}")
-    stats = evaluate_splice(model, cfg.layer, sae.to(device), windows, excluded=excluded,
-                            batch_size=cfg.batch_size, mean_ablation=cfg.mean_ablation,
-                            progress=progress)
-    return {"model": cfg.model, "layer": cfg.layer, "hook": hook_name(cfg.layer),
-            "corpus": cfg.corpus, "context_length": cfg.context_length,
-            "windows": len(windows), "bos": "clean" if cfg.exclude_special_tokens else "replaced",
-            **stats.compute()}
+        progress(
+            f"splice: {cfg.model} at {hook_name(cfg.layer)}, {len(windows):,} windows "
+            f"of ≤ {cfg.context_length} tokens from {cfg.corpus}"
+        )
+    stats = evaluate_splice(
+        model,
+        cfg.layer,
+        sae.to(device),
+        windows,
+        excluded=excluded,
+        batch_size=cfg.batch_size,
+        mean_ablation=cfg.mean_ablation,
+        progress=progress,
+    )
+    return {
+        "model": cfg.model,
+        "layer": cfg.layer,
+        "hook": hook_name(cfg.layer),
+        "corpus": cfg.corpus,
+        "context_length": cfg.context_length,
+        "windows": len(windows),
+        "bos": "clean" if cfg.exclude_special_tokens else "replaced",
+        **stats.compute(),
+    }
 
 
 def print_progress(line: str) -> None:
@@ -433,20 +505,35 @@ def resolve_config(data_spec: str | None, **given: Any) -> tuple[SpliceConfig, l
             defaults.update(model=manifest.model, revision=manifest.revision)
         defaults["layer"] = manifest.layer
         skip = CORPUS_SETTINGS if "corpus" in given else ()
-        defaults.update({k: manifest.harvest[k] for k in FROM_HARVEST
-                         if k in manifest.harvest and k not in skip})
+        defaults.update(
+            {
+                k: manifest.harvest[k]
+                for k in FROM_HARVEST
+                if k in manifest.harvest and k not in skip
+            }
+        )
     missing = [k for k in ("model", "layer") if k not in given and k not in defaults]
     if missing:
-        where = (f"--data {data_spec} is not a dataset harvested from a model"
-                 if data_spec else "no dataset was given")
-        raise ConfigError(f"the splice evaluation needs {' and '.join('--' + k for k in missing)}: "
-                          f"{where}; pass the model and layer the SAE was trained on")
+        where = (
+            f"--data {data_spec} is not a dataset harvested from a model"
+            if data_spec
+            else "no dataset was given"
+        )
+        raise ConfigError(
+            f"the splice evaluation needs {' and '.join('--' + k for k in missing)}: "
+            f"{where}; pass the model and layer the SAE was trained on"
+        )
     cfg = SpliceConfig(**{**defaults, **given})
-    notes = [f"splice: {k} {getattr(cfg, k)} from the manifest of {data_spec}"
-             for k in ("model", "layer") if k not in given]
+    notes = [
+        f"splice: {k} {getattr(cfg, k)} from the manifest of {data_spec}"
+        for k in ("model", "layer")
+        if k not in given
+    ]
     if manifest is not None and cfg.layer != manifest.layer:
-        notes.append(f"splice: note: {data_spec} was harvested at layer {manifest.layer}, "
-                     f"the SAE is spliced in at layer {cfg.layer}")
+        notes.append(
+            f"splice: note: {data_spec} was harvested at layer {manifest.layer}, "
+            f"the SAE is spliced in at layer {cfg.layer}"
+        )
     return cfg, notes
 
 
@@ -467,13 +554,21 @@ def report_lines(section: dict) -> list[str]:
     """The console form of run_splice's report section."""
     s = section
     return [
-        (f"SAE spliced into {s['model']} at {s['hook']} (BOS {s['bos']}), {s['n_tokens']:,} "
-         f"next-token predictions in {s['windows']:,} windows of {s['corpus']}:"),
-        (f"  CE loss (nats/token): clean {s['ce_clean']:.4f}, spliced {s['ce_spliced']:.4f} "
-         f"(+{s['ce_loss_increase']:.4f}), zero-ablated {s['ce_zero_ablated']:.4f}, "
-         f"mean-ablated {s['ce_mean_ablated']:.4f}"),
-        (f"  CE loss recovered: {s['ce_loss_recovered']:.4f} against zero ablation, "
-         f"{s['ce_loss_recovered_mean_ablation']:.4f} against mean ablation"),
-        (f"  KL(clean ‖ run) (nats/token): spliced {s['kl_spliced']:.4g}, zero-ablated "
-         f"{s['kl_zero_ablated']:.4g}, mean-ablated {s['kl_mean_ablated']:.4g}"),
+        (
+            f"SAE spliced into {s['model']} at {s['hook']} (BOS {s['bos']}), {s['n_tokens']:,} "
+            f"next-token predictions in {s['windows']:,} windows of {s['corpus']}:"
+        ),
+        (
+            f"  CE loss (nats/token): clean {s['ce_clean']:.4f}, spliced {s['ce_spliced']:.4f} "
+            f"(+{s['ce_loss_increase']:.4f}), zero-ablated {s['ce_zero_ablated']:.4f}, "
+            f"mean-ablated {s['ce_mean_ablated']:.4f}"
+        ),
+        (
+            f"  CE loss recovered: {s['ce_loss_recovered']:.4f} against zero ablation, "
+            f"{s['ce_loss_recovered_mean_ablation']:.4f} against mean ablation"
+        ),
+        (
+            f"  KL(clean ‖ run) (nats/token): spliced {s['kl_spliced']:.4g}, zero-ablated "
+            f"{s['kl_zero_ablated']:.4g}, mean-ablated {s['kl_mean_ablated']:.4g}"
+        ),
     ]

@@ -80,7 +80,9 @@ class PartsDatasource(ray.data.Datasource):
         those calls advance the shuffle, so execution k reads in the order of rng([seed, k])."""
         parts = self.parts
         if self.shuffle and data_context is not None:
-            rng = np.random.default_rng(None if self.seed is None else [self.seed, self._executions])
+            rng = np.random.default_rng(
+                None if self.seed is None else [self.seed, self._executions]
+            )
             parts = [parts[i] for i in rng.permutation(len(parts))]
             self._executions += 1
         columns = self._get_data_columns() or list(shards.COLUMNS)
@@ -88,14 +90,19 @@ class PartsDatasource(ray.data.Datasource):
             ray.data.ReadTask(
                 functools.partial(_read, self.uri, part, self.d_in, self.dtype, tuple(columns)),
                 BlockMetadata(
-                    num_rows=part.rows, size_bytes=part.bytes, exec_stats=None, input_files=(part.name,)
+                    num_rows=part.rows,
+                    size_bytes=part.bytes,
+                    exec_stats=None,
+                    input_files=(part.name,),
                 ),
             )
             for part in parts
         ]
 
 
-def _read(uri: str, part: shards.Part, d_in: int, dtype: str, columns: tuple[str, ...]) -> Iterator[pa.Table]:
+def _read(
+    uri: str, part: shards.Part, d_in: int, dtype: str, columns: tuple[str, ...]
+) -> Iterator[pa.Table]:
     """Ray read task body: the whole part as one block."""
     return shards.read_part(uri, part, d_in=d_in, dtype=dtype, columns=columns)
 
@@ -121,7 +128,9 @@ def build_dataset(
     source = PartsDatasource(
         uri, manifest, shards.select_parts(uri, manifest, parts), shuffle=shuffle_files, seed=seed
     )
-    dataset = ray.data.read_datasource(source, override_num_blocks=len(source.parts), num_cpus=read_cpus)
+    dataset = ray.data.read_datasource(
+        source, override_num_blocks=len(source.parts), num_cpus=read_cpus
+    )
     return dataset.select_columns(list(columns))
 
 

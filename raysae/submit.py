@@ -10,8 +10,20 @@ import shlex
 import time
 from pathlib import Path
 
-UPLOAD_EXCLUDES = [".git", ".venv", "venv", "data", "out", "runs", "__pycache__", "*.egg-info",
-                   ".pytest_cache", ".hypothesis", "*.parquet", "*.safetensors"]
+UPLOAD_EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "data",
+    "out",
+    "runs",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".hypothesis",
+    "*.parquet",
+    "*.safetensors",
+]
 """Left out of the uploaded working dir."""
 
 
@@ -21,8 +33,10 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ConnectionError(f"cannot reach a Ray cluster's dashboard at {address} ({e}); "
-                              "check the address (http://HEAD:8265) and that the dashboard runs") from None
+        raise ConnectionError(
+            f"cannot reach a Ray cluster's dashboard at {address} ({e}); "
+            "check the address (http://HEAD:8265) and that the dashboard runs"
+        ) from None
 
 
 AGENT_WAIT_S = 60
@@ -37,8 +51,10 @@ def submit(spec: str, address: str, resume: bool = False, working_dir: str = "."
     try:
         relative = Path(spec).resolve().relative_to(Path(working_dir).resolve())
     except ValueError:
-        raise ValueError(f"spec {spec} is outside the uploaded directory {Path(working_dir).resolve()}; "
-                         "run raysae submit from a directory that contains it") from None
+        raise ValueError(
+            f"spec {spec} is outside the uploaded directory {Path(working_dir).resolve()}; "
+            "run raysae submit from a directory that contains it"
+        ) from None
     entrypoint = f"python -m raysae sweep {shlex.quote(str(relative))}"
     if resume:
         entrypoint += " --resume"
@@ -48,7 +64,8 @@ def submit(spec: str, address: str, resume: bool = False, working_dir: str = "."
         try:
             return client.submit_job(
                 entrypoint=entrypoint,
-                runtime_env={"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES})
+                runtime_env={"working_dir": working_dir, "excludes": UPLOAD_EXCLUDES},
+            )
         except RuntimeError as e:  # a head that just started answers 500 until its agent is up
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise

@@ -21,8 +21,8 @@ import pandas as pd
 
 from raysae import report, storage
 from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_dict
-from raysae.synthetic import write_toy_dataset
 from raysae.sweep_spec import SweepSpec, expand, packs, with_absolute_paths
+from raysae.synthetic import write_toy_dataset
 from raysae.train import OutputExistsError, build_trainer, dataset_split, finish_run
 
 SPEC_FILE = "sweep_spec.json"
@@ -46,8 +46,9 @@ def sweep_trial(config: dict) -> None:
     result = trainer.fit()
     if result.error:
         raise result.error
-    finals = finish_run(result, runs, storage.join(config["trials_dir"], name),
-                        time.perf_counter() - t0)
+    finals = finish_run(
+        result, runs, storage.join(config["trials_dir"], name), time.perf_counter() - t0
+    )
     best = min(finals, key=lambda r: r["eval"]["fvu"])
     ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
 
@@ -64,7 +65,9 @@ def _finished_metrics(trial_dir: str, n: int) -> list[dict]:
     return [json.loads(storage.read_bytes(p)) for p in paths]
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, log: Callable[[str], None] = print) -> pd.DataFrame:
+def run_sweep(
+    spec: SweepSpec, resume: bool = False, log: Callable[[str], None] = print
+) -> pd.DataFrame:
     """Run (or with `resume`, continue) the sweep; write and return the results table."""
     import ray
     from ray import tune
@@ -86,21 +89,32 @@ def run_sweep(spec: SweepSpec, resume: bool = False, log: Callable[[str], None] 
     trainable = tune.with_resources(sweep_trial, {"cpu": 0.01})
     if resume:
         log(f"resuming sweep {sweep_dir}")
-        tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
-                                   resume_errored=True, storage_filesystem=fs)
+        tuner = tune.Tuner.restore(
+            experiment,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs,
+        )
     else:
         log(f"sweep {spec.name}: {len(points)} SAE(s) in {len(groups)} trial(s) → {sweep_dir}")
         tuner = tune.Tuner(
             trainable,
-            param_space={"packs": [[to_dict(c) for c in g] for g in groups],
-                         "pack": tune.grid_search(list(range(len(groups)))),
-                         "trials_dir": storage.join(sweep_dir, "trials")},
-            tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
-                                        scheduler=_scheduler(spec, points)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=root, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(
-                                          max_failures=spec.max_failures),
-                                      verbose=1),
+            param_space={
+                "packs": [[to_dict(c) for c in g] for g in groups],
+                "pack": tune.grid_search(list(range(len(groups)))),
+                "trials_dir": storage.join(sweep_dir, "trials"),
+            },
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.max_concurrent_trials, scheduler=_scheduler(spec, points)
+            ),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=root,
+                storage_filesystem=fs,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                verbose=1,
+            ),
         )
     t0 = time.perf_counter()
     grid = tuner.fit()
@@ -121,14 +135,20 @@ def _prepare_output(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
     started = storage.exists(marker)
     if resume:
         if not started:
-            raise ConfigError(f"--resume: {sweep_dir} holds no sweep to resume; run without --resume")
+            raise ConfigError(
+                f"--resume: {sweep_dir} holds no sweep to resume; run without --resume"
+            )
         return
     if has_results:
-        raise OutputExistsError(f"{sweep_dir} already holds a finished sweep (results.csv); "
-                                "change `name` or `output` in the spec")
+        raise OutputExistsError(
+            f"{sweep_dir} already holds a finished sweep (results.csv); "
+            "change `name` or `output` in the spec"
+        )
     if started:
-        raise OutputExistsError(f"{sweep_dir} holds an interrupted sweep; continue it with "
-                                "--resume, or change `name` or `output` in the spec")
+        raise OutputExistsError(
+            f"{sweep_dir} holds an interrupted sweep; continue it with "
+            "--resume, or change `name` or `output` in the spec"
+        )
     # Written first: an unreachable or read-only output fails here, before any work.
     storage.write_bytes(marker, json.dumps(to_dict(spec), indent=1, default=str).encode())
 
@@ -145,15 +165,18 @@ def ensure_dataset(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
         toy = spec.toy_dataset
         features = from_dict(ToyDataConfig, toy.get("features") or {}, "toy_dataset.features")
         log(f"{uri} has no dataset yet: writing {toy['n_tokens']:,} toy tokens")
-        write_toy_dataset(uri, features, spec.base["sae"]["d_in"], int(toy["n_tokens"]),
-                          int(toy["rows_per_part"]))
+        write_toy_dataset(
+            uri, features, spec.base["sae"]["d_in"], int(toy["n_tokens"]), int(toy["rows_per_part"])
+        )
         return
     if spec.harvest is None:
         return
     cfg = HarvestConfig.from_dict(spec.harvest)
-    if uri not in [layer_uri(cfg.output, layer) for layer in cfg.layers]:
-        raise ConfigError(f"base.data.uri={uri} is not one of the harvest's outputs "
-                          f"({', '.join(layer_uri(cfg.output, l) for l in cfg.layers)})")
+    outputs = [layer_uri(cfg.output, layer) for layer in cfg.layers]
+    if uri not in outputs:
+        raise ConfigError(
+            f"base.data.uri={uri} is not one of the harvest's outputs ({', '.join(outputs)})"
+        )
     log(f"{uri} has no dataset yet: harvesting {cfg.n_tokens:,} tokens from {cfg.model}")
     harvest(cfg)
 
@@ -166,9 +189,14 @@ def _scheduler(spec: SweepSpec, points: list[RunConfig]):
     s = spec.scheduler
     # max_t one past the budget: ASHA stops a trial that reaches max_t, which would cut off the
     # held-out evaluation that follows the last training report.
-    return ASHAScheduler(time_attr="tokens", metric=s.metric, mode=s.mode,
-                         grace_period=s.grace_tokens, reduction_factor=s.reduction_factor,
-                         max_t=max(p.train.total_tokens for p in points) + 1)
+    return ASHAScheduler(
+        time_attr="tokens",
+        metric=s.metric,
+        mode=s.mode,
+        grace_period=s.grace_tokens,
+        reduction_factor=s.reduction_factor,
+        max_t=max(p.train.total_tokens for p in points) + 1,
+    )
 
 
 def collect(grid, sweep_dir: str) -> pd.DataFrame:
@@ -185,25 +213,44 @@ def collect(grid, sweep_dir: str) -> pd.DataFrame:
 
 
 def _row(cfg: RunConfig, trial_id: str, member: int, member_dir: str, result) -> dict:
-    row = {"trial_id": trial_id, "member": member, "architecture": cfg.sae.architecture,
-           "d_in": cfg.sae.d_in, "n_latents": cfg.sae.n_latents, "k": cfg.sae.k,
-           "l1_coefficient": cfg.sae.l1_coefficient, "l0_coefficient": cfg.sae.l0_coefficient,
-           "lr": cfg.train.effective_lr(cfg.sae.n_latents), "seed": cfg.train.seed,
-           "total_tokens": cfg.train.total_tokens}
+    row = {
+        "trial_id": trial_id,
+        "member": member,
+        "architecture": cfg.sae.architecture,
+        "d_in": cfg.sae.d_in,
+        "n_latents": cfg.sae.n_latents,
+        "k": cfg.sae.k,
+        "l1_coefficient": cfg.sae.l1_coefficient,
+        "l0_coefficient": cfg.sae.l0_coefficient,
+        "lr": cfg.train.effective_lr(cfg.sae.n_latents),
+        "seed": cfg.train.seed,
+        "total_tokens": cfg.train.total_tokens,
+    }
     metrics_path = storage.join(member_dir, "metrics.json")
     if storage.exists(metrics_path):
         final = json.loads(storage.read_bytes(metrics_path))
-        row.update(status="finished", tokens=final["tokens"], wall_s=final["wall_s"],
-                   rows_read=final.get("rows_read"), checkpoint=storage.join(member_dir, "sae"),
-                   **{k: final["eval"].get(k) for k in report.COLUMNS if k in final["eval"]})
+        row.update(
+            status="finished",
+            tokens=final["tokens"],
+            wall_s=final["wall_s"],
+            rows_read=final.get("rows_read"),
+            checkpoint=storage.join(member_dir, "sae"),
+            **{k: final["eval"].get(k) for k in report.COLUMNS if k in final["eval"]},
+        )
         if "feature_recovery" in final:
             row["feature_recovery"] = final["feature_recovery"]["fraction_recovered"]
         return row
     # Stopped early (ASHA) or failed: its last training report.
     last = result.metrics or {}
     prefix = f"m{member}/"
-    row.update(status="error" if result.error else "early_stopped", tokens=last.get("tokens"),
-               rows_read=last.get("rows_read"), checkpoint=last.get("checkpoint_path"),
-               **{k: last.get(prefix + k) for k in ("l0", "fvu", "explained_variance", "mse",
-                                                      "dead_fraction", "dense_fraction")})
+    row.update(
+        status="error" if result.error else "early_stopped",
+        tokens=last.get("tokens"),
+        rows_read=last.get("rows_read"),
+        checkpoint=last.get("checkpoint_path"),
+        **{
+            k: last.get(prefix + k)
+            for k in ("l0", "fvu", "explained_variance", "mse", "dead_fraction", "dense_fraction")
+        },
+    )
     return row

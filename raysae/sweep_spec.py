@@ -107,8 +107,10 @@ class SweepSpec:
         if self.toy_dataset is not None:
             unknown = set(self.toy_dataset) - {"n_tokens", "rows_per_part", "features"}
             if unknown or not {"n_tokens", "rows_per_part"} <= set(self.toy_dataset):
-                raise ConfigError("toy_dataset: give n_tokens, rows_per_part and optionally "
-                                  f"features (got {sorted(self.toy_dataset)})")
+                raise ConfigError(
+                    "toy_dataset: give n_tokens, rows_per_part and optionally "
+                    f"features (got {sorted(self.toy_dataset)})"
+                )
 
 
 def load_sweep_spec(path: str) -> SweepSpec:
@@ -164,7 +166,7 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
 
 def packs(points: list[RunConfig], pack: int) -> list[list[RunConfig]]:
     """Consecutive groups of `pack` points (the last may be smaller): one trial each."""
-    return [points[i:i + pack] for i in range(0, len(points), pack)]
+    return [points[i : i + pack] for i in range(0, len(points), pack)]
 
 
 def _point(base: dict, values: dict) -> RunConfig:
@@ -177,7 +179,9 @@ def _point(base: dict, values: dict) -> RunConfig:
                 raise ConfigError(f"space key {dotted!r}: {p!r} is not a config section")
             node = node[p]
         if last not in node:
-            raise ConfigError(f"space key {dotted!r}: {last!r} is not a field of {'.'.join(parents)}")
+            raise ConfigError(
+                f"space key {dotted!r}: {last!r} is not a field of {'.'.join(parents)}"
+            )
         node[last] = value
     where = ", ".join(f"{k}={v}" for k, v in values.items())
     try:
@@ -188,22 +192,28 @@ def _point(base: dict, values: dict) -> RunConfig:
 
 def _check_distribution(key: str, dist: Any) -> None:
     if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-        raise ConfigError(f"space: {key}={dist!r}: give a list (grid) or one of "
-                          f"{{{' | '.join(DISTRIBUTIONS)}: ...}}")
-    (kind, args), = dist.items()
+        raise ConfigError(
+            f"space: {key}={dist!r}: give a list (grid) or one of "
+            f"{{{' | '.join(DISTRIBUTIONS)}: ...}}"
+        )
+    ((kind, args),) = dist.items()
     if kind == "choice":
         if not isinstance(args, list) or not args:
             raise ConfigError(f"space: {key}: choice needs a non-empty list")
         return
-    if not (isinstance(args, list) and len(args) == 2 and all(
-            isinstance(a, (int, float)) for a in args) and args[0] < args[1]):
+    if not (
+        isinstance(args, list)
+        and len(args) == 2
+        and all(isinstance(a, (int, float)) for a in args)
+        and args[0] < args[1]
+    ):
         raise ConfigError(f"space: {key}: {kind} needs [low, high] with low < high, got {args!r}")
     if kind == "loguniform" and args[0] <= 0:
         raise ConfigError(f"space: {key}: loguniform needs low > 0, got {args[0]}")
 
 
 def _draw(dist: dict, rng: random.Random):
-    (kind, args), = dist.items()
+    ((kind, args),) = dist.items()
     if kind == "choice":
         return rng.choice(args)
     low, high = args
@@ -221,12 +231,19 @@ def _check_packable(points: list[RunConfig], pack: int) -> None:
     for group in packs(points, pack):
         first = group[0]
         for other in group[1:]:
-            for section, key in (("data", None), ("train", "total_tokens"),
-                                 ("train", "batch_size"), ("sae", "d_in"), ("scaling", None)):
+            for section, key in (
+                ("data", None),
+                ("train", "total_tokens"),
+                ("train", "batch_size"),
+                ("sae", "d_in"),
+                ("scaling", None),
+            ):
                 a, b = getattr(first, section), getattr(other, section)
                 if key:
                     a, b = getattr(a, key), getattr(b, key)
                 if a != b:
                     name = f"{section}.{key}" if key else section
-                    raise ConfigError(f"pack={pack}: packed points must share {name}; "
-                                      "sweep it in separate trials (pack: 1)")
+                    raise ConfigError(
+                        f"pack={pack}: packed points must share {name}; "
+                        "sweep it in separate trials (pack: 1)"
+                    )

@@ -50,10 +50,13 @@ class ToyData:
         n_one_hot = c.n_one_hot_sets * c.one_hot_set_size
         self.groups = torch.arange(n_grouped).view(c.n_correlated_groups, c.correlated_group_size)
         self.one_hot_sets = (torch.arange(n_one_hot) + n_grouped).view(
-            c.n_one_hot_sets, c.one_hot_set_size)
+            c.n_one_hot_sets, c.one_hot_set_size
+        )
         # Base firing probabilities of the non-one-hot features: power law, scaled so the expected
         # number of active features per token (one-hot sets contribute one each) is as asked.
-        free = torch.cat([torch.arange(n_grouped), torch.arange(n_grouped + n_one_hot, c.n_features)])
+        free = torch.cat(
+            [torch.arange(n_grouped), torch.arange(n_grouped + n_one_hot, c.n_features)]
+        )
         rank = torch.arange(1, len(free) + 1, dtype=torch.float64)
         weights = rank.pow(-c.frequency_decay)
         target = max(c.active_per_token - c.n_one_hot_sets, 0.0)
@@ -74,9 +77,11 @@ class ToyData:
         if c.n_one_hot_sets:
             choice = torch.randint(c.one_hot_set_size, (n_tokens, c.n_one_hot_sets), generator=g)
             active[:, self.one_hot_sets] = torch.nn.functional.one_hot(
-                choice, c.one_hot_set_size).bool()
-        magnitudes = (c.magnitude_mean + c.magnitude_std * torch.randn(
-            n_tokens, c.n_features, generator=g)).clamp_min(0.0)
+                choice, c.one_hot_set_size
+            ).bool()
+        magnitudes = (
+            c.magnitude_mean + c.magnitude_std * torch.randn(n_tokens, c.n_features, generator=g)
+        ).clamp_min(0.0)
         features = active * magnitudes
         x = features @ self.directions
         if c.noise_std:
@@ -90,8 +95,9 @@ class ToyData:
 
 
 @torch.no_grad()
-def feature_recovery(true_directions: Tensor, W_dec: Tensor, threshold: float = 0.9,
-                     chunk: int = 4096) -> dict:
+def feature_recovery(
+    true_directions: Tensor, W_dec: Tensor, threshold: float = 0.9, chunk: int = 4096
+) -> dict:
     """How well decoder rows recover true features.
 
     true_directions: (n_features, d); W_dec: (n_latents, d). For each true feature, the max cosine
@@ -101,7 +107,7 @@ def feature_recovery(true_directions: Tensor, W_dec: Tensor, threshold: float = 
     t = true_directions.float() / true_directions.float().norm(dim=-1, keepdim=True)
     w = W_dec.detach().float().cpu()
     w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    best = torch.cat([(t[i:i + chunk] @ w.T).amax(-1) for i in range(0, len(t), chunk)])
+    best = torch.cat([(t[i : i + chunk] @ w.T).amax(-1) for i in range(0, len(t), chunk)])
     return {
         "mean_max_cos": float(best.mean()),
         "fraction_recovered": float((best >= threshold).float().mean()),
@@ -112,12 +118,20 @@ def feature_recovery(true_directions: Tensor, W_dec: Tensor, threshold: float = 
 
 def recovery_line(recovery: dict) -> str:
     """One console line for a `feature_recovery` result."""
-    return (f"toy features recovered (max cos ≥ {recovery['threshold']}): "
-            f"{recovery['fraction_recovered']:.1%}, mean max cos {recovery['mean_max_cos']:.3f}")
+    return (
+        f"toy features recovered (max cos ≥ {recovery['threshold']}): "
+        f"{recovery['fraction_recovered']:.1%}, mean max cos {recovery['mean_max_cos']:.3f}"
+    )
 
 
-def write_toy_dataset(uri: str, cfg: ToyDataConfig, d_in: int, n_tokens: int,
-                      rows_per_part: int, overwrite: bool = False):
+def write_toy_dataset(
+    uri: str,
+    cfg: ToyDataConfig,
+    d_in: int,
+    n_tokens: int,
+    rows_per_part: int,
+    overwrite: bool = False,
+):
     """Write `n_tokens` toy activations as a raysae dataset (float32 parts + manifest).
 
     The manifest's `harvest` records the toy config, so the true features can be rebuilt from
@@ -127,9 +141,16 @@ def write_toy_dataset(uri: str, cfg: ToyDataConfig, d_in: int, n_tokens: int,
     from raysae.config import to_dict
 
     x, _ = ToyData(cfg, d_in).sample(n_tokens)
-    return shards.write_dataset(uri, x, dtype="float32", rows_per_part=rows_per_part,
-                                model="toy", hook="toy", overwrite=overwrite,
-                                harvest={"toy": to_dict(cfg), "n_tokens": n_tokens})
+    return shards.write_dataset(
+        uri,
+        x,
+        dtype="float32",
+        rows_per_part=rows_per_part,
+        model="toy",
+        hook="toy",
+        overwrite=overwrite,
+        harvest={"toy": to_dict(cfg), "n_tokens": n_tokens},
+    )
 
 
 def toy_directions(manifest) -> Tensor | None:

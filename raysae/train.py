@@ -43,7 +43,13 @@ from raysae.checkpoint import load_sae, save_sae
 from raysae.config import ConfigError, RunConfig, to_dict, with_absolute_paths
 from raysae.evaluate import data_mean, evaluate
 from raysae.saes import build_sae
-from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line, toy_directions
+from raysae.synthetic import (
+    HELD_OUT_STREAM,
+    ToyData,
+    feature_recovery,
+    recovery_line,
+    toy_directions,
+)
 from raysae.trainer import check_batch, fit, take_init_sample
 
 FAULT_ENV = "RAYSAE_FAULT_AT_TOKENS"
@@ -70,16 +76,20 @@ def dataset_split(cfg: RunConfig):
 
     manifest = shards.open_dataset(cfg.data.uri)
     if manifest.d_in != cfg.sae.d_in:
-        raise ConfigError(f"dataset {cfg.data.uri} has d_in={manifest.d_in} but sae.d_in="
-                          f"{cfg.sae.d_in}; set sae.d_in: {manifest.d_in}")
+        raise ConfigError(
+            f"dataset {cfg.data.uri} has d_in={manifest.d_in} but sae.d_in="
+            f"{cfg.sae.d_in}; set sae.d_in: {manifest.d_in}"
+        )
     names = [p.name for p in manifest.parts]
     n_eval = cfg.data.eval_parts
     if n_eval and len(names) <= n_eval:
-        raise ConfigError(f"dataset {cfg.data.uri} has {len(names)} part(s); data.eval_parts="
-                          f"{n_eval} would leave none to train on — lower data.eval_parts "
-                          "(0 evaluates on training data) or harvest more parts")
+        raise ConfigError(
+            f"dataset {cfg.data.uri} has {len(names)} part(s); data.eval_parts="
+            f"{n_eval} would leave none to train on — lower data.eval_parts "
+            "(0 evaluates on training data) or harvest more parts"
+        )
     train_parts = names[: len(names) - n_eval] if n_eval else names
-    eval_parts = names[len(names) - n_eval:] if n_eval else names
+    eval_parts = names[len(names) - n_eval :] if n_eval else names
     return manifest, train_parts, eval_parts
 
 
@@ -90,8 +100,9 @@ def uri_batches(uri: str, batch_size: int, parts: list[str], seed: int) -> Itera
     epoch = 0
     while True:
         yielded = False
-        for batch in shards.iter_batches(uri, batch_size, parts=parts, seed=seed + epoch,
-                                         drop_last=True):
+        for batch in shards.iter_batches(
+            uri, batch_size, parts=parts, seed=seed + epoch, drop_last=True
+        ):
             yielded = True
             yield batch
         if not yielded:
@@ -105,8 +116,10 @@ def held_out_batches(cfg: RunConfig, eval_parts: list[str], batch_size: int = 81
 
     manifest = shards.read_manifest(cfg.data.uri)
     rows = {p.name: p.rows for p in manifest.parts}
-    return (shards.iter_batches(cfg.data.uri, batch_size, parts=eval_parts),
-            sum(rows[name] for name in eval_parts))
+    return (
+        shards.iter_batches(cfg.data.uri, batch_size, parts=eval_parts),
+        sum(rows[name] for name in eval_parts),
+    )
 
 
 def training_and_eval_streams(cfg: RunConfig, batch_size: int):
@@ -121,11 +134,16 @@ def training_and_eval_streams(cfg: RunConfig, batch_size: int):
 
         def held_out():
             return ToyData(cfg.data.toy, cfg.sae.d_in, stream=HELD_OUT_STREAM).batches(batch_size)
+
         return toy.batches(batch_size), held_out, cfg.data.eval_tokens, toy.directions
     manifest, train_parts, eval_parts = dataset_split(cfg)
     n_eval = held_out_batches(cfg, eval_parts)[1]
-    return (uri_batches(cfg.data.uri, batch_size, train_parts, cfg.train.seed),
-            lambda: held_out_batches(cfg, eval_parts)[0], n_eval, toy_directions(manifest))
+    return (
+        uri_batches(cfg.data.uri, batch_size, train_parts, cfg.train.seed),
+        lambda: held_out_batches(cfg, eval_parts)[0],
+        n_eval,
+        toy_directions(manifest),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,24 +153,42 @@ def training_and_eval_streams(cfg: RunConfig, batch_size: int):
 def check_output(out: str, overwrite: bool) -> None:
     """Refuse to write over an earlier run's results unless told to."""
     if storage.exists(storage.join(out, "metrics.json")) and not overwrite:
-        raise OutputExistsError(f"{out} already holds a finished run (metrics.json); "
-                                "choose another --out or --name, or pass --overwrite")
+        raise OutputExistsError(
+            f"{out} already holds a finished run (metrics.json); "
+            "choose another --out or --name, or pass --overwrite"
+        )
 
 
-def finish(model, cfg: RunConfig, out: str, history: list[dict], wall: float, metrics: dict,
-           directions=None, extra: Optional[dict] = None,
-           log: Callable[[str], None] = print) -> dict:
+def finish(
+    model,
+    cfg: RunConfig,
+    out: str,
+    history: list[dict],
+    wall: float,
+    metrics: dict,
+    directions=None,
+    extra: Optional[dict] = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Fold the input scale; write OUT/sae and OUT/metrics.json (with the held-out `metrics`)."""
-    result = {"config": to_dict(cfg), "wall_s": wall,
-              "tokens": history[-1]["tokens"] if history else 0, "eval": metrics,
-              **(extra or {}), "history": history}
+    result = {
+        "config": to_dict(cfg),
+        "wall_s": wall,
+        "tokens": history[-1]["tokens"] if history else 0,
+        "eval": metrics,
+        **(extra or {}),
+        "history": history,
+    }
     if directions is not None:
         recovery = feature_recovery(directions, model.W_dec)
         result["feature_recovery"] = {k: v for k, v in recovery.items() if k != "max_cos"}
     model.fold_input_scale_()
     with tempfile.TemporaryDirectory() as tmp:
-        save_sae(model, Path(tmp) / "sae", metadata={"tokens": result["tokens"],
-                                                     "eval": _scalars(metrics)})
+        save_sae(
+            model,
+            Path(tmp) / "sae",
+            metadata={"tokens": result["tokens"], "eval": _scalars(metrics)},
+        )
         storage.upload_dir(Path(tmp) / "sae", storage.join(out, "sae"))
     storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
     log(summary(result))
@@ -166,12 +202,16 @@ def _scalars(d: dict) -> dict:
 def summary(result: dict) -> str:
     """A few lines for the console at the end of a run."""
     e = result["eval"]
-    lines = [f"done: {result['tokens']:,} tokens in {result['wall_s']:.1f} s",
-             f"held-out: fvu {e['fvu']:.4f} (explained variance {e['explained_variance']:.4f}) "
-             f"l0 {e['l0']:.2f} dead {e['dead_fraction']:.3f} dense {e['dense_fraction']:.3f}"]
+    lines = [
+        f"done: {result['tokens']:,} tokens in {result['wall_s']:.1f} s",
+        f"held-out: fvu {e['fvu']:.4f} (explained variance {e['explained_variance']:.4f}) "
+        f"l0 {e['l0']:.2f} dead {e['dead_fraction']:.3f} dense {e['dense_fraction']:.3f}",
+    ]
     if "replayed_tokens" in result:
-        lines.append(f"restarts: {result['restarts']}, tokens re-read after restarts: "
-                     f"{result['replayed_tokens']:,}")
+        lines.append(
+            f"restarts: {result['restarts']}, tokens re-read after restarts: "
+            f"{result['replayed_tokens']:,}"
+        )
     rec = result.get("feature_recovery")
     if rec:
         lines.append(recovery_line(rec))
@@ -182,21 +222,25 @@ def summary(result: dict) -> str:
 # Single process
 
 
-def run_single_process(cfg: RunConfig, out: str, overwrite: bool = False,
-                       log: Callable[[str], None] = print) -> dict:
+def run_single_process(
+    cfg: RunConfig, out: str, overwrite: bool = False, log: Callable[[str], None] = print
+) -> dict:
     """Train one SAE in this process; write OUT/sae and OUT/metrics.json; return the metrics."""
     check_output(out, overwrite)
     batches, held_out, n_eval, directions = training_and_eval_streams(cfg, cfg.train.batch_size)
     torch.manual_seed(cfg.train.seed)
     model = build_sae(cfg.sae)
-    log(f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
-        f"for {cfg.train.total_tokens:,} tokens in one process")
+    log(
+        f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
+        f"for {cfg.train.total_tokens:,} tokens in one process"
+    )
     t0 = time.perf_counter()
     history = fit(model, batches, cfg.train, log=log)
     wall = time.perf_counter() - t0
     # FVU_B is measured about the held-out data's own mean (a first pass over it).
-    metrics = evaluate(model, held_out(), n_eval,
-                       reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in))
+    metrics = evaluate(
+        model, held_out(), n_eval, reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in)
+    )
     return finish(model, cfg, out, history, wall, metrics, directions, log=log)
 
 
@@ -218,8 +262,10 @@ def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple =
 
     lead = runs[0]
     if lead.data.uri is None:
-        raise ConfigError("distributed training reads a dataset (data.uri); for toy data write "
-                          "it as shards first (raysae.shards.write_dataset) or use --local")
+        raise ConfigError(
+            "distributed training reads a dataset (data.uri); for toy data write "
+            "it as shards first (raysae.shards.write_dataset) or use --local"
+        )
     for cfg in runs:
         manifest, train_parts, eval_parts = dataset_split(cfg)
     use_gpu = lead.scaling.use_gpu
@@ -229,34 +275,51 @@ def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple =
     num_workers = (s.min_workers, s.num_workers) if s.min_workers else s.num_workers
     fs, storage_path = storage.filesystem_and_path(out)
     fault = os.environ.get(FAULT_ENV)
-    loop_config = {"runs": [to_dict(cfg) for cfg in runs],
-                   "init": [_initial_values(cfg, train_parts) for cfg in runs],
-                   "eval_parts": eval_parts,
-                   # FVU_B's per-token denominators are taken about the dataset mean.
-                   "reference_mean": manifest.stats.mean.tolist(),
-                   "fault_at_tokens": int(fault) if fault else None,
-                   "fault_marker": _fault_marker() if fault else None}
+    loop_config = {
+        "runs": [to_dict(cfg) for cfg in runs],
+        "init": [_initial_values(cfg, train_parts) for cfg in runs],
+        "eval_parts": eval_parts,
+        # FVU_B's per-token denominators are taken about the dataset mean.
+        "reference_mean": manifest.stats.mean.tolist(),
+        "fault_at_tokens": int(fault) if fault else None,
+        "fault_marker": _fault_marker() if fault else None,
+    }
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker},
+        ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=fs,
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.num_checkpoints_to_keep),
-            callbacks=list(callbacks)),
+            callbacks=list(callbacks),
+        ),
         dataset_config=ray.train.DataConfig(execution_options=_execution_options(lead)),
         # A function, so that a restart builds a fresh stream (a new file order).
-        datasets={"train": lambda: stream.build_dataset(lead.data.uri, parts=train_parts,
-                                                        seed=lead.train.seed,
-                                                        read_cpus=lead.data.read_cpus)},
+        datasets={
+            "train": lambda: stream.build_dataset(
+                lead.data.uri,
+                parts=train_parts,
+                seed=lead.train.seed,
+                read_cpus=lead.data.read_cpus,
+            )
+        },
     )
 
 
-def train_distributed(cfg: RunConfig, out: str, name: Optional[str] = None,
-                      overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+def train_distributed(
+    cfg: RunConfig,
+    out: str,
+    name: Optional[str] = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Train one SAE with Ray Train on the connected (or a new local) Ray cluster.
 
     Resumes the run OUT/NAME if it has checkpoints; returns the final metrics (also written to
@@ -271,8 +334,10 @@ def train_distributed(cfg: RunConfig, out: str, name: Optional[str] = None,
     if not ray.is_initialized():
         ray.init()
     trainer = build_trainer([cfg], out, name)
-    log(f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
-        f"on {cfg.data.uri} with {cfg.scaling.num_workers} worker(s); run {run_dir}")
+    log(
+        f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
+        f"on {cfg.data.uri} with {cfg.scaling.num_workers} worker(s); run {run_dir}"
+    )
     t0 = time.perf_counter()
     result = trainer.fit()
     if result.error:
@@ -280,8 +345,9 @@ def train_distributed(cfg: RunConfig, out: str, name: Optional[str] = None,
     return finish_run(result, [cfg], run_dir, time.perf_counter() - t0, log)[0]
 
 
-def finish_run(result, runs: list[RunConfig], out: str, wall: float,
-               log: Callable[[str], None] = print) -> list[dict]:
+def finish_run(
+    result, runs: list[RunConfig], out: str, wall: float, log: Callable[[str], None] = print
+) -> list[dict]:
     """Write each member's final SAE and metrics from a finished Ray Train result.
 
     One member: OUT/sae and OUT/metrics.json; a pack: OUT/m<i>/sae and OUT/m<i>/metrics.json.
@@ -298,8 +364,9 @@ def finish_run(result, runs: list[RunConfig], out: str, wall: float,
         extra = {k: progress[k] for k in ("replayed_tokens", "restarts", "nodes", "rows_read")}
         extra.update(run_dir=member_out, checkpoint=result.checkpoint.path)
         directions = toy_directions(dataset_split(cfg)[0])
-        results.append(finish(model, cfg, member_out, history, wall, held_out, directions,
-                              extra, log))
+        results.append(
+            finish(model, cfg, member_out, history, wall, held_out, directions, extra, log)
+        )
     return results
 
 
@@ -313,14 +380,16 @@ def _member_view(record: dict, prefix: str, keep_unprefixed: bool = True) -> dic
     """One pack member's metrics: keys under `prefix` with it stripped (plus the shared,
     slash-free keys such as tokens, when keep_unprefixed)."""
     view = {k: v for k, v in record.items() if "/" not in k} if keep_unprefixed else {}
-    view.update({k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)})
+    view.update({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
     return view
 
 
 def _initial_values(cfg: RunConfig, train_parts: list[str]) -> dict:
     """Input scale and b_dec from a sample of the training parts, as the single-process path."""
-    sample, _ = take_init_sample(uri_batches(cfg.data.uri, cfg.train.batch_size, train_parts,
-                                             cfg.train.seed), cfg.train.init_tokens)
+    sample, _ = take_init_sample(
+        uri_batches(cfg.data.uri, cfg.train.batch_size, train_parts, cfg.train.seed),
+        cfg.train.init_tokens,
+    )
     check_batch(sample, cfg.sae.d_in, f"{cfg.data.uri}: initialisation sample")
     model = build_sae(cfg.sae)
     model.init_from_sample_(sample)

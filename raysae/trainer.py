@@ -64,26 +64,37 @@ def make_optimizer(model: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Ad
     the same Adam, equal to the unfused one up to float rounding."""
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    return torch.optim.Adam(params, lr=cfg.effective_lr(model.cfg.n_latents),
-                            betas=cfg.adam_betas, fused=fused)
+    return torch.optim.Adam(
+        params, lr=cfg.effective_lr(model.cfg.n_latents), betas=cfg.adam_betas, fused=fused
+    )
 
 
 def check_batch(batch: Tensor, d_in: int, where: str) -> None:
     """Raise BadBatchError naming `where` if the batch is not (B, d_in) and finite."""
     if batch.ndim != 2 or batch.shape[1] != d_in:
-        raise BadBatchError(f"{where}: batch has shape {tuple(batch.shape)}, expected (B, {d_in}); "
-                            "the data's activation width does not match sae.d_in")
+        raise BadBatchError(
+            f"{where}: batch has shape {tuple(batch.shape)}, expected (B, {d_in}); "
+            "the data's activation width does not match sae.d_in"
+        )
     finite = torch.isfinite(batch)
     if not bool(finite.all()):
         bad_rows = (~finite).any(-1).nonzero().flatten()
-        raise BadBatchError(f"{where}: {len(bad_rows)} row(s) contain NaN/Inf (first: row "
-                            f"{int(bad_rows[0])}); the activations are corrupt or overflowed "
-                            "their dtype — re-harvest in float32/bfloat16")
+        raise BadBatchError(
+            f"{where}: {len(bad_rows)} row(s) contain NaN/Inf (first: row "
+            f"{int(bad_rows[0])}); the activations are corrupt or overflowed "
+            "their dtype — re-harvest in float32/bfloat16"
+        )
 
 
-def train_step(model: SparseAutoencoder, optimizer: torch.optim.Optimizer, batch: Tensor,
-               state: TrainState, cfg: TrainConfig, n_tokens: Optional[int] = None,
-               sync_fired: Callable[[Tensor], Tensor] = lambda fired: fired) -> SAEOutput:
+def train_step(
+    model: SparseAutoencoder,
+    optimizer: torch.optim.Optimizer,
+    batch: Tensor,
+    state: TrainState,
+    cfg: TrainConfig,
+    n_tokens: Optional[int] = None,
+    sync_fired: Callable[[Tensor], Tensor] = lambda fired: fired,
+) -> SAEOutput:
     """One optimizer step on `batch` (B, d_in); updates `state` in place.
 
     n_tokens: tokens this step covers across all workers (default B). sync_fired: combines the
@@ -134,8 +145,12 @@ def take_init_sample(batches: Iterator[Tensor], n_tokens: int) -> tuple[Tensor, 
     return torch.cat(taken)[:n_tokens], taken
 
 
-def fit(model: SparseAutoencoder, batches: Iterable[Tensor], cfg: TrainConfig,
-        log: Callable[[str], None] = print) -> list[dict]:
+def fit(
+    model: SparseAutoencoder,
+    batches: Iterable[Tensor],
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Train `model` on `batches` until cfg.total_tokens; returns the logged metric records.
 
     Each record holds tokens, step, lr, the last step's loss terms, the reconstruction and
@@ -169,12 +184,16 @@ def fit(model: SparseAutoencoder, batches: Iterable[Tensor], cfg: TrainConfig,
         done = state.tokens >= cfg.total_tokens
         if state.tokens >= next_log or done:
             now = time.perf_counter() - t0
-            record = {"tokens": state.tokens, "step": state.step,
-                      "lr": optimizer.param_groups[0]["lr"],
-                      **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                      **recon.compute(), **scalars(sparsity.compute()),
-                      "tokens_per_s": (state.tokens - last_tokens) / max(now - last_t, 1e-9),
-                      "elapsed_s": now}
+            record = {
+                "tokens": state.tokens,
+                "step": state.step,
+                "lr": optimizer.param_groups[0]["lr"],
+                **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
+                **recon.compute(),
+                **scalars(sparsity.compute()),
+                "tokens_per_s": (state.tokens - last_tokens) / max(now - last_t, 1e-9),
+                "elapsed_s": now,
+            }
             history.append(record)
             log(format_record(record, cfg.total_tokens))
             # A new interval; dead latents are still judged over the whole dead_tokens window.
@@ -193,6 +212,8 @@ def _chain(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
 
 def format_record(r: dict, total_tokens: int) -> str:
     """One console line for a metrics record."""
-    return (f"tokens {r['tokens']:>12,}/{total_tokens:,} | fvu {r['fvu']:.4f} | l0 {r['l0']:7.2f} "
-            f"| dead {r['dead_fraction']:.3f} | loss {r.get('loss/reconstruction', 0):.4g} "
-            f"| {r['tokens_per_s']:,.0f} tok/s")
+    return (
+        f"tokens {r['tokens']:>12,}/{total_tokens:,} | fvu {r['fvu']:.4f} | l0 {r['l0']:7.2f} "
+        f"| dead {r['dead_fraction']:.3f} | loss {r.get('loss/reconstruction', 0):.4g} "
+        f"| {r['tokens_per_s']:,.0f} tok/s"
+    )

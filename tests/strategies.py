@@ -23,10 +23,17 @@ KINDS = ("gaussian", "low_rank", "heavy_tailed", "duplicates", "zero_rows")
 
 
 @st.composite
-def activations(draw, *, min_tokens: int = 2, max_tokens: int = 48, min_d: int = 1,
-                max_d: int = 12, dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
-                mean_ratios: Sequence[float] = (0.0, 1.0, 1e2, 1e4),
-                kinds: Sequence[str] = KINDS) -> Tensor:
+def activations(
+    draw,
+    *,
+    min_tokens: int = 2,
+    max_tokens: int = 48,
+    min_d: int = 1,
+    max_d: int = 12,
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
+    mean_ratios: Sequence[float] = (0.0, 1.0, 1e2, 1e4),
+    kinds: Sequence[str] = KINDS,
+) -> Tensor:
     """(N, d) activations: σ ≈ scale per dimension, a mean offset of |μ| ≈ ratio · σ · √d."""
     n = draw(st.integers(min_tokens, max_tokens))
     d = draw(st.integers(min_d, max_d))
@@ -44,7 +51,7 @@ def activations(draw, *, min_tokens: int = 2, max_tokens: int = 48, min_d: int =
         x = x[torch.randint(0, max(1, n // 3), (n,), generator=g)]
     mean = torch.randn(d, generator=g, dtype=F64)
     mean = mean / mean.norm() * ratio * math.sqrt(d)
-    x = ((x + mean) * scale)
+    x = (x + mean) * scale
     if kind == "zero_rows":  # some tokens, or all of them, exactly zero
         x[torch.rand(n, generator=g) < draw(st.sampled_from([0.3, 1.0]))] = 0.0
     return x.to(dtype)
@@ -62,8 +69,9 @@ def reconstructions(draw, x: Tensor) -> Tensor:
     elif kind == "shrunk":
         x_hat = x64 * draw(st.floats(0.1, 1.0))
     elif kind == "noisy":
-        x_hat = x64 + draw(st.floats(1e-3, 1.0)) * spread * torch.randn(x.shape, generator=g,
-                                                                        dtype=F64)
+        x_hat = x64 + draw(st.floats(1e-3, 1.0)) * spread * torch.randn(
+            x.shape, generator=g, dtype=F64
+        )
     elif kind == "mean":
         x_hat = x64.mean(0).expand_as(x64)
     elif kind == "zero":
@@ -74,8 +82,13 @@ def reconstructions(draw, x: Tensor) -> Tensor:
 
 
 @st.composite
-def sae_configs(draw, *, architectures: Sequence[str] = tuple(ARCHITECTURES), max_d_in: int = 12,
-                max_latents: int = 32) -> SAEConfig:
+def sae_configs(
+    draw,
+    *,
+    architectures: Sequence[str] = tuple(ARCHITECTURES),
+    max_d_in: int = 12,
+    max_latents: int = 32,
+) -> SAEConfig:
     """A small valid SAEConfig of any architecture (k ≤ n_latents for the TopK family)."""
     n_latents = draw(st.integers(1, max_latents))
     return SAEConfig(
@@ -111,7 +124,7 @@ def merge_trees(draw, n_leaves: int) -> Tree:
     nodes: list[Tree] = list(draw(st.permutations(range(n_leaves))))
     while len(nodes) > 1:
         i = draw(st.integers(0, len(nodes) - 2))
-        nodes[i:i + 2] = [(nodes[i], nodes[i + 1])]
+        nodes[i : i + 2] = [(nodes[i], nodes[i + 1])]
     return nodes[0]
 
 

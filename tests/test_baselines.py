@@ -7,12 +7,19 @@ import pytest
 import torch
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
+from strategies import activations
 
-from raysae.baselines import (KMeansBaseline, MeanBaseline, default_kmeans_k, default_pca_k,
-                              fit_baselines, kmeans_baselines, pca_baselines)
+from raysae.baselines import (
+    KMeansBaseline,
+    MeanBaseline,
+    default_kmeans_k,
+    default_pca_k,
+    fit_baselines,
+    kmeans_baselines,
+    pca_baselines,
+)
 from raysae.evaluate import score
 from raysae.metrics import Moments
-from strategies import activations
 
 
 def fvu_of(baseline, x) -> float:
@@ -56,8 +63,11 @@ A = [-17524.7715, -8137.1152, 114791.8281, 188937.4531, -27912.6035]
 B = [-17421.2852, -8162.1128, 114811.2656, 188707.9375, -27671.8379]
 
 
-@given(activations(min_tokens=8, max_d=6, mean_ratios=(0.0, 1.0, 1e3)), st.integers(1, 6),
-       st.integers(0, 100))
+@given(
+    activations(min_tokens=8, max_d=6, mean_ratios=(0.0, 1.0, 1e3)),
+    st.integers(1, 6),
+    st.integers(0, 100),
+)
 # Bug found by this property (deep profile): two distinct tokens with |μ| ≫ σ and K = 5 gave
 # near-duplicate float32 centroids; choosing the scaled centroid in float32 picked a
 # near-parallel one, FVU 1.4e-8 against the nearest centroid's 0. Fixed by fitting on x − μ and

@@ -29,7 +29,8 @@ def test_one_step_check_passes(capsys):
 def test_one_step_check_fails_for_a_different_k(monkeypatch):
     bench = load_bench()
     real_init = bench.PlainTopKSAE.__init__
-    monkeypatch.setattr(bench.PlainTopKSAE, "__init__",
-                        lambda self, init, k: real_init(self, init, k - 1))
+    monkeypatch.setattr(
+        bench.PlainTopKSAE, "__init__", lambda self, init, k: real_init(self, init, k - 1)
+    )
     with pytest.raises(SystemExit, match="one-step check failed"):
         bench.main([*SIZE, "--impls", "plain torch"])

@@ -37,18 +37,21 @@ def test_train_refuses_to_overwrite(tmp_path, capsys):
     cfg.write_text(TINY)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "metrics.json").write_text("{\"keep\": true}")
+    (out / "metrics.json").write_text('{"keep": true}')
     assert main(["train", str(cfg), "--out", str(out)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text()) == {"keep": True}
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    (TINY.replace("k: 4", "k: 4, bogus: 1"), "unknown key(s) 'bogus'"),
-    (TINY.replace("topk", "nope"), "sae.architecture='nope' is not one of"),
-    (TINY.replace("k: 4", "k: 100"), "sae.k=100 is larger than sae.n_latents=64"),
-    (TINY.replace("total_tokens: 20000", "total_tokens: 10"), "smaller than one batch"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        (TINY.replace("k: 4", "k: 4, bogus: 1"), "unknown key(s) 'bogus'"),
+        (TINY.replace("topk", "nope"), "sae.architecture='nope' is not one of"),
+        (TINY.replace("k: 4", "k: 100"), "sae.k=100 is larger than sae.n_latents=64"),
+        (TINY.replace("total_tokens: 20000", "total_tokens: 10"), "smaller than one batch"),
+    ],
+)
 def test_bad_config_exits_2_with_named_error(tmp_path, capsys, yaml_text, message):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml_text)

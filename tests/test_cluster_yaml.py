@@ -37,15 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 GPU_FAMILY = re.compile(r"^(g\d|p\d)")  # EC2 accelerated-computing families with NVIDIA GPUs
-GPUS_PER_INSTANCE = {"g5.12xlarge": 4, "g5.48xlarge": 8, "p4d.24xlarge": 8, "p4de.24xlarge": 8,
-                     "p5.48xlarge": 8}
+GPUS_PER_INSTANCE = {
+    "g5.12xlarge": 4,
+    "g5.48xlarge": 8,
+    "p4d.24xlarge": 8,
+    "p4de.24xlarge": 8,
+    "p5.48xlarge": 8,
+}
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """Any AWS (or other) call fails the test instead of hanging or succeeding by luck."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"cluster.yaml checks must stay offline; tried to connect: {args}")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
@@ -70,8 +77,12 @@ def ray_validate(cfg: dict) -> dict:
 @functools.cache
 def run_instances_shape():
     """The RunInstances input shape from botocore's bundled EC2 model (a local file, ~1 s)."""
-    return (botocore.session.get_session().get_service_model("ec2")
-            .operation_model("RunInstances").input_shape)
+    return (
+        botocore.session.get_session()
+        .get_service_model("ec2")
+        .operation_model("RunInstances")
+        .input_shape
+    )
 
 
 def run_instances_errors(node_config: dict) -> str:
@@ -82,8 +93,11 @@ def run_instances_errors(node_config: dict) -> str:
 
 
 def workers(cfg: dict) -> dict:
-    return {name: nt for name, nt in cfg["available_node_types"].items()
-            if name != cfg["head_node_type"]}
+    return {
+        name: nt
+        for name, nt in cfg["available_node_types"].items()
+        if name != cfg["head_node_type"]
+    }
 
 
 def is_gpu(nt: dict) -> bool:
@@ -99,6 +113,7 @@ def first_spot(cfg: dict) -> tuple[str, dict]:
 
 
 # --- Ray's and boto3's validation ---------------------------------------------------------
+
 
 def test_schema_accepts_cluster_yaml():
     assert SCHEMA["$schema"].startswith("http://json-schema.org/draft-07/")
@@ -119,6 +134,7 @@ def test_node_configs_are_valid_run_instances_parameters():
 
 
 # --- raysae's invariants --------------------------------------------------------------------
+
 
 def test_head_runs_no_training():
     cfg = load()
@@ -147,8 +163,9 @@ def test_spot_and_on_demand_gpu_fleets():
     for nt in spot:
         behaviour = nt["node_config"]["InstanceMarketOptions"].get("SpotOptions", {})
         assert behaviour.get("InstanceInterruptionBehavior", "terminate") == "terminate"
-    assert any(is_gpu(nt) and not is_spot(nt) and nt["resources"]["GPU"] >= 8
-               for nt in types.values()), "an on-demand 8-GPU type"
+    assert any(
+        is_gpu(nt) and not is_spot(nt) and nt["resources"]["GPU"] >= 8 for nt in types.values()
+    ), "an on-demand 8-GPU type"
     assert any(not is_gpu(nt) for nt in types.values()), "a CPU type for Ray Data readers"
 
 
@@ -168,11 +185,16 @@ def test_every_worker_sizes_shm_and_derives_object_store_from_it():
 
 def test_ray_version_matches_pyproject():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = [m[1] for d in deps if (m := re.fullmatch(r"ray(?:\[[^\]]*\])?==([\w.]+)", d.replace(" ", "")))]
+    pins = [
+        m[1]
+        for d in deps
+        if (m := re.fullmatch(r"ray(?:\[[^\]]*\])?==([\w.]+)", d.replace(" ", "")))
+    ]
     assert len(pins) == 1, deps
     text, pin = CLUSTER_YAML.read_text(), pins[0]
-    found = (re.findall(r"rayproject/ray(?:-ml)?:(\d[\w.]*?)(?:-|\s|$)", text)
-             + re.findall(r"\bray(?:\[[^\]]*\])?==([\w.]+)", text))
+    found = re.findall(r"rayproject/ray(?:-ml)?:(\d[\w.]*?)(?:-|\s|$)", text) + re.findall(
+        r"\bray(?:\[[^\]]*\])?==([\w.]+)", text
+    )
     assert found and set(found) == {pin}, f"pyproject pins ray=={pin}; cluster.yaml has {found}"
     docker = load()["docker"]
     for key in ("image", "head_image", "worker_image"):
@@ -181,8 +203,9 @@ def test_ray_version_matches_pyproject():
 
 def test_no_credentials_only_instance_profiles():
     text, cfg = CLUSTER_YAML.read_text(), load()
-    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_(secret_access_key|access_key_id|session_token)",
-                         text, re.IGNORECASE)
+    assert not re.search(
+        r"AKIA[0-9A-Z]{16}|aws_(secret_access_key|access_key_id|session_token)", text, re.IGNORECASE
+    )
     assert "aws_credentials" not in cfg["provider"]
     for name, nt in cfg["available_node_types"].items():
         arn = nt["node_config"]["IamInstanceProfile"]["Arn"]
@@ -191,13 +214,15 @@ def test_no_credentials_only_instance_profiles():
 
 # --- broken copies fail with the bad key or value named ---------------------------------------
 
+
 def test_misspelt_node_type_key_is_named():
     cfg = load()
     name, nt = first_spot(cfg)
     nt["max_worker"] = nt.pop("max_workers")
     assert schema_errors(cfg) == [
         f"$.available_node_types.{name}: Additional properties are not allowed "
-        "('max_worker' was unexpected)"]
+        "('max_worker' was unexpected)"
+    ]
     with pytest.raises(jsonschema.ValidationError, match=r"'max_worker' was unexpected"):
         ray_validate(cfg)
 
@@ -215,7 +240,8 @@ def test_fractional_gpu_is_named():
     name, nt = first_spot(cfg)
     nt["resources"]["GPU"] = 0.5
     assert schema_errors(cfg) == [
-        f"$.available_node_types.{name}.resources.GPU: 0.5 is not of type 'integer'"]
+        f"$.available_node_types.{name}.resources.GPU: 0.5 is not of type 'integer'"
+    ]
     with pytest.raises(jsonschema.ValidationError, match=r"0\.5 is not of type 'integer'") as err:
         ray_validate(cfg)
     assert "['resources']['GPU']" in str(err.value)
@@ -227,4 +253,5 @@ def test_misspelt_node_config_key_is_caught_by_boto3_shape_not_ray_schema():
     nt["node_config"]["InstanceMarketOption"] = nt["node_config"].pop("InstanceMarketOptions")
     assert schema_errors(cfg) == []  # node_config is free-form to Ray
     assert 'Unknown parameter in input: "InstanceMarketOption"' in run_instances_errors(
-        nt["node_config"])
+        nt["node_config"]
+    )

@@ -2,8 +2,16 @@ import typing
 
 import pytest
 
-from raysae.config import (Architecture, ConfigError, RunConfig, SAEConfig, TrainConfig,
-                           from_dict, load_run_config, to_dict)
+from raysae.config import (
+    Architecture,
+    ConfigError,
+    RunConfig,
+    SAEConfig,
+    TrainConfig,
+    from_dict,
+    load_run_config,
+    to_dict,
+)
 from raysae.saes import ARCHITECTURES
 
 
@@ -54,16 +62,23 @@ def test_derived_values_are_computed_not_stored():
 
 
 def test_round_trip_through_dict():
-    cfg = from_dict(RunConfig, {"sae": {"d_in": 8, "n_latents": 16, "k": 4},
-                                "data": {"toy": {"n_features": 32}},
-                                "train": {"adam_betas": [0.9, 0.99], "total_tokens": 8192}})
+    cfg = from_dict(
+        RunConfig,
+        {
+            "sae": {"d_in": 8, "n_latents": 16, "k": 4},
+            "data": {"toy": {"n_features": 32}},
+            "train": {"adam_betas": [0.9, 0.99], "total_tokens": 8192},
+        },
+    )
     assert from_dict(RunConfig, to_dict(cfg)) == cfg
 
 
 def test_load_run_config_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("sae: {d_in: 8, n_latents: 16}\ndata: {toy: {}}\n")
-    cfg = load_run_config(str(path), {"sae.k": 3, "train.total_tokens": 5000, "train.batch_size": 100})
+    cfg = load_run_config(
+        str(path), {"sae.k": 3, "train.total_tokens": 5000, "train.batch_size": 100}
+    )
     assert cfg.sae.k == 3 and cfg.train.total_tokens == 5000
     with pytest.raises(ConfigError, match="does not exist"):
         load_run_config(str(tmp_path / "nope.yaml"))

@@ -24,8 +24,16 @@ train: {total_tokens: 20000, batch_size: 500, log_every_tokens: 10000, init_toke
 data: {toy: {n_features: 32, active_per_token: 3}}
 """
 
-RECONSTRUCTION_KEYS = {"fvu", "fvu_b", "explained_variance", "mse", "cos_sim", "l2_ratio",
-                       "relative_reconstruction_bias", "n_tokens"}
+RECONSTRUCTION_KEYS = {
+    "fvu",
+    "fvu_b",
+    "explained_variance",
+    "mse",
+    "cos_sim",
+    "l2_ratio",
+    "relative_reconstruction_bias",
+    "n_tokens",
+}
 SPARSITY_KEYS = {"l0", "l1", "dead_fraction", "dense_fraction", "frequency_histogram"}
 
 
@@ -42,16 +50,40 @@ def trained(tmp_path_factory):
 def test_eval_on_toy_prints_and_writes_every_metric(trained, tmp_path, capsys):
     cfg, ckpt = trained
     out = tmp_path / "report.json"
-    assert main(["eval", str(ckpt), "--data", f"toy:{cfg}", "--tokens", "3000",
-                 "--batch-size", "1000", "--pca-k", "2", "4", "--kmeans-k", "16",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "--data",
+                f"toy:{cfg}",
+                "--tokens",
+                "3000",
+                "--batch-size",
+                "1000",
+                "--pca-k",
+                "2",
+                "4",
+                "--kmeans-k",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["n_tokens"] == 3000
     assert RECONSTRUCTION_KEYS | SPARSITY_KEYS <= set(report["sae"])
     assert len(report["sae"]["latent_frequencies"]) == 64
-    assert set(report["baselines"]) == {"mean", "pca_k=2", "pca_k=4", "kmeans_K=16",
-                                        "kmeans_K=16_scaled"}
+    assert set(report["baselines"]) == {
+        "mean",
+        "pca_k=2",
+        "pca_k=4",
+        "kmeans_K=16",
+        "kmeans_K=16_scaled",
+    }
     for name, metrics in report["baselines"].items():
         assert RECONSTRUCTION_KEYS <= set(metrics), name
         assert name in printed
@@ -64,15 +96,34 @@ def test_eval_on_toy_prints_and_writes_every_metric(trained, tmp_path, capsys):
     geometry = report["decoder_geometry"]
     assert geometry["decoder"]["count"] == geometry["random_baseline"]["count"] == 64
     assert report["feature_recovery"]["fraction_recovered"] > 0.5
-    for text in ("fvu_b†", "legacy", "max cos to another latent", "random directions",
-                 "toy features recovered", "never fired"):
+    for text in (
+        "fvu_b†",
+        "legacy",
+        "max cos to another latent",
+        "random directions",
+        "toy features recovered",
+        "never fired",
+    ):
         assert text in printed
 
 
 def test_default_baselines_follow_the_sae(trained, capsys):
     cfg, ckpt = trained
-    assert main(["eval", str(ckpt), "--data", f"toy:{cfg}", "--tokens", "1000",
-                 "--kmeans-tokens", "200"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "--data",
+                f"toy:{cfg}",
+                "--tokens",
+                "1000",
+                "--kmeans-tokens",
+                "200",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "pca_k=4" in printed  # the SAE's measured L0 (k = 4)
     assert "kmeans_K=50 " in printed  # n_latents = 64, capped at 200 / 4
@@ -88,10 +139,26 @@ def test_eval_reads_a_dataset_through_raysae_shards(trained, tmp_path, monkeypat
         for _ in range(3):
             yield torch.randn(batch_size, 16, generator=g, dtype=dtype) + 3.0
 
-    monkeypatch.setitem(sys.modules, "raysae.shards",
-                        types.SimpleNamespace(iter_batches=iter_batches))
-    assert main(["eval", str(ckpt), "--data", str(tmp_path / "acts"), "--batch-size", "100",
-                 "--kmeans-k", "8", "--out", str(tmp_path / "r.json")]) == 0
+    monkeypatch.setitem(
+        sys.modules, "raysae.shards", types.SimpleNamespace(iter_batches=iter_batches)
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(ckpt),
+                "--data",
+                str(tmp_path / "acts"),
+                "--batch-size",
+                "100",
+                "--kmeans-k",
+                "8",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n_tokens"] == 300 and report["data"] == f"dataset {tmp_path / 'acts'}"
     assert calls == [(str(tmp_path / "acts"), 100, torch.float32)] * 2  # fit pass, score pass
@@ -107,12 +174,23 @@ def test_dataset_without_the_data_plane_is_a_named_error(trained, monkeypatch, c
     assert "--data toy:RUN.yaml" in err
 
 
-@pytest.mark.parametrize("width, message", [(12, r"shape \(100, 12\), but the SAE takes "
-                                                 r"\(B, d_in=16\)")])
+@pytest.mark.parametrize(
+    "width, message",
+    [
+        (
+            12,
+            r"shape \(100, 12\), but the SAE takes "
+            r"\(B, d_in=16\)",
+        )
+    ],
+)
 def test_dataset_of_the_wrong_width_is_named(trained, monkeypatch, capsys, width, message):
     _, ckpt = trained
-    monkeypatch.setitem(sys.modules, "raysae.shards", types.SimpleNamespace(
-        iter_batches=lambda uri, bs, dtype: iter([torch.randn(bs, width)])))
+    monkeypatch.setitem(
+        sys.modules,
+        "raysae.shards",
+        types.SimpleNamespace(iter_batches=lambda uri, bs, dtype: iter([torch.randn(bs, width)])),
+    )
     assert main(["eval", str(ckpt), "--data", "acts", "--batch-size", "100"]) == 2
     assert re.search(message, capsys.readouterr().err)
 
@@ -130,8 +208,9 @@ def test_a_stream_that_does_not_restart_identically_is_refused():
     model = build_sae(SAEConfig(d_in=4, n_latents=8, k=2))
     g = torch.Generator().manual_seed(0)
     with pytest.raises(DataSourceError, match="different tokens on its second pass"):
-        evaluate_with_baselines(model, lambda: iter([torch.randn(50, 4, generator=g)]), 50,
-                                pca_ks=[1], kmeans_ks=[2])
+        evaluate_with_baselines(
+            model, lambda: iter([torch.randn(50, 4, generator=g)]), 50, pca_ks=[1], kmeans_ks=[2]
+        )
 
 
 def union_bound_explained_variance(d: int, n: int, k: int) -> float:
@@ -170,17 +249,30 @@ def test_no_miracle_on_gaussian_noise():
 
     torch.manual_seed(0)
     model = build_sae(SAEConfig(d_in=d, n_latents=n, k=k))
-    fit(model, stream(0), TrainConfig(total_tokens=100_000, batch_size=1024, lr=7e-3,
-                                      log_every_tokens=100_000, init_tokens=4096,
-                                      dead_tokens=50_000), log=lambda s: None)
-    report = evaluate_with_baselines(model, lambda: stream(1), 16_384, pca_ks=[k, k + 1],
-                                     kmeans_ks=[n])
+    fit(
+        model,
+        stream(0),
+        TrainConfig(
+            total_tokens=100_000,
+            batch_size=1024,
+            lr=7e-3,
+            log_every_tokens=100_000,
+            init_tokens=4096,
+            dead_tokens=50_000,
+        ),
+        log=lambda s: None,
+    )
+    report = evaluate_with_baselines(
+        model, lambda: stream(1), 16_384, pca_ks=[k, k + 1], kmeans_ks=[n]
+    )
     sae, pca = report["sae"], report["baselines"][f"pca_k={k}"]
     ceiling = union_bound_explained_variance(d, n, k)
     assert 0.35 < ceiling < 0.45  # 0.394
     assert sae["explained_variance"] <= ceiling and 1 - sae["fvu_b"] <= ceiling
-    assert sae["explained_variance"] <= 0.25 and sae["explained_variance"] - pca[
-        "explained_variance"] <= 0.2
+    assert (
+        sae["explained_variance"] <= 0.25
+        and sae["explained_variance"] - pca["explained_variance"] <= 0.2
+    )
     assert abs(pca["explained_variance"] - k / d) < 0.02  # PCA on noise: k of d dimensions
     assert report["baselines"]["mean"]["fvu"] == pytest.approx(1.0, rel=1e-9)
     # The field's bug, for contrast: variance about zero makes the same SAE look perfect.
@@ -195,7 +287,22 @@ def test_eval_of_an_untrained_checkpoint_runs(tmp_path, capsys):
     save_sae(build_sae(SAEConfig(d_in=16, n_latents=32, k=4, architecture="relu")), tmp_path / "s")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(TINY)
-    assert main(["eval", str(tmp_path / "s"), "--data", f"toy:{cfg}", "--tokens", "500",
-                 "--kmeans-k", "4", "--out", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "s"),
+                "--data",
+                f"toy:{cfg}",
+                "--tokens",
+                "500",
+                "--kmeans-k",
+                "4",
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert math.isfinite(report["sae"]["fvu"]) and report["sae"]["l0"] > 0

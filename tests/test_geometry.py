@@ -7,8 +7,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from raysae.geometry import (block_rows, decoder_geometry, max_cosine_to_others,
-                             random_unit_directions, summarize_cosines)
+from raysae.geometry import (
+    block_rows,
+    decoder_geometry,
+    max_cosine_to_others,
+    random_unit_directions,
+    summarize_cosines,
+)
 
 
 def plain_max_cosine(W: torch.Tensor) -> torch.Tensor:
@@ -19,8 +24,9 @@ def plain_max_cosine(W: torch.Tensor) -> torch.Tensor:
     return cos.amax(-1)
 
 
-@given(st.integers(2, 40), st.integers(1, 8), st.integers(1, 200), st.integers(0, 2**16),
-       st.booleans())
+@given(
+    st.integers(2, 40), st.integers(1, 8), st.integers(1, 200), st.integers(0, 2**16), st.booleans()
+)
 def test_blocked_max_cosine_equals_the_full_gram_matrix(n, d, budget, seed, duplicate):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g).add(0.1)  # any norms

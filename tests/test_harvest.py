@@ -20,7 +20,13 @@ from raysae import harvest, shards, storage, stream
 
 pytestmark = pytest.mark.timeout(300)
 
-TINY = {"layers": (0, 1), "n_tokens": 3000, "context_length": 32, "tokens_per_part": 1000, "batch_size": 8}
+TINY = {
+    "layers": (0, 1),
+    "n_tokens": 3000,
+    "context_length": 32,
+    "tokens_per_part": 1000,
+    "batch_size": 8,
+}
 
 
 def read_rows(uri: str) -> dict[str, torch.Tensor]:
@@ -70,7 +76,9 @@ def assert_rows_match_reference(
 def short_docs_corpus(tmp_path_factory) -> str:
     """A .txt corpus of short documents (one-paragraph stdlib docstrings), one per paragraph."""
     short = [
-        d for d in itertools.islice(harvest.stdlib_docstrings(), 5000) if len(d) < 300 and "\n\n" not in d
+        d
+        for d in itertools.islice(harvest.stdlib_docstrings(), 5000)
+        if len(d) < 300 and "\n\n" not in d
     ]
     path = tmp_path_factory.mktemp("corpus") / "short.txt"
     path.write_text("\n\n".join(short[:1000]))
@@ -78,10 +86,14 @@ def short_docs_corpus(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_harvest(ray_cluster, tiny_model_dir: str, short_docs_corpus: str, tmp_path_factory) -> dict:
+def tiny_harvest(
+    ray_cluster, tiny_model_dir: str, short_docs_corpus: str, tmp_path_factory
+) -> dict:
     """Layers 0 and 1 of the tiny model over 3000 tokens of short documents, in 3 parts."""
     output = str(tmp_path_factory.mktemp("harvest"))
-    cfg = harvest.HarvestConfig(model=tiny_model_dir, output=output, corpus=short_docs_corpus, **TINY)
+    cfg = harvest.HarvestConfig(
+        model=tiny_model_dir, output=output, corpus=short_docs_corpus, **TINY
+    )
     return {"cfg": cfg, "manifests": harvest.harvest(cfg, progress=None)}
 
 
@@ -100,7 +112,9 @@ def test_manifests_describe_the_harvest(tiny_harvest: dict) -> None:
             32,
         )
         assert manifest.harvest["context_length"] == 32 and manifest.model == cfg.model
-        assert sorted(os.listdir(uri)) == sorted([shards.MANIFEST_NAME, *(p.name for p in manifest.parts)])
+        assert sorted(os.listdir(uri)) == sorted(
+            [shards.MANIFEST_NAME, *(p.name for p in manifest.parts)]
+        )
 
 
 def test_rows_match_a_direct_forward(tiny_harvest: dict, tiny_model_dir: str) -> None:
@@ -111,29 +125,39 @@ def test_rows_match_a_direct_forward(tiny_harvest: dict, tiny_model_dir: str) ->
     cfg = tiny_harvest["cfg"]
     documents = harvest.iter_documents(cfg.corpus)
     assert (
-        assert_rows_match_reference(cfg.output, [0, 1], documents, model, tokenizer, context_length=32)
+        assert_rows_match_reference(
+            cfg.output, [0, 1], documents, model, tokenizer, context_length=32
+        )
         == 3000
     )
 
 
-def test_layers_share_one_row_order_without_special_tokens(tiny_harvest: dict, tiny_model_dir: str) -> None:
+def test_layers_share_one_row_order_without_special_tokens(
+    tiny_harvest: dict, tiny_model_dir: str
+) -> None:
     from transformers import AutoTokenizer
 
-    first, second = (read_rows(harvest.layer_uri(tiny_harvest["cfg"].output, layer)) for layer in (0, 1))
+    first, second = (
+        read_rows(harvest.layer_uri(tiny_harvest["cfg"].output, layer)) for layer in (0, 1)
+    )
     for name in ("token_id", "doc_id", "pos"):
         assert torch.equal(first[name], second[name])
     assert not np.isin(
         first["token_id"].numpy(), AutoTokenizer.from_pretrained(tiny_model_dir).all_special_ids
     ).any()
     assert int(first["pos"].min()) >= 0
-    assert len(set(zip(first["doc_id"].tolist(), first["pos"].tolist()))) == 3000  # (doc_id, pos) is a key
+    assert (
+        len(set(zip(first["doc_id"].tolist(), first["pos"].tolist()))) == 3000
+    )  # (doc_id, pos) is a key
 
 
 def test_statistics_match_the_stored_rows(tiny_harvest: dict) -> None:
     manifest = tiny_harvest["manifests"][1]
     acts = read_rows(harvest.layer_uri(tiny_harvest["cfg"].output, 1))["act"].double()
     np.testing.assert_allclose(manifest.stats.mean, acts.mean(0).numpy(), rtol=1e-9, atol=1e-12)
-    assert manifest.stats.mean_squared_norm == pytest.approx(acts.pow(2).sum(1).mean().item(), rel=1e-9)
+    assert manifest.stats.mean_squared_norm == pytest.approx(
+        acts.pow(2).sum(1).mean().item(), rel=1e-9
+    )
 
 
 def test_training_batches_mix_documents(tiny_harvest: dict) -> None:
@@ -146,15 +170,22 @@ def test_training_batches_mix_documents(tiny_harvest: dict) -> None:
     total = len(torch.unique(read_rows(uri)["doc_id"]))
     # Unshuffled, 256 consecutive tokens of these ~40-token documents would span about 7.
     # Each part holds a random third of the corpus' windows, its rows shuffled again.
-    assert len(distinct) == 11 and min(distinct) >= 20, f"documents per batch {distinct} (of {total})"
+    assert len(distinct) == 11 and min(distinct) >= 20, (
+        f"documents per batch {distinct} (of {total})"
+    )
 
 
 def test_existing_harvest_is_refused_and_kept(tiny_harvest: dict) -> None:
     cfg = tiny_harvest["cfg"]
-    before = storage.read_bytes(storage.join(harvest.layer_uri(cfg.output, 0), shards.MANIFEST_NAME))
+    before = storage.read_bytes(
+        storage.join(harvest.layer_uri(cfg.output, 0), shards.MANIFEST_NAME)
+    )
     with pytest.raises(FileExistsError, match="overwrite"):
         harvest.harvest(dataclasses.replace(cfg, n_tokens=10))
-    assert storage.read_bytes(storage.join(harvest.layer_uri(cfg.output, 0), shards.MANIFEST_NAME)) == before
+    assert (
+        storage.read_bytes(storage.join(harvest.layer_uri(cfg.output, 0), shards.MANIFEST_NAME))
+        == before
+    )
 
 
 def test_interrupted_harvest_leaves_no_manifest_and_reruns_from_the_cli(
@@ -197,7 +228,9 @@ def test_interrupted_harvest_leaves_no_manifest_and_reruns_from_the_cli(
     for layer in cfg.layers:
         manifest = shards.open_dataset(harvest.layer_uri(s3_prefix, layer))
         assert manifest.n_tokens == 3000
-        names = set(storage.list_files(harvest.layer_uri(s3_prefix, layer))) - {shards.MANIFEST_NAME}
+        names = set(storage.list_files(harvest.layer_uri(s3_prefix, layer))) - {
+            shards.MANIFEST_NAME
+        }
         assert names == {p.name for p in manifest.parts}  # the interrupted run's parts are gone
 
 
@@ -224,7 +257,9 @@ def test_smollm2_gguf_rows_match_a_direct_forward(ray_cluster, smollm2_gguf: str
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name).eval()  # all 30 blocks
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     assert (
-        assert_rows_match_reference(str(tmp_path), [3], harvest.stdlib_docstrings(), model, tokenizer, 64)
+        assert_rows_match_reference(
+            str(tmp_path), [3], harvest.stdlib_docstrings(), model, tokenizer, 64
+        )
         == 5000
     )
 
@@ -244,7 +279,12 @@ class WordTokenizer:
 def test_windows_hold_exactly_the_budget() -> None:
     documents = ["a bb ccc dddd eeeee", "f gg", "hhh iiii jjjjj kk l"]
     windows = harvest.build_windows(
-        documents, WordTokenizer(), n_tokens=9, context_length=4, prepend_bos=True, excluded=np.array([1])
+        documents,
+        WordTokenizer(),
+        n_tokens=9,
+        context_length=4,
+        prepend_bos=True,
+        excluded=np.array([1]),
     )
     assert sum(w.kept for w in windows) == 9
     assert [(w.doc_id, w.input_ids.tolist(), w.pos.tolist()) for w in windows] == [
@@ -257,7 +297,12 @@ def test_windows_hold_exactly_the_budget() -> None:
 
 def test_windows_without_bos_and_budget_too_large() -> None:
     windows = harvest.build_windows(
-        ["a b c"], WordTokenizer(), n_tokens=3, context_length=2, prepend_bos=False, excluded=np.array([1])
+        ["a b c"],
+        WordTokenizer(),
+        n_tokens=3,
+        context_length=2,
+        prepend_bos=False,
+        excluded=np.array([1]),
     )
     assert [w.pos.tolist() for w in windows] == [[0, 1], [2]]
     with pytest.raises(ValueError, match="only 3 recordable tokens, n_tokens=4"):
@@ -307,7 +352,9 @@ def test_corpus_files(tmp_path) -> None:
 
 
 def test_hub_corpus_without_datasets_package_is_explained(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails as if not installed
+    monkeypatch.setitem(
+        sys.modules, "datasets", None
+    )  # `import datasets` fails as if not installed
     with pytest.raises(ValueError, match="pip install datasets"):
         next(harvest.iter_documents("someone/some-corpus"))
 
@@ -339,7 +386,18 @@ def test_config_validation_and_unknown_keys() -> None:
 def test_cli_arguments_mirror_the_config() -> None:
     parser = harvest.add_harvest_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
-        ["--model", "m", "--layers", "2", "5", "--output", "o", "--no-prepend-bos", "--dtype", "bfloat16"]
+        [
+            "--model",
+            "m",
+            "--layers",
+            "2",
+            "5",
+            "--output",
+            "o",
+            "--no-prepend-bos",
+            "--dtype",
+            "bfloat16",
+        ]
     )
     cfg = harvest.HarvestConfig.from_dict(
         {f.name: getattr(args, f.name) for f in dataclasses.fields(harvest.HarvestConfig)}
@@ -355,4 +413,6 @@ def test_cli_arguments_mirror_the_config() -> None:
 def test_last_block_and_missing_layers_are_refused(tiny_model_dir: str, tmp_path) -> None:
     for layers in [(2,), (7,)]:  # the tiny model has blocks 0..2; 2 is the last
         with pytest.raises(ValueError, match="choose layers < 2"):
-            harvest.harvest(harvest.HarvestConfig(model=tiny_model_dir, layers=layers, output=str(tmp_path)))
+            harvest.harvest(
+                harvest.HarvestConfig(model=tiny_model_dir, layers=layers, output=str(tmp_path))
+            )

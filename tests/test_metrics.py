@@ -11,16 +11,17 @@ import torch
 from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule
+from strategies import activations, fold_tree, merge_trees, partitions, reconstructions
 
 from raysae.config import SAEConfig
 from raysae.metrics import DENSE_THRESHOLD, Moments, ReconstructionStats, SparsityStats
 from raysae.saes import build_sae
-from strategies import activations, fold_tree, merge_trees, partitions, reconstructions
 
 F64 = torch.float64
 
 
 # -- plain references ---------------------------------------------------------------------------
+
 
 def reference_reconstruction(x, x_hat, reference_mean=None) -> dict:
     """The definitions of the module docstring, from scratch, two-pass, in numpy float64."""
@@ -37,20 +38,23 @@ def reference_reconstruction(x, x_hat, reference_mean=None) -> dict:
             "mse": err.sum() / (n * d) if n else math.nan,
             "cos_sim": cos[nz].mean() if nz.any() else math.nan,
             "l2_ratio": (xhat_norm[nz] / x_norm[nz]).mean() if nz.any() else math.nan,
-            "relative_reconstruction_bias": ((xhat_norm ** 2).sum() / (x * x_hat).sum()
-                                             if (x * x_hat).sum() else math.nan),
+            "relative_reconstruction_bias": (
+                (xhat_norm**2).sum() / (x * x_hat).sum() if (x * x_hat).sum() else math.nan
+            ),
             "n_tokens": n,
         }
         if reference_mean is not None:
             spread = ((x - np.asarray(reference_mean)) ** 2).sum(-1)
-            out["fvu_b"] = (err[spread > 0] / spread[spread > 0]).mean() if (spread > 0).any() \
-                else math.nan
+            out["fvu_b"] = (
+                (err[spread > 0] / spread[spread > 0]).mean() if (spread > 0).any() else math.nan
+            )
     out["explained_variance"] = 1.0 - out["fvu"]
     return out
 
 
-def reference_sparsity(latents, tracked_latents=None, tracked_positions=None,
-                       dead_window=10**9) -> dict:
+def reference_sparsity(
+    latents, tracked_latents=None, tracked_positions=None, dead_window=10**9
+) -> dict:
     """L0, L1, frequencies and dense fraction of `latents`; the dead fraction from the tokens
     at stream `tracked_positions` (default: `latents` at positions 0, 1, …)."""
     f = np.asarray(latents, np.float64).reshape(-1, np.shape(latents)[-1])
@@ -62,14 +66,21 @@ def reference_sparsity(latents, tracked_latents=None, tracked_positions=None,
     active = f != 0
     freq = active.sum(0) / max(n, 1)
     nan_if_empty = (lambda v: v) if n else (lambda v: math.nan)
-    out = {"l0": nan_if_empty(active.sum() / max(n, 1)),
-           "l1": nan_if_empty(np.abs(f).sum() / max(n, 1)),
-           "dense_fraction": nan_if_empty((freq > DENSE_THRESHOLD).mean()),
-           "frequencies": freq, "dead_fraction": math.nan}
+    out = {
+        "l0": nan_if_empty(active.sum() / max(n, 1)),
+        "l1": nan_if_empty(np.abs(f).sum() / max(n, 1)),
+        "dense_fraction": nan_if_empty((freq > DENSE_THRESHOLD).mean()),
+        "frequencies": freq,
+        "dead_fraction": math.nan,
+    }
     if len(positions):
         begin, end = positions.min(), positions.max() + 1
-        last = np.array([positions[tracked[:, i]].max() if tracked[:, i].any() else -1
-                         for i in range(f.shape[1])])
+        last = np.array(
+            [
+                positions[tracked[:, i]].max() if tracked[:, i].any() else -1
+                for i in range(f.shape[1])
+            ]
+        )
         out["dead_fraction"] = ((end - 1 - last) >= min(dead_window, end - begin)).mean()
     return out
 
@@ -113,6 +124,7 @@ def well_spread(x) -> bool:
 
 
 # -- FVU identities ---------------------------------------------------------------------------
+
 
 @given(activations())
 def test_fvu_of_perfect_reconstruction_is_zero(x):
@@ -174,8 +186,11 @@ def test_fvu_is_invariant_to_an_affine_map_of_both(x, data, a, negate, b):
 @given(activations(), st.data(), st.integers(0, 2**32 - 1))
 def test_fvu_is_invariant_to_a_rotation(x, data, seed):
     x, x_hat = _affine_data(x, data.draw(reconstructions(x)))
-    q, _ = torch.linalg.qr(torch.randn(x.shape[1], x.shape[1], dtype=F64,
-                                       generator=torch.Generator().manual_seed(seed)))
+    q, _ = torch.linalg.qr(
+        torch.randn(
+            x.shape[1], x.shape[1], dtype=F64, generator=torch.Generator().manual_seed(seed)
+        )
+    )
     before, after = stats_of(x, x_hat)["fvu"], stats_of(x @ q, x_hat @ q)["fvu"]
     scale = float(x.pow(2).sum()) / total_sum_of_squares(x)  # rounding at the scale of |x|
     assert math.isclose(after, before, rel_tol=1e-7, abs_tol=1e-12 * scale)
@@ -184,8 +199,10 @@ def test_fvu_is_invariant_to_a_rotation(x, data, seed):
 @given(activations(min_d=2), st.floats(0.1, 10.0))
 # Test bug found by this property: identical tokens have variance made of rounding noise only,
 # which passed a purely relative check; the floor is now relative to Σx².
-@example(torch.tensor([[118.5228, 156.7664, -296.1080, 59.5318, 146.3410]] * 5,
-                      dtype=torch.float64), 0.375)
+@example(
+    torch.tensor([[118.5228, 156.7664, -296.1080, 59.5318, 146.3410]] * 5, dtype=torch.float64),
+    0.375,
+)
 def test_fvu_changes_with_per_dimension_scaling(x, lam):
     # x̂ misses dimension 0 only: FVU = λ² var₀ / (λ² var₀ + Σ_{j>0} var_j) after scaling dim 0 by λ.
     x = x.to(F64)
@@ -208,20 +225,27 @@ def test_metrics_are_invariant_to_token_order(x, data):
     x_hat = data.draw(reconstructions(x))
     perm = data.draw(st.permutations(range(x.shape[0])))
     ref = x.to(F64).mean(0)
-    assert_metrics_close(stats_of(x[list(perm)], x_hat[list(perm)], ref), stats_of(x, x_hat, ref),
-                         rrb_condition=rrb_condition(x, x_hat))
+    assert_metrics_close(
+        stats_of(x[list(perm)], x_hat[list(perm)], ref),
+        stats_of(x, x_hat, ref),
+        rrb_condition=rrb_condition(x, x_hat),
+    )
 
 
 @given(activations(), st.data())
 def test_reconstruction_stats_match_the_numpy_reference(x, data):
     x_hat = data.draw(reconstructions(x))
     ref = x.to(F64).mean(0)
-    assert_metrics_close(stats_of(x, x_hat, ref),
-                         reference_reconstruction(x.to(F64), x_hat.to(F64), ref.numpy()),
-                         rel=1e-8, rrb_condition=rrb_condition(x, x_hat))
+    assert_metrics_close(
+        stats_of(x, x_hat, ref),
+        reference_reconstruction(x.to(F64), x_hat.to(F64), ref.numpy()),
+        rel=1e-8,
+        rrb_condition=rrb_condition(x, x_hat),
+    )
 
 
 # -- relative reconstruction bias -------------------------------------------------------------
+
 
 @given(activations(kinds=("gaussian", "heavy_tailed", "duplicates")), st.floats(0.01, 10.0))
 def test_relative_reconstruction_bias_of_scaled_input(x, c):
@@ -232,6 +256,7 @@ def test_relative_reconstruction_bias_of_scaled_input(x, c):
 
 
 # -- merging ----------------------------------------------------------------------------------
+
 
 @given(activations(dtypes=(torch.float32,), mean_ratios=(1e2, 1e4)), st.data())
 # Field bug, pinned though not found here: Σx² − (Σx)²/N in float32 gave 4.4e7 for a true
@@ -293,6 +318,7 @@ def test_sparsity_partitions_merged_in_any_order_equal_one_update(latents, data,
 
 
 # -- sparsity -----------------------------------------------------------------------------------
+
 
 @given(latent_batches(), st.integers(1, 50))
 def test_sparsity_counts_are_consistent(latents, window):
@@ -381,11 +407,13 @@ def test_full_moments_merge_to_the_covariance_of_the_whole(x, data):
     # Rounding in either computation is ~1e-16 of the squared values, whatever the variance.
     scale = float(want.diagonal().sum()) + 1e-7 * float(x.pow(2).mean(0).sum()) + 1e-300
     torch.testing.assert_close(merged.covariance(), want, rtol=0, atol=1e-9 * scale)
-    assert math.isclose(float(merged.total_variance()), total_sum_of_squares(x),
-                        rel_tol=1e-9, abs_tol=1e-12 * scale)
+    assert math.isclose(
+        float(merged.total_variance()), total_sum_of_squares(x), rel_tol=1e-9, abs_tol=1e-12 * scale
+    )
 
 
 # -- stateful: update / merge / reset / compute against a reference that keeps every token -----
+
 
 class Tracked:
     """An accumulator pair and the raw tokens it has seen: x, x̂ and latents since the last
@@ -402,8 +430,12 @@ class Tracked:
 class AccumulatorMachine(RuleBasedStateMachine):
     accumulators = Bundle("accumulators")
 
-    @initialize(d=st.integers(1, 6), n_latents=st.integers(1, 8), window=st.integers(1, 40),
-                with_reference=st.booleans())
+    @initialize(
+        d=st.integers(1, 6),
+        n_latents=st.integers(1, 8),
+        window=st.integers(1, 40),
+        with_reference=st.booleans(),
+    )
     def setup(self, d, n_latents, window, with_reference):
         self.d, self.n_latents, self.window = d, n_latents, window
         self.reference_mean = torch.linspace(-1, 1, d, dtype=F64) if with_reference else None
@@ -455,10 +487,12 @@ class AccumulatorMachine(RuleBasedStateMachine):
     @rule(target=accumulators, acc=accumulators)
     def through_state_tensors(self, acc):
         out = copy.deepcopy(acc)
-        out.recon = ReconstructionStats.from_state_tensor(acc.recon.state_tensor(), self.d,
-                                                          self.reference_mean)
-        out.sparsity = SparsityStats.from_state_tensor(acc.sparsity.state_tensor(),
-                                                       self.n_latents, self.window)
+        out.recon = ReconstructionStats.from_state_tensor(
+            acc.recon.state_tensor(), self.d, self.reference_mean
+        )
+        out.sparsity = SparsityStats.from_state_tensor(
+            acc.sparsity.state_tensor(), self.n_latents, self.window
+        )
         return out
 
     @rule(acc=accumulators)
@@ -471,15 +505,22 @@ class AccumulatorMachine(RuleBasedStateMachine):
         got = acc.recon.compute()
         if well_spread(x) or x.shape[0] == 0:
             ref = None if self.reference_mean is None else self.reference_mean.numpy()
-            assert_metrics_close(got, reference_reconstruction(x, x_hat, ref), rel=1e-8,
-                                 rrb_condition=rrb_condition(x, x_hat))
+            assert_metrics_close(
+                got,
+                reference_reconstruction(x, x_hat, ref),
+                rel=1e-8,
+                rrb_condition=rrb_condition(x, x_hat),
+            )
         if len(positions):
-            assert (acc.sparsity.begin, acc.sparsity.end) == (int(positions.min()),
-                                                              int(positions.max()) + 1)
+            assert (acc.sparsity.begin, acc.sparsity.end) == (
+                int(positions.min()),
+                int(positions.max()) + 1,
+            )
         want = reference_sparsity(latents, tracked, positions.numpy(), self.window)
         assert_metrics_close(acc.sparsity.compute(), want)
-        torch.testing.assert_close(acc.sparsity.frequencies(),
-                                   torch.from_numpy(want["frequencies"]))
+        torch.testing.assert_close(
+            acc.sparsity.frequencies(), torch.from_numpy(want["frequencies"])
+        )
         assert acc.sparsity.n == latents.shape[0] == got["n_tokens"]
 
 

@@ -16,13 +16,18 @@ def test_pareto_mask_on_hand_made_points():
 
 
 def test_frontiers_per_architecture_and_overall(tmp_path):
-    table = pd.DataFrame({
-        "architecture": ["topk", "topk", "relu", "relu"],
-        "l0": [8.0, 16.0, 40.0, 12.0],
-        "fvu": [0.3, 0.2, 0.1, 0.35],
-        "n_latents": [64] * 4, "k": [8, 16, 4, 4], "l1_coefficient": [5.0] * 4,
-        "lr": [1e-3] * 4, "checkpoint": ["a", "b", "c", "d"],
-    })
+    table = pd.DataFrame(
+        {
+            "architecture": ["topk", "topk", "relu", "relu"],
+            "l0": [8.0, 16.0, 40.0, 12.0],
+            "fvu": [0.3, 0.2, 0.1, 0.35],
+            "n_latents": [64] * 4,
+            "k": [8, 16, 4, 4],
+            "l1_coefficient": [5.0] * 4,
+            "lr": [1e-3] * 4,
+            "checkpoint": ["a", "b", "c", "d"],
+        }
+    )
     t = report.with_frontiers(table)
     assert t["pareto"].tolist() == [True, True, True, True]
     # overall: (12, .35) is dominated by (8, .3)

@@ -95,8 +95,12 @@ def test_geometric_median_resists_outliers():
     # 200 points on the unit circle and one far outlier: the mean moves ~5e3 away, the
     # geometric median moves less than ~1/200 · (circle radius) towards it.
     angle = torch.linspace(0, 2 * torch.pi, 201, dtype=torch.float64)[:-1]
-    x = torch.cat([torch.stack([angle.cos(), angle.sin()], -1),
-                   torch.tensor([[1e6, 1e6]], dtype=torch.float64)])
+    x = torch.cat(
+        [
+            torch.stack([angle.cos(), angle.sin()], -1),
+            torch.tensor([[1e6, 1e6]], dtype=torch.float64),
+        ]
+    )
     m = geometric_median(x)
     assert m.norm() < 0.02 and x.mean(0).norm() > 1e3
 
@@ -177,8 +181,9 @@ def test_auxk_reconstructs_the_residual_without_b_dec():
     loss = auxk_loss(pre, dead, residual, W, k_aux=2)
     vals, idx = pre[:, dead].topk(2, dim=-1)
     e_hat = torch.zeros(B, n).scatter(1, torch.tensor([1, 4, 7])[idx], vals.relu()) @ W
-    expected = (e_hat - residual).pow(2).sum(-1).mean() / \
-        (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    expected = (e_hat - residual).pow(2).sum(-1).mean() / (residual - residual.mean(0)).pow(2).sum(
+        -1
+    ).mean()
     torch.testing.assert_close(loss, expected)
     assert auxk_loss(pre, torch.zeros(n, dtype=torch.bool), residual, W, 2) is None
 

@@ -66,8 +66,9 @@ def test_parser_builds_from_many_threads_while_others_parse():
             for _ in range(25):
                 help_text = build_parser().format_help()
                 assert "sweep" in help_text
-                build_parser(["harvest"]).parse_args(["harvest", "--model", "m", "--layers", "1",
-                                                      "--output", "o"])
+                build_parser(["harvest"]).parse_args(
+                    ["harvest", "--model", "m", "--layers", "1", "--output", "o"]
+                )
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

@@ -55,7 +55,9 @@ def replace_part(uri: str, index: int, table: pa.Table) -> shards.Part:
     rows_per_part=st.integers(1, 120),
     batch_size=st.integers(1, 100),
 )
-def test_round_trip_equals_cast_input(tmp_path_factory, rows, d_in, dtype, rows_per_part, batch_size) -> None:
+def test_round_trip_equals_cast_input(
+    tmp_path_factory, rows, d_in, dtype, rows_per_part, batch_size
+) -> None:
     uri = str(tmp_path_factory.mktemp("ds"))
     acts = toy(rows, d_in) * 10
     manifest = shards.write_dataset(uri, acts, dtype=dtype, rows_per_part=rows_per_part)
@@ -64,7 +66,9 @@ def test_round_trip_equals_cast_input(tmp_path_factory, rows, d_in, dtype, rows_
     assert all(len(b) == batch_size for b in batches[:-1])
     stored = acts.to(shards.STORAGE_DTYPES[dtype][0])
     assert torch.equal(torch.cat(batches), stored.float())
-    np.testing.assert_allclose(manifest.stats.mean, stored.double().mean(0).numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        manifest.stats.mean, stored.double().mean(0).numpy(), rtol=1e-12, atol=1e-12
+    )
     np.testing.assert_allclose(
         manifest.stats.mean_squared_norm, stored.double().pow(2).sum(1).mean().item(), rtol=1e-12
     )
@@ -95,7 +99,9 @@ def test_reader_dtype_and_metadata_columns(tmp_path, dtype: str) -> None:
     assert first["act"].dtype == torch.bfloat16 and first["act"].shape == (128, 8)
     assert first["doc_id"].dtype == torch.int64 and first["pos"].dtype == torch.int32
     assert torch.equal(first["doc_id"], torch.arange(128) // 10)
-    assert torch.equal(first["act"], acts[:128].to(shards.STORAGE_DTYPES[dtype][0]).to(torch.bfloat16))
+    assert torch.equal(
+        first["act"], acts[:128].to(shards.STORAGE_DTYPES[dtype][0]).to(torch.bfloat16)
+    )
 
 
 def test_decode_is_zero_copy_in_stored_dtype() -> None:
@@ -112,7 +118,8 @@ def test_decode_concatenates_chunks_in_one_cast() -> None:
         [shards.encode_act(acts[:30], "bfloat16"), shards.encode_act(acts[30:], "bfloat16")]
     )
     assert torch.equal(
-        shards.decode_act(column, d_in=4, dtype="bfloat16", out_dtype=torch.float32), acts.bfloat16().float()
+        shards.decode_act(column, d_in=4, dtype="bfloat16", out_dtype=torch.float32),
+        acts.bfloat16().float(),
     )
 
 
@@ -235,7 +242,9 @@ def test_part_with_wrong_act_width(tmp_path) -> None:
     uri = str(tmp_path)
     manifest = shards.write_dataset(uri, toy(100, 16), rows_per_part=50)
     replace_part(
-        uri, 1, shards.shard_table(toy(50, 12), np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16")
+        uri,
+        1,
+        shards.shard_table(toy(50, 12), np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16"),
     )
     with pytest.raises(
         shards.DatasetError,
@@ -278,7 +287,9 @@ def test_non_finite_part_names_part_and_row(tmp_path) -> None:
         uri, 1, shards.shard_table(bad, np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16")
     )
     shards.open_dataset(uri)  # the cheap checks pass: footers are fine
-    with pytest.raises(shards.DatasetError, match=f"part {written.name} row 17: activation holds NaN"):
+    with pytest.raises(
+        shards.DatasetError, match=f"part {written.name} row 17: activation holds NaN"
+    ):
         shards.open_dataset(uri, verify=True)
 
 
@@ -288,16 +299,23 @@ def test_manifest_row_counts_disagree_with_parts(tmp_path) -> None:
     data = json.loads(manifest.to_json())
     data["n_tokens"] = 120
     storage.write_bytes(storage.join(uri, shards.MANIFEST_NAME), json.dumps(data).encode())
-    with pytest.raises(shards.DatasetError, match="row counts disagree: n_tokens=120, parts sum to 100"):
+    with pytest.raises(
+        shards.DatasetError, match="row counts disagree: n_tokens=120, parts sum to 100"
+    ):
         shards.read_manifest(uri)
 
 
 def test_part_footer_rows_disagree_with_manifest(tmp_path) -> None:
     uri = str(tmp_path)
     manifest = shards.write_dataset(uri, toy(100, 4), rows_per_part=50)
-    parts = (dataclasses.replace(manifest.parts[0], rows=40), dataclasses.replace(manifest.parts[1], rows=60))
+    parts = (
+        dataclasses.replace(manifest.parts[0], rows=40),
+        dataclasses.replace(manifest.parts[1], rows=60),
+    )
     rewrite_manifest(uri, parts=parts)
-    with pytest.raises(shards.DatasetError, match=f"part {parts[0].name} has 50 rows, manifest.json says 40"):
+    with pytest.raises(
+        shards.DatasetError, match=f"part {parts[0].name} has 50 rows, manifest.json says 40"
+    ):
         shards.open_dataset(uri)
 
 
@@ -305,7 +323,9 @@ def test_missing_part(tmp_path) -> None:
     uri = str(tmp_path)
     name = shards.write_dataset(uri, toy(100, 4), rows_per_part=50).parts[0].name
     os.remove(tmp_path / name)
-    with pytest.raises(shards.DatasetError, match=f"part {name} listed in manifest.json is missing"):
+    with pytest.raises(
+        shards.DatasetError, match=f"part {name} listed in manifest.json is missing"
+    ):
         shards.open_dataset(uri)
 
 

@@ -74,13 +74,20 @@ def test_sparse_decode_equals_dense_decode_for_random_indices(B, n, d, data):
     sparse, dense = sparse_decode(idx, vals, W), dense_latents @ W
     torch.testing.assert_close(sparse, dense)
     upstream = torch.randn(B, d, generator=g, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(sparse, (W, vals), upstream),
-                    torch.autograd.grad(dense, (W, vals), upstream)):
+    for a, b in zip(
+        torch.autograd.grad(sparse, (W, vals), upstream),
+        torch.autograd.grad(dense, (W, vals), upstream),
+    ):
         torch.testing.assert_close(a, b)
 
 
-@given(st.integers(1, 16), st.integers(1, 40), st.integers(1, 12), st.sampled_from([0.0, 0.1, 1.0]),
-       st.integers(0, 2**32 - 1))
+@given(
+    st.integers(1, 16),
+    st.integers(1, 40),
+    st.integers(1, 12),
+    st.sampled_from([0.0, 0.1, 1.0]),
+    st.integers(0, 2**32 - 1),
+)
 def test_ragged_decode_equals_dense_decode_for_random_latents(B, n, d, p, seed):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(B, n, generator=g, dtype=torch.float64)

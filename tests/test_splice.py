@@ -43,8 +43,14 @@ def lm(tiny_model_dir):
     model = harvest.load_model(tiny_model_dir)
     tokenizer = harvest.load_tokenizer(tiny_model_dir)
     excluded = np.asarray(tokenizer.all_special_ids, dtype=np.int64)
-    windows = harvest.build_windows(harvest.iter_documents("stdlib"), tokenizer, n_tokens=600,
-                                    context_length=32, prepend_bos=True, excluded=excluded)
+    windows = harvest.build_windows(
+        harvest.iter_documents("stdlib"),
+        tokenizer,
+        n_tokens=600,
+        context_length=32,
+        prepend_bos=True,
+        excluded=excluded,
+    )
     batch = make_batch(windows, excluded, torch.device("cpu"))
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     torch.manual_seed(0)
@@ -52,8 +58,9 @@ def lm(tiny_model_dir):
     model.train()
     for _ in range(40):
         optimizer.zero_grad()
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-              labels=labels).loss.backward()
+        model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
+        ).loss.backward()
         optimizer.step()
     return model.eval().requires_grad_(False), windows, excluded
 
@@ -101,8 +108,10 @@ def test_zero_sae_recovers_nothing_and_the_mean_sae_matches_mean_ablation(lm):
     assert zero["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
     assert zero["kl_spliced"] == pytest.approx(zero["kl_zero_ablated"], rel=1e-9)
     model, windows, excluded = lm
-    batches = [make_batch(windows[i:i + 8], excluded, torch.device("cpu"))
-               for i in range(0, len(windows), 8)]
+    batches = [
+        make_batch(windows[i : i + 8], excluded, torch.device("cpu"))
+        for i in range(0, len(windows), 8)
+    ]
     mean = residual_mean(model, LAYER, batches).float()
     m = run(lm, constant_sae(mean)).compute()
     assert m["ce_loss_recovered_mean_ablation"] == pytest.approx(0.0, abs=1e-6)
@@ -131,10 +140,12 @@ def test_scored_and_replaced_positions_follow_harvest(lm):
 def test_clean_ce_is_the_models_own_loss_without_the_bos_prediction(lm):
     model, windows, excluded = lm
     full = [w for w in windows if len(w.input_ids) == 32][:6]  # no padding
-    assert len(full) == 6 and all(np.isin(w.input_ids[1:], excluded, invert=True).all()
-                                  for w in full)
-    m = evaluate_splice(model, LAYER, identity_sae(), full, excluded=excluded,
-                        mean_ablation=False).compute()
+    assert len(full) == 6 and all(
+        np.isin(w.input_ids[1:], excluded, invert=True).all() for w in full
+    )
+    m = evaluate_splice(
+        model, LAYER, identity_sae(), full, excluded=excluded, mean_ablation=False
+    ).compute()
     batch = make_batch(full, excluded, torch.device("cpu"))
     labels = batch.input_ids.clone()
     labels[:, :2] = -100  # labels[:, 1] is predicted at BOS, which is not scored
@@ -147,7 +158,10 @@ def test_bos_stays_clean_and_later_positions_change(lm):
     model, windows, excluded = lm
     batch = make_batch(windows[:8], excluded, torch.device("cpu"))
     clean = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    zero = lambda h: _replace_rows(h, batch.replaced, torch.zeros_like)
+
+    def zero(h):
+        return _replace_rows(h, batch.replaced, torch.zeros_like)
+
     with torch.no_grad(), replaced_output(decoder_blocks(model)[LAYER], zero):
         ablated = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert torch.equal(ablated[:, 0], clean[:, 0])  # causal: position 0 sees only BOS
@@ -165,9 +179,11 @@ def test_the_hook_replaces_what_harvest_records(lm):
         return hidden
 
     with torch.no_grad():
-        reference = model.base_model(input_ids=batch.input_ids,
-                                     attention_mask=batch.attention_mask,
-                                     output_hidden_states=True).hidden_states[LAYER + 1]
+        reference = model.base_model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=True,
+        ).hidden_states[LAYER + 1]
         with replaced_output(decoder_blocks(model)[LAYER], capture):
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     assert len(seen) == 1 and torch.equal(seen[0], reference)
@@ -200,8 +216,7 @@ def test_the_hook_handles_tensor_and_tuple_outputs(kind):
 
 def test_an_unknown_block_output_is_named():
     block = Block("dict")
-    with pytest.raises(TypeError, match="Block returned dict"), \
-            replaced_output(block, lambda h: h):
+    with pytest.raises(TypeError, match="Block returned dict"), replaced_output(block, lambda h: h):
         block(torch.ones(1, 2))
     assert not block._forward_hooks
 
@@ -291,8 +306,13 @@ def test_accumulator_refuses_mismatched_input():
 
 # ---------------------------------------------------------------- `raysae eval --splice-tokens`
 
-HARVEST_SETTINGS = {"corpus": "stdlib", "context_length": 32, "prepend_bos": True,
-                    "exclude_special_tokens": True, "model_dtype": "float32"}
+HARVEST_SETTINGS = {
+    "corpus": "stdlib",
+    "context_length": 32,
+    "prepend_bos": True,
+    "exclude_special_tokens": True,
+    "model_dtype": "float32",
+}
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +321,14 @@ def harvested(tiny_model_dir, tmp_path_factory):
     (the activations are stand-ins: the splice evaluation reads only the manifest)."""
     uri = str(tmp_path_factory.mktemp("acts") / "layer_1")
     acts = torch.randn(512, D, generator=torch.Generator().manual_seed(0))
-    shards.write_dataset(uri, acts, model=tiny_model_dir, hook=harvest.hook_name(LAYER),
-                         layer=LAYER, harvest=HARVEST_SETTINGS)
+    shards.write_dataset(
+        uri,
+        acts,
+        model=tiny_model_dir,
+        hook=harvest.hook_name(LAYER),
+        layer=LAYER,
+        harvest=HARVEST_SETTINGS,
+    )
     return uri
 
 
@@ -312,11 +338,30 @@ def identity_checkpoint(tmp_path_factory):
 
 
 def test_eval_splices_with_model_and_layer_from_the_manifest(
-        harvested, identity_checkpoint, tiny_model_dir, tmp_path, capsys):
+    harvested, identity_checkpoint, tiny_model_dir, tmp_path, capsys
+):
     out = tmp_path / "report.json"
-    assert main(["eval", identity_checkpoint, "--data", harvested, "--tokens", "512",
-                 "--kmeans-k", "4", "--splice-tokens", "300", "--splice-batch-size", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                identity_checkpoint,
+                "--data",
+                harvested,
+                "--tokens",
+                "512",
+                "--kmeans-k",
+                "4",
+                "--splice-tokens",
+                "300",
+                "--splice-batch-size",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr()
     splice = json.loads(out.read_text())["splice"]
     assert (splice["model"], splice["layer"], splice["context_length"]) == (tiny_model_dir, 1, 32)
@@ -329,21 +374,26 @@ def test_eval_splices_with_model_and_layer_from_the_manifest(
     assert "splice: batch" in printed.err  # progress
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--layer", "3"], "layer 3: model {model} has 3 blocks; choose --layer in 0..2"),
-    (["--model", "/no/such/model"], "model /no/such/model: no such file or directory; pass "),
-    (["--d-in", "16"], "the SAE has d_in=16 but model {model} has hidden_size=32"),
-    (["--data-toy"], "the splice evaluation needs --model and --layer: --data toy:"),
-    (["--no-splice"], "--model configure the splice evaluation; add --splice-tokens N"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layer", "3"], "layer 3: model {model} has 3 blocks; choose --layer in 0..2"),
+        (["--model", "/no/such/model"], "model /no/such/model: no such file or directory; pass "),
+        (["--d-in", "16"], "the SAE has d_in=16 but model {model} has hidden_size=32"),
+        (["--data-toy"], "the splice evaluation needs --model and --layer: --data toy:"),
+        (["--no-splice"], "--model configure the splice evaluation; add --splice-tokens N"),
+    ],
+)
 def test_bad_splice_input_is_named_before_any_evaluation(
-        harvested, identity_checkpoint, tiny_model_dir, tmp_path, capsys, extra, message):
+    harvested, identity_checkpoint, tiny_model_dir, tmp_path, capsys, extra, message
+):
     checkpoint, data, splice = identity_checkpoint, harvested, ["--splice-tokens", "100"]
     if extra == ["--d-in", "16"]:
         checkpoint, extra = str(save_sae(identity_sae(16), tmp_path / "sae16")), []
     elif extra == ["--data-toy"]:
         (tmp_path / "run.yaml").write_text(
-            "sae: {d_in: 32, n_latents: 64}\ndata: {toy: {n_features: 8}}\n")
+            "sae: {d_in: 32, n_latents: 64}\ndata: {toy: {n_features: 8}}\n"
+        )
         data, extra = f"toy:{tmp_path / 'run.yaml'}", []
     elif extra == ["--no-splice"]:
         splice, extra = [], ["--model", tiny_model_dir]
@@ -358,8 +408,14 @@ def test_settings_come_from_the_manifest_unless_given(harvested, tmp_path):
     assert (cfg.layer, cfg.context_length) == (0, 16)
     assert any("harvested at layer 1" in line for line in notes)
     uri = str(tmp_path / "jsonl")
-    shards.write_dataset(uri, torch.zeros(4, D), model="m", hook="h", layer=2,
-                         harvest={"corpus": "docs.jsonl", "text_column": "body"})
+    shards.write_dataset(
+        uri,
+        torch.zeros(4, D),
+        model="m",
+        hook="h",
+        layer=2,
+        harvest={"corpus": "docs.jsonl", "text_column": "body"},
+    )
     assert resolve_config(uri, n_tokens=10)[0].text_column == "body"
     # A corpus given explicitly takes none of the manifest's corpus settings.
     cfg = resolve_config(uri, n_tokens=10, corpus="stdlib")[0]
@@ -368,8 +424,7 @@ def test_settings_come_from_the_manifest_unless_given(harvested, tmp_path):
 
 @pytest.mark.slow
 def test_identity_sae_in_smollm2_recovers_everything(smollm2_gguf):
-    cfg = SpliceConfig(model=smollm2_gguf, layer=6, n_tokens=512, context_length=64,
-                       batch_size=4)
+    cfg = SpliceConfig(model=smollm2_gguf, layer=6, n_tokens=512, context_length=64, batch_size=4)
     splice = run_splice(identity_sae(576), cfg)
     assert splice["n_tokens"] > 400
     assert splice["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)

@@ -73,7 +73,9 @@ def test_endpoint_comes_from_environment(s3_endpoint: str) -> None:
 
 
 def test_explicit_endpoint_wins(s3_endpoint: str) -> None:
-    assert storage.locate("s3://b/x", endpoint="http://127.0.0.1:9").endpoint == "http://127.0.0.1:9"
+    assert (
+        storage.locate("s3://b/x", endpoint="http://127.0.0.1:9").endpoint == "http://127.0.0.1:9"
+    )
 
 
 @pytest.mark.timeout(30)

@@ -26,7 +26,12 @@ def write(uri: str, dtype: str = "float16") -> torch.Tensor:
     """Write the toy dataset (8 parts, row index in ``pos``); returns what was stored, as float32."""
     acts = toy()
     shards.write_dataset(
-        uri, acts, dtype=dtype, rows_per_part=1000, doc_id=np.arange(ROWS) // DOC_ROWS, pos=np.arange(ROWS)
+        uri,
+        acts,
+        dtype=dtype,
+        rows_per_part=1000,
+        doc_id=np.arange(ROWS) // DOC_ROWS,
+        pos=np.arange(ROWS),
     )
     return acts.to(shards.STORAGE_DTYPES[dtype][0]).float()
 
@@ -46,7 +51,10 @@ def read_rows(
             **kwargs,
         )
     )
-    acts, rows = torch.cat([b["act"] for b in batches]), torch.cat([b["pos"] for b in batches]).long()
+    acts, rows = (
+        torch.cat([b["act"] for b in batches]),
+        torch.cat([b["pos"] for b in batches]).long(),
+    )
     order = rows.argsort()
     return acts[order], rows[order]
 
@@ -62,8 +70,12 @@ def test_ray_read_equals_written_rows(ray_cluster, tmp_path, dtype: str) -> None
 def test_s3_read_is_byte_identical_to_local(ray_cluster, tmp_path, s3_prefix: str) -> None:
     write(str(tmp_path))
     write(s3_prefix)
-    local, _ = read_rows(stream.build_dataset(str(tmp_path), columns=("act", "pos")), dtype=torch.float16)
-    remote, rows = read_rows(stream.build_dataset(s3_prefix, columns=("act", "pos")), dtype=torch.float16)
+    local, _ = read_rows(
+        stream.build_dataset(str(tmp_path), columns=("act", "pos")), dtype=torch.float16
+    )
+    remote, rows = read_rows(
+        stream.build_dataset(s3_prefix, columns=("act", "pos")), dtype=torch.float16
+    )
     assert torch.equal(rows, torch.arange(ROWS))
     assert torch.equal(remote.view(torch.int16), local.view(torch.int16))
 
@@ -74,7 +86,9 @@ def test_part_order_is_new_each_epoch_and_reproducible(tmp_path) -> None:
 
     def planned_orders(seed: int, executions: int) -> list[list[str]]:
         """Part order of the read tasks of successive executions (what Ray schedules, in order)."""
-        source = stream.PartsDatasource(str(tmp_path), manifest, manifest.parts, shuffle=True, seed=seed)
+        source = stream.PartsDatasource(
+            str(tmp_path), manifest, manifest.parts, shuffle=True, seed=seed
+        )
         context = ray.data.DataContext.get_current()
         return [
             [t.metadata.input_files[0] for t in source.get_read_tasks(1, data_context=context)]
@@ -91,12 +105,17 @@ def test_part_order_is_new_each_epoch_and_reproducible(tmp_path) -> None:
 def test_act_only_batches_are_plain_tensors(ray_cluster, tmp_path) -> None:
     write(str(tmp_path))
     dataset = stream.build_dataset(
-        str(tmp_path), shuffle_files=False, parts=[shards.read_manifest(str(tmp_path)).parts[0].name]
+        str(tmp_path),
+        shuffle_files=False,
+        parts=[shards.read_manifest(str(tmp_path)).parts[0].name],
     )
-    batches = list(stream.iter_torch_batches(dataset, batch_size=256, dtype=torch.float32, d_in=D_IN))
+    batches = list(
+        stream.iter_torch_batches(dataset, batch_size=256, dtype=torch.float32, d_in=D_IN)
+    )
     assert len(batches) == 1000 // 256  # drop_last by default
     assert all(
-        isinstance(b, torch.Tensor) and b.shape == (256, D_IN) and b.dtype == torch.float32 for b in batches
+        isinstance(b, torch.Tensor) and b.shape == (256, D_IN) and b.dtype == torch.float32
+        for b in batches
     )
 
 
@@ -119,7 +138,9 @@ def test_local_shuffle_buffer_mixes_documents(ray_cluster, tmp_path) -> None:
 
 def test_streaming_split_gives_each_worker_disjoint_rows(ray_cluster, tmp_path) -> None:
     write(str(tmp_path))
-    shards_ = stream.build_dataset(str(tmp_path), columns=("act", "pos")).streaming_split(2, equal=True)
+    shards_ = stream.build_dataset(str(tmp_path), columns=("act", "pos")).streaming_split(
+        2, equal=True
+    )
     results: list = [None, None]
 
     def consume(i: int) -> None:  # every split must be pulled at the same time, as Train workers do
@@ -140,7 +161,9 @@ def test_collate_decodes_chunked_batches_in_place_of_ray_default() -> None:
     table = pa.concat_tables(
         [
             shards.shard_table(acts[:4], np.zeros(4), np.arange(4), np.zeros(4), dtype="bfloat16"),
-            shards.shard_table(acts[4:], np.zeros(6), np.arange(4, 10), np.zeros(6), dtype="bfloat16"),
+            shards.shard_table(
+                acts[4:], np.zeros(6), np.arange(4, 10), np.zeros(6), dtype="bfloat16"
+            ),
         ]
     )
     batch = stream.ActCollateFn(d_in=D_IN, dtype=torch.float32, columns=("act", "doc_id"))(table)
@@ -163,17 +186,24 @@ def test_feeds_a_ray_train_run(ray_cluster, tmp_path) -> None:
     def loop(config: dict) -> None:
         shard = ray.train.get_dataset_shard("train")
         rows = sum(
-            len(x) for x in stream.iter_torch_batches(shard, batch_size=500, dtype=torch.float32, d_in=D_IN)
+            len(x)
+            for x in stream.iter_torch_batches(
+                shard, batch_size=500, dtype=torch.float32, d_in=D_IN
+            )
         )
         rank = ray.train.get_context().get_world_rank()
-        (tmp_path / f"rows-{rank}").write_text(str(rows))  # Train V2 keeps metrics only with checkpoints
+        (tmp_path / f"rows-{rank}").write_text(
+            str(rows)
+        )  # Train V2 keeps metrics only with checkpoints
         ray.train.report({"rows": rows})
 
     trainer = TorchTrainer(
         loop,
         datasets={"train": stream.build_dataset(str(tmp_path))},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=ray.train.RunConfig(name="stream-feeds-train", storage_path=str(tmp_path / "runs")),
+        run_config=ray.train.RunConfig(
+            name="stream-feeds-train", storage_path=str(tmp_path / "runs")
+        ),
     )
     assert trainer.fit().error is None
     assert [int((tmp_path / f"rows-{rank}").read_text()) for rank in range(2)] == [

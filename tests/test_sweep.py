@@ -1,7 +1,6 @@
 """Ray Tune sweeps on toy data: a 4-trial sweep interrupted and resumed; packing."""
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import yaml
 
 from raysae import report
 from raysae.sweep import run_sweep
-from raysae.sweep_spec import from_dict, SweepSpec
+from raysae.sweep_spec import SweepSpec, from_dict
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(480)]
 
@@ -26,17 +25,25 @@ def spec_dict(tmp: Path, name: str, **overrides) -> dict:
         "output": str(tmp / "sweeps"),
         "base": {
             "sae": {"d_in": 16, "n_latents": 64, "k": 4},
-            "train": {"total_tokens": 16_000, "batch_size": 1000, "lr": 3e-3,
-                      "log_every_tokens": 8000, "init_tokens": 2000, "dead_tokens": 8000},
+            "train": {
+                "total_tokens": 16_000,
+                "batch_size": 1000,
+                "lr": 3e-3,
+                "log_every_tokens": 8000,
+                "init_tokens": 2000,
+                "dead_tokens": 8000,
+            },
             # Small read tasks: two trials' workers and the reads share the 2-CPU test cluster.
             "data": {"uri": str(tmp / "acts"), "eval_parts": 1, "read_cpus": 0.25},
             # Two concurrent trials reserve 2 × 0.41 CPU, leaving one CPU for Ray Data's
             # file-listing task, which always asks for a whole CPU.
-            "scaling": {"num_workers": 1, "cpus_per_worker": 0.4,
-                        "checkpoint_every_tokens": 8000},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 0.4, "checkpoint_every_tokens": 8000},
         },
-        "toy_dataset": {"n_tokens": 4 * 8192, "rows_per_part": 8192,
-                        "features": {"n_features": 48, "active_per_token": 2}},
+        "toy_dataset": {
+            "n_tokens": 4 * 8192,
+            "rows_per_part": 8192,
+            "features": {"n_features": 48, "active_per_token": 2},
+        },
         "max_concurrent_trials": 2,
     }
     spec.update(overrides)
@@ -55,14 +62,25 @@ def _digest(path: Path) -> str:
 def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
     import ray
 
-    spec = spec_dict(tmp_path, "four", architectures={
-        "topk": {"sae.k": [2, 4]}, "relu": {"sae.l1_coefficient": [0.5, 5.0]}},
-        max_concurrent_trials=1)
+    spec = spec_dict(
+        tmp_path,
+        "four",
+        architectures={"topk": {"sae.k": [2, 4]}, "relu": {"sae.l1_coefficient": [0.5, 5.0]}},
+        max_concurrent_trials=1,
+    )
     path = write(tmp_path / "four.yaml", spec)
-    command = [sys.executable, "-m", "raysae", "sweep", str(path),
-               "--address", ray.get_runtime_context().gcs_address]
-    first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "raysae",
+        "sweep",
+        str(path),
+        "--address",
+        ray.get_runtime_context().gcs_address,
+    ]
+    first = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     trials = tmp_path / "sweeps" / "four" / "trials"
     deadline = time.time() + 300
     while not list(trials.glob("trial-*/metrics.json")):
@@ -71,8 +89,9 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
     time.sleep(3)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    finished = {p: (_digest(p), p.stat().st_mtime_ns)
-                for p in trials.glob("trial-*/sae/sae.safetensors")}
+    finished = {
+        p: (_digest(p), p.stat().st_mtime_ns) for p in trials.glob("trial-*/sae/sae.safetensors")
+    }
     assert finished and not (tmp_path / "sweeps" / "four" / "results.csv").exists()
 
     table = run_sweep(from_dict(SweepSpec, spec), resume=True)
@@ -83,9 +102,18 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
     assert len(table) == 4 and set(table["status"]) == {"finished"}
     assert sorted(table["architecture"]) == ["relu", "relu", "topk", "topk"]
     assert (table["tokens"] == 16_000).all()
-    assert (table[table.architecture == "topk"]["l0"] <= table[table.architecture == "topk"]["k"]).all()
-    for col in ("fvu", "fvu_b", "dead_fraction", "dense_fraction", "wall_s", "checkpoint",
-                "feature_recovery"):
+    assert (
+        table[table.architecture == "topk"]["l0"] <= table[table.architecture == "topk"]["k"]
+    ).all()
+    for col in (
+        "fvu",
+        "fvu_b",
+        "dead_fraction",
+        "dense_fraction",
+        "wall_s",
+        "checkpoint",
+        "feature_recovery",
+    ):
         assert table[col].notna().all(), col
     # The frontier columns agree with the frontier function on the same rows.
     for _, group in table.groupby("architecture"):
@@ -99,10 +127,12 @@ def test_packed_trial_matches_separate_trials_and_reads_once(ray_cluster, tmp_pa
     arch = {"topk": {"sae.k": [2, 4]}}
     base = spec_dict(tmp_path, "x")["base"]
     base["data"]["deterministic_order"] = True
-    separate = run_sweep(from_dict(SweepSpec, spec_dict(
-        tmp_path, "separate", architectures=arch, base=base)))
-    packed = run_sweep(from_dict(SweepSpec, spec_dict(
-        tmp_path, "packed", architectures=arch, base=base, pack=2)))
+    separate = run_sweep(
+        from_dict(SweepSpec, spec_dict(tmp_path, "separate", architectures=arch, base=base))
+    )
+    packed = run_sweep(
+        from_dict(SweepSpec, spec_dict(tmp_path, "packed", architectures=arch, base=base, pack=2))
+    )
     assert len(separate) == len(packed) == 2 and packed["trial_id"].nunique() == 1
     for k in (2, 4):
         a = separate[separate.k == k].iloc[0]
@@ -142,8 +172,9 @@ def test_sweep_output_errors_keep_earlier_results(tmp_path, monkeypatch):
     assert not (tmp_path / "acts").exists()  # failed before making data
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
-    spec = spec_dict(tmp_path, "s3", architectures={"topk": {"sae.k": [2]}},
-                     output="s3://no-such-bucket/sweeps")
+    spec = spec_dict(
+        tmp_path, "s3", architectures={"topk": {"sae.k": [2]}}, output="s3://no-such-bucket/sweeps"
+    )
     t0 = time.perf_counter()
     with pytest.raises(StorageError, match="127.0.0.1:9"):
         run_sweep(from_dict(SweepSpec, spec))

@@ -3,9 +3,11 @@ import pytest
 from raysae.config import ConfigError
 from raysae.sweep_spec import SweepSpec, expand, load_sweep_spec, packs
 
-BASE = {"sae": {"d_in": 16, "n_latents": 64, "k": 4},
-        "train": {"total_tokens": 10_000, "batch_size": 500},
-        "data": {"uri": "data/acts"}}
+BASE = {
+    "sae": {"d_in": 16, "n_latents": 64, "k": 4},
+    "train": {"total_tokens": 10_000, "batch_size": 500},
+    "data": {"uri": "data/acts"},
+}
 
 
 def spec(**kw):
@@ -13,9 +15,15 @@ def spec(**kw):
 
 
 def test_grid_with_per_architecture_subspaces():
-    points = expand(spec(space={"sae.n_latents": [64, 128]},
-                         architectures={"topk": {"sae.k": [4, 8]},
-                                        "relu": {"sae.l1_coefficient": [1.0, 5.0, 10.0]}}))
+    points = expand(
+        spec(
+            space={"sae.n_latents": [64, 128]},
+            architectures={
+                "topk": {"sae.k": [4, 8]},
+                "relu": {"sae.l1_coefficient": [1.0, 5.0, 10.0]},
+            },
+        )
+    )
     assert len(points) == 2 * 2 + 2 * 3
     topk = [p for p in points if p.sae.architecture == "topk"]
     relu = [p for p in points if p.sae.architecture == "relu"]
@@ -26,8 +34,11 @@ def test_grid_with_per_architecture_subspaces():
 
 
 def test_random_sampling_is_seeded_and_in_range():
-    s = spec(space={"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.seed": {"randint": [0, 9]}},
-             num_samples=20, seed=3)
+    s = spec(
+        space={"train.lr": {"loguniform": [1e-4, 1e-2]}, "train.seed": {"randint": [0, 9]}},
+        num_samples=20,
+        seed=3,
+    )
     a, b = expand(s), expand(s)
     assert [p.train.lr for p in a] == [p.train.lr for p in b]
     assert all(1e-4 <= p.train.lr <= 1e-2 for p in a)
@@ -42,15 +53,20 @@ def test_packs_group_consecutive_points():
     assert [len(g) for g in groups] == [2, 1]
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"space": {"sae.k": [100]}}, "sae.k=100 is larger than sae.n_latents=64"),
-    ({"space": {"sae.nope": [1]}}, "'nope' is not a field of sae"),
-    ({"space": {"sae.k": []}}, "empty list"),
-    ({"space": {"train.lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
-    ({"space": {"train.lr": {"gaussian": [0, 1]}}}, "give a list (grid) or one of"),
-    ({"space": {"train.total_tokens": [10_000, 20_000]}, "pack": 2},
-     "packed points must share train.total_tokens"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"space": {"sae.k": [100]}}, "sae.k=100 is larger than sae.n_latents=64"),
+        ({"space": {"sae.nope": [1]}}, "'nope' is not a field of sae"),
+        ({"space": {"sae.k": []}}, "empty list"),
+        ({"space": {"train.lr": {"loguniform": [0, 1]}}}, "loguniform needs low > 0"),
+        ({"space": {"train.lr": {"gaussian": [0, 1]}}}, "give a list (grid) or one of"),
+        (
+            {"space": {"train.total_tokens": [10_000, 20_000]}, "pack": 2},
+            "packed points must share train.total_tokens",
+        ),
+    ],
+)
 def test_bad_spaces_are_named(kw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         expand(spec(**kw))

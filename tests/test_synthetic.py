@@ -30,8 +30,14 @@ def test_one_hot_sets_fire_exactly_one_member():
 
 
 def test_correlated_groups_fire_together():
-    cfg = ToyDataConfig(n_features=64, n_correlated_groups=2, correlated_group_size=4,
-                        correlation=0.9, active_per_token=3, magnitude_std=0.0)
+    cfg = ToyDataConfig(
+        n_features=64,
+        n_correlated_groups=2,
+        correlated_group_size=4,
+        correlation=0.9,
+        active_per_token=3,
+        magnitude_std=0.0,
+    )
     toy = ToyData(cfg, d_in=16)
     _, features = toy.sample(20_000)
     on = features > 0

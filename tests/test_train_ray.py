@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from raysae import shards, storage
 from raysae.checkpoint import load_sae
 from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_dict
 from raysae.evaluate import evaluate
-from raysae.synthetic import ToyData, feature_recovery
+from raysae.synthetic import ToyData
 from raysae.train import FAULT_ENV, run_single_process, train_distributed
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
@@ -39,14 +38,28 @@ def toy_uri(tmp_path_factory):
 
 
 def run_config(uri, **scaling):
-    return from_dict(RunConfig, {
-        "sae": {"architecture": "topk", "d_in": D_IN, "n_latents": N_LATENTS, "k": K},
-        "train": {"total_tokens": 60_000, "batch_size": 1000, "lr": 3e-3, "seed": 0,
-                  "dead_tokens": 30_000, "log_every_tokens": 20_000, "init_tokens": 4000},
-        "data": {"uri": uri, "eval_parts": 2, "read_cpus": 0.25},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "checkpoint_every_tokens": 20_000,
-                    **scaling},
-    })
+    return from_dict(
+        RunConfig,
+        {
+            "sae": {"architecture": "topk", "d_in": D_IN, "n_latents": N_LATENTS, "k": K},
+            "train": {
+                "total_tokens": 60_000,
+                "batch_size": 1000,
+                "lr": 3e-3,
+                "seed": 0,
+                "dead_tokens": 30_000,
+                "log_every_tokens": 20_000,
+                "init_tokens": 4000,
+            },
+            "data": {"uri": uri, "eval_parts": 2, "read_cpus": 0.25},
+            "scaling": {
+                "num_workers": 2,
+                "cpus_per_worker": 0.5,
+                "checkpoint_every_tokens": 20_000,
+                **scaling,
+            },
+        },
+    )
 
 
 def test_two_workers_match_single_process_and_reported_fvu_is_exact(ray_cluster, toy_uri, tmp_path):
@@ -75,8 +88,9 @@ def test_two_workers_match_single_process_and_reported_fvu_is_exact(ray_cluster,
 def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, toy_uri, s3_prefix, monkeypatch):
     """Checkpoints go to the local S3 server; a killed worker restarts the group from there."""
     cfg = run_config(toy_uri, max_failures=2, checkpoint_every_tokens=30_000)
-    cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train),
-                                                          "total_tokens": 90_000}})
+    cfg = from_dict(
+        RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train), "total_tokens": 90_000}}
+    )
     # The last worker dies once (os._exit) at 35k tokens, 5 s after the 30k checkpoint.
     monkeypatch.setenv(FAULT_ENV, "35000")
     t0 = time.perf_counter()
@@ -91,26 +105,48 @@ def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, toy_uri, s3_prefix
     assert result["eval"]["fvu"] < 0.5
     run = storage.join(s3_prefix, "crash")
     files = storage.list_files(run)
-    assert "metrics.json" in files and json.loads(storage.read_bytes(storage.join(run, "metrics.json")))
+    assert "metrics.json" in files and json.loads(
+        storage.read_bytes(storage.join(run, "metrics.json"))
+    )
     assert result["checkpoint"].startswith(run.removeprefix("s3://"))
 
 
 def test_bad_input_fails_before_any_worker_starts(toy_uri, tmp_path):
     with pytest.raises(ConfigError, match="d_in=32 but sae.d_in=64"):
-        train_distributed(from_dict(RunConfig, {
-            "sae": {"d_in": 64, "n_latents": 128, "k": 4}, "data": {"uri": toy_uri}}),
-            str(tmp_path))
+        train_distributed(
+            from_dict(
+                RunConfig, {"sae": {"d_in": 64, "n_latents": 128, "k": 4}, "data": {"uri": toy_uri}}
+            ),
+            str(tmp_path),
+        )
     with pytest.raises(shards.DatasetError, match="no manifest.json"):
-        train_distributed(from_dict(RunConfig, {
-            "sae": {"d_in": 32, "n_latents": 128, "k": 4},
-            "data": {"uri": str(tmp_path / "missing")}}), str(tmp_path))
+        train_distributed(
+            from_dict(
+                RunConfig,
+                {
+                    "sae": {"d_in": 32, "n_latents": 128, "k": 4},
+                    "data": {"uri": str(tmp_path / "missing")},
+                },
+            ),
+            str(tmp_path),
+        )
     with pytest.raises(ConfigError, match="smaller than one batch"):
-        from_dict(RunConfig, {"sae": {"d_in": 32, "n_latents": 128, "k": 4},
-                              "train": {"total_tokens": 10, "batch_size": 100},
-                              "data": {"uri": toy_uri}})
+        from_dict(
+            RunConfig,
+            {
+                "sae": {"d_in": 32, "n_latents": 128, "k": 4},
+                "train": {"total_tokens": 10, "batch_size": 100},
+                "data": {"uri": toy_uri},
+            },
+        )
     with pytest.raises(ConfigError, match="is not one of"):
-        from_dict(RunConfig, {"sae": {"d_in": 32, "n_latents": 128, "architecture": "nope"},
-                              "data": {"uri": toy_uri}})
+        from_dict(
+            RunConfig,
+            {
+                "sae": {"d_in": 32, "n_latents": 128, "architecture": "nope"},
+                "data": {"uri": toy_uri},
+            },
+        )
 
 
 def _write_yaml(path: Path, cfg: RunConfig) -> Path:
@@ -125,14 +161,27 @@ def test_driver_restart_resumes(ray_cluster, toy_uri, tmp_path):
     import ray
 
     cfg = run_config(toy_uri, checkpoint_every_tokens=20_000)
-    cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train),
-                                                          "total_tokens": 80_000}})
+    cfg = from_dict(
+        RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train), "total_tokens": 80_000}}
+    )
     config = _write_yaml(tmp_path / "run.yaml", cfg)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "raysae", "train", str(config), "--out", str(out),
-               "--name", "restart", "--address", ray.get_runtime_context().gcs_address]
-    first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    command = [
+        sys.executable,
+        "-m",
+        "raysae",
+        "train",
+        str(config),
+        "--out",
+        str(out),
+        "--name",
+        "restart",
+        "--address",
+        ray.get_runtime_context().gcs_address,
+    ]
+    first = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while not list((out / "restart").glob("checkpoint_*/m0/train_state.json")):
         assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
@@ -154,15 +203,20 @@ def test_driver_restart_resumes(ray_cluster, toy_uri, tmp_path):
 def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_path):
     """A head and two worker "nodes" on this machine; one node is removed mid-run and the
     elastic run (num_workers 1..2) continues on the other from the latest checkpoint."""
-    import threading
 
     nodes = [ray_cluster.add_node(num_cpus=1, resources={"trainer_slot": 1}) for _ in range(2)]
     ray_cluster.wait_for_nodes()
     try:
-        cfg = run_config(toy_uri, min_workers=1, max_failures=3, checkpoint_every_tokens=20_000,
-                         resources_per_worker={"trainer_slot": 1})
-        cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train),
-                                                              "total_tokens": 200_000}})
+        cfg = run_config(
+            toy_uri,
+            min_workers=1,
+            max_failures=3,
+            checkpoint_every_tokens=20_000,
+            resources_per_worker={"trainer_slot": 1},
+        )
+        cfg = from_dict(
+            RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train), "total_tokens": 200_000}}
+        )
         run = tmp_path / "runs" / "elastic"
         removed = []
 

@@ -2,14 +2,21 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from strategies import activations, sae_configs
 
 from raysae.config import SAEConfig, ToyDataConfig, TrainConfig
 from raysae.evaluate import evaluate
 from raysae.saes import build_sae
 from raysae.synthetic import ToyData, feature_recovery
-from raysae.trainer import (BadBatchError, TrainState, fit, learning_rate, make_optimizer,
-                            sparsity_scale, train_step)
-from strategies import activations, sae_configs
+from raysae.trainer import (
+    BadBatchError,
+    TrainState,
+    fit,
+    learning_rate,
+    make_optimizer,
+    sparsity_scale,
+    train_step,
+)
 
 TOY = ToyDataConfig(n_features=512, active_per_token=5, seed=0)
 
@@ -18,8 +25,14 @@ def train_toy(arch: str, total_tokens: int, **sae_kw):
     toy = ToyData(TOY, d_in=64)
     torch.manual_seed(0)
     model = build_sae(SAEConfig(d_in=64, n_latents=1024, architecture=arch, **sae_kw))
-    cfg = TrainConfig(total_tokens=total_tokens, batch_size=1024, lr=2e-3, dead_tokens=200_000,
-                      log_every_tokens=total_tokens, init_tokens=8192)
+    cfg = TrainConfig(
+        total_tokens=total_tokens,
+        batch_size=1024,
+        lr=2e-3,
+        dead_tokens=200_000,
+        log_every_tokens=total_tokens,
+        init_tokens=8192,
+    )
     history = fit(model, toy.batches(1024), cfg, log=lambda s: None)
     held_out = evaluate(model, ToyData(TOY, d_in=64, stream=1).batches(4096), 32_768)
     return held_out, history, feature_recovery(toy.directions, model.W_dec)
@@ -43,8 +56,13 @@ def test_relu_recovers_most_toy_features():
 
 
 def test_schedules():
-    cfg = TrainConfig(total_tokens=1000, batch_size=10, warmup_tokens=100, decay_fraction=0.2,
-                      sparsity_warmup_tokens=500)
+    cfg = TrainConfig(
+        total_tokens=1000,
+        batch_size=10,
+        warmup_tokens=100,
+        decay_fraction=0.2,
+        sparsity_warmup_tokens=500,
+    )
     assert learning_rate(cfg, 1.0, 0) == 0.0
     assert learning_rate(cfg, 1.0, 50) == pytest.approx(0.5)
     assert learning_rate(cfg, 1.0, 500) == 1.0
@@ -67,7 +85,9 @@ def test_budget_is_exact_in_tokens():
 def test_nan_batch_is_named():
     batches = [torch.randn(16, 8) for _ in range(3)]
     batches[2][5, 3] = float("nan")
-    with pytest.raises(BadBatchError, match=r"batch at token 32: 1 row\(s\) contain NaN/Inf \(first: row 5\)"):
+    with pytest.raises(
+        BadBatchError, match=r"batch at token 32: 1 row\(s\) contain NaN/Inf \(first: row 5\)"
+    ):
         _fit(batches)
 
 
@@ -81,17 +101,28 @@ def test_empty_stream_is_an_error():
         _fit([])
 
 
-@given(sae_configs(max_d_in=12), activations(min_d=12, max_d=12, dtypes=(torch.float32,)),
-       st.sampled_from([1e-4, 1e-2, 1.0]), st.sampled_from([1, 10**7]), st.integers(1, 3),
-       st.integers(0, 2**16))
+@given(
+    sae_configs(max_d_in=12),
+    activations(min_d=12, max_d=12, dtypes=(torch.float32,)),
+    st.sampled_from([1e-4, 1e-2, 1.0]),
+    st.sampled_from([1, 10**7]),
+    st.integers(1, 3),
+    st.integers(0, 2**16),
+)
 # Bug found by this property: an all-zero initialisation sample set input_scale = inf and made
 # every parameter NaN; init_from_sample_ now refuses it with a named error.
-@example(cfg=SAEConfig(d_in=1, n_latents=1, architecture="relu"), x=torch.zeros(2, 12),
-         lr=1e-4, dead_tokens=1, steps=1, seed=0)
+@example(
+    cfg=SAEConfig(d_in=1, n_latents=1, architecture="relu"),
+    x=torch.zeros(2, 12),
+    lr=1e-4,
+    dead_tokens=1,
+    steps=1,
+    seed=0,
+)
 def test_decoder_rows_are_unit_norm_after_every_step(cfg, x, lr, dead_tokens, steps, seed):
     torch.manual_seed(seed)
     model = build_sae(cfg)
-    x = x[:, :cfg.d_in]  # drawn 12 wide so a failing example can be written out in full
+    x = x[:, : cfg.d_in]  # drawn 12 wide so a failing example can be written out in full
     if cfg.normalize_inputs and not x.abs().sum() > 0:
         with pytest.raises(ValueError, match="initialisation sample .* is all zeros"):
             model.init_from_sample_(x)

@@ -63,7 +63,9 @@ class SparseAutoencoder(nn.Module):
         """(B, d_in) scaled input → (B, n_latents) latents, inference behaviour."""
         raise NotImplementedError
 
-    def _forward_scaled(self, x_s: Tensor, dead_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, dict]:
+    def _forward_scaled(
+        self, x_s: Tensor, dead_mask: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor, dict]:
         """(B, d_in) scaled input → (x̂_s, latents, extra losses). Default: encode then dense decode."""
         latents = self._encode_scaled(x_s)
         return self._decode_scaled(latents), latents, {}
@@ -136,9 +138,11 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.normalize_inputs:
             mean_sq_norm = x.pow(2).sum(-1).mean()
             if not mean_sq_norm > 0:  # the scale would be inf and every parameter NaN
-                raise ValueError(f"the initialisation sample ({x.shape[0]} tokens) is all zeros, "
-                                 "so inputs cannot be scaled to E‖x‖² = d_in; check the "
-                                 "activations, or set sae.normalize_inputs: false")
+                raise ValueError(
+                    f"the initialisation sample ({x.shape[0]} tokens) is all zeros, "
+                    "so inputs cannot be scaled to E‖x‖² = d_in; check the "
+                    "activations, or set sae.normalize_inputs: false"
+                )
             self.input_scale.fill_(float((self.cfg.d_in / mean_sq_norm).sqrt()))
         x_s = x * float(self.input_scale)
         if self.cfg.b_dec_init == "geometric_median":

@@ -19,7 +19,6 @@ from raysae.saes.topk import auxk_loss
 
 
 class BatchTopKSAE(SparseAutoencoder):
-
     def __init__(self, cfg):
         super().__init__(cfg)
         # 0 means "not yet estimated": the first training batch sets it directly.
@@ -49,7 +48,9 @@ class BatchTopKSAE(SparseAutoencoder):
         x_hat_s = ragged_decode(rows, cols, values, self.W_dec, B) + self.b_dec
         latents = torch.zeros_like(pre).flatten().index_put_((flat,), values.detach()).view(B, n)
         losses = {}
-        aux = auxk_loss(pre, dead_mask, (x_s - x_hat_s).detach(), self.W_dec, self.cfg.effective_k_aux)
+        aux = auxk_loss(
+            pre, dead_mask, (x_s - x_hat_s).detach(), self.W_dec, self.cfg.effective_k_aux
+        )
         if aux is not None:
             losses["auxk"] = aux
         return x_hat_s, latents, losses

@@ -61,7 +61,8 @@ class JumpReLUSAE(SparseAutoencoder):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.log_threshold = nn.Parameter(
-            torch.full((cfg.n_latents,), math.log(cfg.jumprelu_init_threshold)))
+            torch.full((cfg.n_latents,), math.log(cfg.jumprelu_init_threshold))
+        )
 
     @property
     def threshold(self) -> Tensor:

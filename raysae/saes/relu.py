@@ -10,7 +10,6 @@ at unit norm by the trainer; the weighting keeps the loss honest between renorma
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -30,8 +30,9 @@ def ragged_decode(rows: Tensor, cols: Tensor, values: Tensor, W_dec: Tensor, n_r
     counts = torch.bincount(rows, minlength=n_rows)
     offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
     offsets[1:] = torch.cumsum(counts, 0)[:-1]
-    return F.embedding_bag(cols, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype),
-                           mode="sum")
+    return F.embedding_bag(
+        cols, W_dec, offsets, per_sample_weights=values.to(W_dec.dtype), mode="sum"
+    )
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -61,8 +62,11 @@ class _TopKEncode(torch.autograd.Function):
         B, k = indices.shape
         batch_idx = torch.arange(B, device=x.device).repeat_interleave(k)
         coo = torch.sparse_coo_tensor(
-            torch.stack([flat_idx, batch_idx]), g.reshape(-1), (W_enc.shape[0], B),
-            check_invariants=False)
+            torch.stack([flat_idx, batch_idx]),
+            g.reshape(-1),
+            (W_enc.shape[0], B),
+            check_invariants=False,
+        )
         grad_W = torch.sparse.mm(coo, x)
         grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
         grad_b.index_add_(0, flat_idx, g.reshape(-1))

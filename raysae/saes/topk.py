@@ -21,8 +21,9 @@ from raysae.saes.base import SparseAutoencoder
 from raysae.saes.sparse import sparse_decode, topk_encode
 
 
-def auxk_loss(pre: Tensor, dead_mask: Optional[Tensor], residual: Tensor, W_dec: Tensor,
-              k_aux: int) -> Optional[Tensor]:
+def auxk_loss(
+    pre: Tensor, dead_mask: Optional[Tensor], residual: Tensor, W_dec: Tensor, k_aux: int
+) -> Optional[Tensor]:
     """AuxK loss from pre-activations (B, n), dead mask (n,), detached residual (B, d); None if no dead."""
     if dead_mask is None:
         return None
@@ -37,18 +38,20 @@ def auxk_loss(pre: Tensor, dead_mask: Optional[Tensor], residual: Tensor, W_dec:
 
 
 class TopKSAE(SparseAutoencoder):
-
     def _encode_scaled(self, x_s: Tensor) -> Tensor:
         values, indices, _ = topk_encode(x_s - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
-        return torch.zeros(x_s.shape[0], self.cfg.n_latents, dtype=values.dtype,
-                           device=values.device).scatter_(1, indices, values)
+        return torch.zeros(
+            x_s.shape[0], self.cfg.n_latents, dtype=values.dtype, device=values.device
+        ).scatter_(1, indices, values)
 
     def _forward_scaled(self, x_s, dead_mask):
         values, indices, pre = topk_encode(x_s - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
         x_hat_s = sparse_decode(indices, values, self.W_dec) + self.b_dec
         latents = torch.zeros_like(pre).scatter_(1, indices, values.detach())
         losses = {}
-        aux = auxk_loss(pre, dead_mask, (x_s - x_hat_s).detach(), self.W_dec, self.cfg.effective_k_aux)
+        aux = auxk_loss(
+            pre, dead_mask, (x_s - x_hat_s).detach(), self.W_dec, self.cfg.effective_k_aux
+        )
         if aux is not None:
             losses["auxk"] = aux
         return x_hat_s, latents, losses
