@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/ingest.py --rows 1000000 --only local
 
 Both readers deliver float32 torch batches (batch_size, d_in) to this process — (a) with
-``raysae.shards.iter_batches``, (b) with ``raysae.stream.build_dataset`` +
+``raysae.data.iter_batches``, (b) with ``raysae.stream.build_dataset`` +
 ``iter_torch_batches``, i.e. what one Ray Train worker sees. Each is run once to warm up
 (page cache, Ray workers), then timed ``--repeats`` times, alternating (a) and (b) so that both
 see the same load (this machine is shared); medians are reported. MB/s counts
@@ -47,12 +47,13 @@ def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: i
     """Time both readers on ``uri``, alternating (a) and (b) so both see the same machine load;
     print each reader's medians and the median of the per-repeat ratios: over the whole pass,
     and in steady state (after the first batch, i.e. without the per-epoch start-up)."""
-    from raysae import shards, stream
+    from raysae import data
+    from raysae.data import stream
 
-    d_in = shards.read_manifest(uri).d_in
+    d_in = data.read_manifest(uri).d_in
 
     def plain() -> Iterable[torch.Tensor]:
-        return shards.iter_batches(uri, batch_size, dtype=torch.float32, drop_last=True)
+        return data.iter_batches(uri, batch_size, dtype=torch.float32, drop_last=True)
 
     def ray_data() -> Iterable[torch.Tensor]:
         dataset = stream.build_dataset(uri, seed=0)
@@ -146,7 +147,7 @@ def main() -> None:
 
     import ray
 
-    from raysae import shards
+    from raysae import data
 
     ray.init(
         address="local",  # a new instance even when another Ray cluster runs on this machine
@@ -164,7 +165,7 @@ def main() -> None:
                 continue
             uri = f"s3://{BUCKET}/ingest" if label == "s3" else os.path.join(tmp, "ingest")
             acts = torch.randn(rows, args.d_in, generator=torch.Generator().manual_seed(0))
-            manifest = shards.write_dataset(uri, acts, dtype="float16")
+            manifest = data.write_dataset(uri, acts, dtype="float16")
             del acts
             print(
                 f"{label:<6} {rows:,} rows × d_in={args.d_in} float16 = {rows * row_bytes / 1e6:,.0f} MB "

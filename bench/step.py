@@ -15,7 +15,7 @@ Peers are optional and never project dependencies; install them in a separate ve
     pip install eai-sparsify==1.3.3 sae-lens==6.54.12
 
 What each step does, per implementation (each as its own trainer does it):
-- raysae: `raysae.trainer.train_step` — sparse top-k decode (embedding_bag) and sparse encoder
+- raysae: `raysae.step.train_step` — sparse top-k decode (embedding_bag) and sparse encoder
   backward; removes the decoder-parallel gradient, clips the grad norm, Adam, renormalises W_dec.
 - plain torch: the obvious dense version written here — ReLU, topk, scatter into dense latents,
   dense decoder matmul, autograd; same constraint handling and clipping as raysae.
@@ -103,7 +103,7 @@ class Stepper:
 def build_raysae(size: Size, init: Init, grad_clip: float) -> Stepper:
     from raysae.config import SAEConfig, TrainConfig
     from raysae.saes import build_sae
-    from raysae.trainer import TrainState, make_optimizer, train_step
+    from raysae.step import TrainState, make_optimizer, train_step
 
     sae_cfg = SAEConfig(
         d_in=size.d_in,

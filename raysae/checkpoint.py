@@ -104,7 +104,7 @@ def save_training_checkpoint(
     state,
     progress: dict,
 ) -> Path:
-    """Write model, optimizer and TrainState (`raysae.trainer.TrainState`) plus `progress`
+    """Write model, optimizer and TrainState (`raysae.step.TrainState`) plus `progress`
     (a JSON-safe dict: where in the data stream the run is)."""
     directory = save_sae(model, directory)
     opt = optimizer.state_dict()

@@ -396,7 +396,7 @@ def _section(cfg) -> str:
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """The same config with a relative local data.uri made absolute (workers run elsewhere)."""
-    from raysae.storage import absolute
+    from raysae.data.storage import absolute
 
     if cfg.data.uri is None:
         return cfg

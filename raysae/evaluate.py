@@ -90,15 +90,12 @@ def _toy_data(path: str, d_in: int, batch_size: int) -> EvalData:
 
 
 def _dataset(uri: str, batch_size: int) -> EvalData:
-    try:  # the data plane is optional at import time: toy evaluation works without it
-        from raysae.shards import iter_batches
-    except ImportError as e:
-        raise DataSourceError(
-            f"--data {uri}: reading a dataset needs raysae.shards, which this "
-            f"installation cannot import ({e}); evaluate on toy data with "
-            "--data toy:RUN.yaml"
-        ) from None
-    return EvalData(f"dataset {uri}", lambda: iter_batches(uri, batch_size, dtype=torch.float32))
+    from raysae import data
+
+    dataset = data.open_dataset(uri)  # once: both passes read the same value
+    return EvalData(
+        f"dataset {uri}", lambda: data.iter_batches(dataset, batch_size, dtype=torch.float32)
+    )
 
 
 def take(

@@ -79,7 +79,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'revision': 'Model revision (branch, tag or commit) for hub models; recorded in the manifest.',
         'n_tokens': 'Rows to record per layer (exact).',
         'batch_size': 'Windows per forward pass.',
-        'tokens_per_part': 'Rows per Parquet part; default: about shards.PART_BYTES of activations.',
+        'tokens_per_part': 'Rows per Parquet part; default: about data.PART_BYTES of activations.',
         'dtype': 'Stored activation dtype.',
         'num_actors': 'Model replicas (Ray actors) running in parallel.',
         'cpus_per_actor': 'CPUs reserved per actor; torch uses that many threads.',

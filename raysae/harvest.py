@@ -57,8 +57,9 @@ import ray
 import ray.data
 import torch
 
-from raysae import shards, storage
+from raysae import data
 from raysae.config import from_dict as build_config
+from raysae.data import storage
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +117,7 @@ class HarvestConfig(TextWindows):
     batch_size: int = 16
     """Windows per forward pass."""
     tokens_per_part: int | None = None
-    """Rows per Parquet part; default: about shards.PART_BYTES of activations."""
+    """Rows per Parquet part; default: about data.PART_BYTES of activations."""
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     """Stored activation dtype."""
     num_actors: int = 1
@@ -487,18 +488,16 @@ class PartHarvester:
             np.random.default_rng([self.cfg.seed, part]).permutation(len(rows.token_id))
         )
         token_id, doc_id, pos = rows.token_id[perm], rows.doc_id[perm], rows.pos[perm]
-        name = shards.part_name(part, self.write_id)
+        name = data.part_name(part, self.write_id)
         records = []
         for layer, layer_acts in rows.acts.items():
-            table = shards.shard_table(
-                layer_acts[perm], token_id, doc_id, pos, dtype=self.cfg.dtype
-            )
-            stored = shards.decode_act(
+            table = data.shard_table(layer_acts[perm], token_id, doc_id, pos, dtype=self.cfg.dtype)
+            stored = data.decode_act(
                 table.column("act"), d_in=layer_acts.shape[1], dtype=self.cfg.dtype
             )
-            shards.check_finite(stored, where=f"layer {layer} {name}")
-            written = shards.write_part(self.uris[layer], name, table)
-            stats = shards.ActStats.of(stored)
+            data.check_finite(stored, where=f"layer {layer} {name}")
+            written = data.write_part(self.uris[layer], name, table)
+            stats = data.ActStats.of(stored)
             records.append(
                 {
                     "layer": layer,
@@ -535,7 +534,7 @@ class PartHarvester:
             keep = attention.bool() & torch.from_numpy(keep_mask(ids.numpy(), self.excluded))
             for layer in self.cfg.layers:
                 hidden = out.hidden_states[layer + 1][keep.to(self.device)]
-                acts[layer].append(hidden.to("cpu", shards.STORAGE_DTYPES[self.cfg.dtype][0]))
+                acts[layer].append(hidden.to("cpu", data.STORAGE_DTYPES[self.cfg.dtype][0]))
             token_id.append(ids[keep])
             pos.append(batch_pos[keep])
             doc_id.append(torch.from_numpy(doc_ids[batch]).unsqueeze(1).expand_as(ids)[keep])
@@ -602,7 +601,7 @@ def print_progress(progress: Progress) -> None:
 
 def harvest(
     cfg: HarvestConfig, *, progress: Callable[[Progress], None] | None = print_progress
-) -> dict[int, shards.Manifest]:
+) -> dict[int, data.Manifest]:
     """Harvest ``cfg.layers`` of ``cfg.model`` over ``cfg.corpus``; returns layer → committed manifest.
 
     Raises before any work if an output prefix holds a dataset (and not ``cfg.overwrite``) or
@@ -611,7 +610,7 @@ def harvest(
     """
     uris = {layer: layer_uri(cfg.output, layer) for layer in cfg.layers}
     for uri in uris.values():
-        shards.prepare_prefix(uri, overwrite=cfg.overwrite)
+        data.prepare_prefix(uri, overwrite=cfg.overwrite)
     config = load_config(cfg.model, cfg.revision)
     _check_layers(cfg, config.num_hidden_layers)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -629,7 +628,7 @@ def harvest(
         prepend_bos=cfg.prepend_bos,
         excluded=excluded,
     )
-    tokens_per_part = cfg.tokens_per_part or shards.default_rows_per_part(
+    tokens_per_part = cfg.tokens_per_part or data.default_rows_per_part(
         config.hidden_size, cfg.dtype
     )
     jobs = part_jobs(windows, tokens_per_part=tokens_per_part, seed=cfg.seed)
@@ -673,7 +672,7 @@ def _run(
             "cfg": cfg,
             "uris": uris,
             "excluded": excluded,
-            "write_id": shards.new_write_id(),
+            "write_id": data.new_write_id(),
             "n_blocks": n_blocks,
             "use_gpu": use_gpu,
         },
@@ -703,18 +702,18 @@ def _run(
 
 def _commit(
     cfg: HarvestConfig, layer: int, uri: str, records: list[dict[str, Any]], d_model: int
-) -> shards.Manifest:
+) -> data.Manifest:
     """Merge one layer's part records into its manifest and commit it."""
     mine = sorted((r for r in records if r["layer"] == layer), key=lambda r: r["name"])
-    stats = shards.ActStats.empty(d_model)
+    stats = data.ActStats.empty(d_model)
     for record in mine:  # fixed order: the float64 sums come out identical on every run
         stats = stats.merge(
-            shards.ActStats(record["rows"], np.asarray(record["sum"]), record["squared_norm_sum"])
+            data.ActStats(record["rows"], np.asarray(record["sum"]), record["squared_norm_sum"])
         )
     settings = {key: value for key, value in dataclasses.asdict(cfg).items() if key != "overwrite"}
     settings["python"] = sys.version.split()[0]  # the stdlib corpus differs between versions
     settings = json.loads(json.dumps(settings))  # JSON types, so this equals the manifest read back
-    manifest = shards.Manifest(
+    manifest = data.Manifest(
         model=cfg.model,
         revision=cfg.revision,
         hook=hook_name(layer),
@@ -722,11 +721,11 @@ def _commit(
         d_in=d_model,
         dtype=cfg.dtype,
         n_tokens=stats.count,
-        parts=tuple(shards.Part(r["name"], r["rows"], r["bytes"]) for r in mine),
+        parts=tuple(data.Part(r["name"], r["rows"], r["bytes"]) for r in mine),
         stats=stats,
         harvest=settings,
     )
-    shards.commit_dataset(uri, manifest, overwrite=cfg.overwrite)
+    data.commit_dataset(uri, manifest, overwrite=cfg.overwrite)
     return manifest
 
 

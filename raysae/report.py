@@ -13,7 +13,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from raysae import storage
+from raysae.data import storage
 
 COLUMNS = [
     "trial_id",

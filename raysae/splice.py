@@ -541,7 +541,7 @@ def _harvest_manifest(data_spec: str | None) -> Any:
     """The manifest of a dataset taken from a model (harvested), or None (toy data, none)."""
     if not data_spec or data_spec.startswith("toy:"):
         return None
-    from raysae.shards import read_manifest
+    from raysae.data import read_manifest
 
     manifest = read_manifest(data_spec)
     return manifest if manifest.layer is not None else None

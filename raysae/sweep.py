@@ -19,18 +19,22 @@ from typing import Callable
 
 import pandas as pd
 
-from raysae import report, storage
+from raysae import report
 from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_dict
+from raysae.data import Dataset, storage
 from raysae.sweep_spec import SweepSpec, expand, packs, with_absolute_paths
 from raysae.synthetic import write_toy_dataset
-from raysae.train import OutputExistsError, build_trainer, dataset_split, finish_run
+from raysae.train import OutputExistsError, build_trainer, finish_run, open_for_ray
 
 SPEC_FILE = "sweep_spec.json"
 """Written first into OUTPUT/NAME: marks the folder as a sweep's and records what ran."""
 
 
-def sweep_trial(config: dict) -> None:
-    """Tune function trainable: train one pack of SAEs with Ray Train, report to Tune."""
+def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
+    """Tune function trainable: train one pack of SAEs with Ray Train, report to Tune.
+
+    ``datasets`` (data.uri → the Dataset run_sweep opened) reaches every trial through Tune's
+    object store (tune.with_parameters): no trial opens a dataset again."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -41,14 +45,16 @@ def sweep_trial(config: dict) -> None:
         best = min(done, key=lambda r: r["eval"]["fvu"])
         ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
         return
-    trainer = build_trainer(runs, config["trials_dir"], name, callbacks=[TuneReportCallback()])
+    dataset = datasets[runs[0].data.uri]
+    trainer = build_trainer(
+        runs, config["trials_dir"], name, dataset=dataset, callbacks=[TuneReportCallback()]
+    )
     t0 = time.perf_counter()
     result = trainer.fit()
     if result.error:
         raise result.error
-    finals = finish_run(
-        result, runs, storage.join(config["trials_dir"], name), time.perf_counter() - t0
-    )
+    trial_dir = storage.join(config["trials_dir"], name)
+    finals = finish_run(result, runs, trial_dir, time.perf_counter() - t0, dataset)
     best = min(finals, key=lambda r: r["eval"]["fvu"])
     ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
 
@@ -78,15 +84,18 @@ def run_sweep(
     groups = packs(points, spec.pack)
     _prepare_output(spec, sweep_dir, resume)
     ensure_dataset(spec, log)
-    for cfg in points:  # bad data fails here, before any trial starts
-        dataset_split(cfg)
+    # Each dataset opened once, and checked against every point: bad data fails here.
+    uris = sorted({cfg.data.uri for cfg in points}, key=str)
+    datasets = {uri: open_for_ray([p for p in points if p.data.uri == uri]) for uri in uris}
     if not ray.is_initialized():
         ray.init()
 
     fs, root = storage.filesystem_and_path(spec.output)
     experiment = f"{root}/{spec.name}"
     # The trial process only drives its TorchTrainer; Tune refuses an empty request, so a sliver.
-    trainable = tune.with_resources(sweep_trial, {"cpu": 0.01})
+    trainable = tune.with_resources(
+        tune.with_parameters(sweep_trial, datasets=datasets), {"cpu": 0.01}
+    )
     if resume:
         log(f"resuming sweep {sweep_dir}")
         tuner = tune.Tuner.restore(
@@ -155,11 +164,11 @@ def _prepare_output(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
 
 def ensure_dataset(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
     """Make the base dataset when it does not exist yet and the spec says how (harvest or toy)."""
-    from raysae import shards
+    from raysae import data
     from raysae.harvest import HarvestConfig, harvest, layer_uri
 
     uri = spec.base.get("data", {}).get("uri")
-    if uri is None or storage.exists(storage.join(uri, shards.MANIFEST_NAME)):
+    if uri is None or storage.exists(storage.join(uri, data.MANIFEST_NAME)):
         return
     if spec.toy_dataset is not None:
         toy = spec.toy_dataset

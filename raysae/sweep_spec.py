@@ -124,7 +124,7 @@ def load_sweep_spec(path: str) -> SweepSpec:
 def with_absolute_paths(spec: SweepSpec) -> SweepSpec:
     """Relative local paths (output, base.data.uri, harvest.output) made absolute: Tune runs
     each trial in its own working directory."""
-    from raysae.storage import absolute
+    from raysae.data.storage import absolute
 
     base = {**spec.base}
     if isinstance(base.get("data"), dict) and base["data"].get("uri"):

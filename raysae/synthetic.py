@@ -137,11 +137,11 @@ def write_toy_dataset(
     The manifest's `harvest` records the toy config, so the true features can be rebuilt from
     it (`toy_directions`) to score feature recovery of SAEs trained on the dataset.
     """
-    from raysae import shards
+    from raysae import data
     from raysae.config import to_dict
 
     x, _ = ToyData(cfg, d_in).sample(n_tokens)
-    return shards.write_dataset(
+    return data.write_dataset(
         uri,
         x,
         dtype="float32",

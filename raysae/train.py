@@ -1,15 +1,16 @@
 """`raysae train`: one SAE, on a Ray cluster (Ray Train, DDP) or in this process.
 
-    driver (train_distributed)                      each worker (train_loop_per_worker)
+    driver (train_distributed)                      each worker (raysae.worker)
     ─────────────────────────                       ──────────────────────────────────
-    validate config + dataset (before any worker)   restore the latest checkpoint, or init
-    initial input scale + b_dec from a sample       DDP model, Adam, counters
-    TorchTrainer(datasets={"train": stream})   ──▶  for batch in its streaming_split shard:
-                                                        train_step (the single-process step)
-                                                        every N tokens: all-reduce metrics,
-                                                        report (+ checkpoint from rank 0)
-    evaluate the final checkpoint on held-out
-    parts; write final SAE, metrics.json
+    open the dataset once; check it and the         restore the latest checkpoint, or init
+      config before any worker starts               DDP model, Adam, counters
+    initial input scale + b_dec from a sample       raysae.loop.train_pack over its
+    TorchTrainer(datasets={"train": stream})   ──▶    streaming_split shard: every N tokens
+                                                      merge metrics, report (+ checkpoint)
+                                                    evaluate its share of the held-out parts
+    write the final SAE and metrics.json
+
+`--local` (and toy data) runs the same loop, raysae.loop, in this process (raysae.loop.fit).
 
 Resume semantics (worker failure, elastic resize, or re-running the same command): training
 continues from the latest checkpoint with the exact model, optimizer, token and step counters
@@ -29,20 +30,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
-import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 
-from raysae import storage
+from raysae import data
 from raysae.checkpoint import load_sae, save_sae
 from raysae.config import ConfigError, RunConfig, to_dict, with_absolute_paths
+from raysae.data import Dataset, storage
 from raysae.evaluate import data_mean, evaluate
-from raysae.saes import build_sae
+from raysae.loop import StepInfo, fit, member_view, take_init_sample
+from raysae.saes import build_sae, initial_values
+from raysae.step import check_batch
 from raysae.synthetic import (
     HELD_OUT_STREAM,
     ToyData,
@@ -50,10 +53,6 @@ from raysae.synthetic import (
     recovery_line,
     toy_directions,
 )
-from raysae.trainer import check_batch, fit, take_init_sample
-
-FAULT_ENV = "RAYSAE_FAULT_AT_TOKENS"
-"""Testing aid: a worker exits abruptly once at this many tokens (marker file in the run dir)."""
 
 
 class OutputExistsError(FileExistsError):
@@ -70,56 +69,54 @@ def run_name(cfg: RunConfig) -> str:
 # Data sources
 
 
-def dataset_split(cfg: RunConfig):
-    """(manifest, training part names, held-out part names) of cfg.data.uri, validated."""
-    from raysae import shards
-
-    manifest = shards.open_dataset(cfg.data.uri)
-    if manifest.d_in != cfg.sae.d_in:
+def training_data(cfg: RunConfig, dataset: Dataset) -> tuple[Dataset, Dataset]:
+    """(training, held-out) parts of ``dataset`` (the command opened it), checked against cfg."""
+    if dataset.d_in != cfg.sae.d_in:
         raise ConfigError(
-            f"dataset {cfg.data.uri} has d_in={manifest.d_in} but sae.d_in="
-            f"{cfg.sae.d_in}; set sae.d_in: {manifest.d_in}"
+            f"dataset {cfg.data.uri} has d_in={dataset.d_in} but sae.d_in="
+            f"{cfg.sae.d_in}; set sae.d_in: {dataset.d_in}"
         )
-    names = [p.name for p in manifest.parts]
     n_eval = cfg.data.eval_parts
-    if n_eval and len(names) <= n_eval:
+    if n_eval and len(dataset.parts) <= n_eval:
         raise ConfigError(
-            f"dataset {cfg.data.uri} has {len(names)} part(s); data.eval_parts="
+            f"dataset {cfg.data.uri} has {len(dataset.parts)} part(s); data.eval_parts="
             f"{n_eval} would leave none to train on — lower data.eval_parts "
             "(0 evaluates on training data) or harvest more parts"
         )
-    train_parts = names[: len(names) - n_eval] if n_eval else names
-    eval_parts = names[len(names) - n_eval :] if n_eval else names
-    return manifest, train_parts, eval_parts
+    return dataset.split(n_eval)
 
 
-def uri_batches(uri: str, batch_size: int, parts: list[str], seed: int) -> Iterator[torch.Tensor]:
-    """Endless single-process stream over `parts` of a dataset, a new part order each epoch."""
-    from raysae import shards
+def open_for_ray(runs: list[RunConfig]) -> Dataset:
+    """Open the dataset the runs (a pack, or a sweep's points) train on, once, and check it
+    against every one of them: bad input fails here, before any worker starts."""
+    uris = {cfg.data.uri for cfg in runs}
+    if None in uris:
+        raise ConfigError(
+            "distributed training reads a dataset (data.uri); for toy data write "
+            "it as shards first (raysae.data.write_dataset) or use --local"
+        )
+    if len(uris) > 1:
+        raise ConfigError(
+            f"the runs read different datasets ({', '.join(sorted(uris))}); "
+            "train them in separate commands"
+        )
+    dataset = data.open_dataset(uris.pop())
+    for cfg in runs:
+        training_data(cfg, dataset)
+    return dataset
 
+
+def endless_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless single-process stream over ``dataset``'s parts, a new part order each epoch."""
     epoch = 0
     while True:
         yielded = False
-        for batch in shards.iter_batches(
-            uri, batch_size, parts=parts, seed=seed + epoch, drop_last=True
-        ):
+        for batch in dataset.batches(batch_size, seed=seed + epoch, drop_last=True):
             yielded = True
             yield batch
         if not yielded:
-            raise ValueError(f"dataset {uri} has fewer rows than one batch ({batch_size})")
+            raise ValueError(f"dataset {dataset.uri} has fewer rows than one batch ({batch_size})")
         epoch += 1
-
-
-def held_out_batches(cfg: RunConfig, eval_parts: list[str], batch_size: int = 8192):
-    """(batches, n_tokens) of the held-out parts, read once in manifest order."""
-    from raysae import shards
-
-    manifest = shards.read_manifest(cfg.data.uri)
-    rows = {p.name: p.rows for p in manifest.parts}
-    return (
-        shards.iter_batches(cfg.data.uri, batch_size, parts=eval_parts),
-        sum(rows[name] for name in eval_parts),
-    )
 
 
 def training_and_eval_streams(cfg: RunConfig, batch_size: int):
@@ -136,17 +133,16 @@ def training_and_eval_streams(cfg: RunConfig, batch_size: int):
             return ToyData(cfg.data.toy, cfg.sae.d_in, stream=HELD_OUT_STREAM).batches(batch_size)
 
         return toy.batches(batch_size), held_out, cfg.data.eval_tokens, toy.directions
-    manifest, train_parts, eval_parts = dataset_split(cfg)
-    n_eval = held_out_batches(cfg, eval_parts)[1]
+    dataset = data.open_dataset(cfg.data.uri)
+    train, held = training_data(cfg, dataset)
     return (
-        uri_batches(cfg.data.uri, batch_size, train_parts, cfg.train.seed),
-        lambda: held_out_batches(cfg, eval_parts)[0],
-        n_eval,
-        toy_directions(manifest),
+        endless_batches(train, batch_size, cfg.train.seed),
+        lambda: held.batches(8192),
+        held.n_tokens,
+        toy_directions(dataset.manifest),
     )
 
 
-# ---------------------------------------------------------------------------------------------
 # Results (shared by both paths)
 
 
@@ -219,6 +215,9 @@ def summary(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
 # Single process
 
 
@@ -248,41 +247,45 @@ def run_single_process(
 # Ray Train: the driver
 
 
-def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple = ()):
-    """A TorchTrainer for a pack of runs (one for `raysae train`) writing to OUT/NAME.
+def build_trainer(
+    runs: list[RunConfig],
+    out: str,
+    name: str,
+    *,
+    dataset: Dataset,
+    callbacks: tuple = (),
+    on_step: Optional[Callable[[StepInfo], None]] = None,
+):
+    """A TorchTrainer for a pack of runs (one for `raysae train`) on ``dataset`` (the command
+    opened it; nothing here or in the workers opens it again), writing to OUT/NAME.
 
-    Validates the dataset against every run first, so bad input fails before any worker starts.
+    Checks the dataset against every run first, so bad input fails before any worker starts.
+    ``on_step`` is a test's hook into every worker's loop (see raysae.faults).
     """
     import ray
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from raysae import stream
+    from raysae.data import stream
     from raysae.worker import train_loop_per_worker
 
     lead = runs[0]
-    if lead.data.uri is None:
-        raise ConfigError(
-            "distributed training reads a dataset (data.uri); for toy data write "
-            "it as shards first (raysae.shards.write_dataset) or use --local"
-        )
-    for cfg in runs:
-        manifest, train_parts, eval_parts = dataset_split(cfg)
+    splits = [training_data(cfg, dataset) for cfg in runs]
+    train_data, held_out = splits[0]  # packed runs share their data (sweep_spec checks)
     use_gpu = lead.scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     s = lead.scaling
     num_workers = (s.min_workers, s.num_workers) if s.min_workers else s.num_workers
     fs, storage_path = storage.filesystem_and_path(out)
-    fault = os.environ.get(FAULT_ENV)
     loop_config = {
         "runs": [to_dict(cfg) for cfg in runs],
-        "init": [_initial_values(cfg, train_parts) for cfg in runs],
-        "eval_parts": eval_parts,
+        "init": _initial_values(runs, train_data),
+        "held_out": held_out,
         # FVU_B's per-token denominators are taken about the dataset mean.
-        "reference_mean": manifest.stats.mean.tolist(),
-        "fault_at_tokens": int(fault) if fault else None,
-        "fault_marker": _fault_marker() if fault else None,
+        "reference_mean": dataset.manifest.stats.mean.tolist(),
+        "on_step": on_step,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -300,14 +303,14 @@ def build_trainer(runs: list[RunConfig], out: str, name: str, callbacks: tuple =
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=s.num_checkpoints_to_keep),
             callbacks=list(callbacks),
         ),
-        dataset_config=ray.train.DataConfig(execution_options=_execution_options(lead)),
-        # A function, so that a restart builds a fresh stream (a new file order).
+        dataset_config=ray.train.DataConfig(
+            execution_options=ExecutionOptions(preserve_order=lead.data.deterministic_order)
+        ),
+        # A function, so that a restart builds a fresh stream (a new file order) from the same
+        # Dataset value: a restart re-opens nothing.
         datasets={
             "train": lambda: stream.build_dataset(
-                lead.data.uri,
-                parts=train_parts,
-                seed=lead.train.seed,
-                read_cpus=lead.data.read_cpus,
+                train_data, seed=lead.train.seed, read_cpus=lead.data.read_cpus
             )
         },
     )
@@ -319,6 +322,7 @@ def train_distributed(
     name: Optional[str] = None,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    on_step: Optional[Callable[[StepInfo], None]] = None,
 ) -> dict:
     """Train one SAE with Ray Train on the connected (or a new local) Ray cluster.
 
@@ -331,9 +335,10 @@ def train_distributed(
     name = name or run_name(cfg)
     run_dir = storage.join(out, name)
     check_output(run_dir, overwrite)
+    dataset = open_for_ray([cfg])
     if not ray.is_initialized():
         ray.init()
-    trainer = build_trainer([cfg], out, name)
+    trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step)
     log(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
         f"on {cfg.data.uri} with {cfg.scaling.num_workers} worker(s); run {run_dir}"
@@ -342,11 +347,16 @@ def train_distributed(
     result = trainer.fit()
     if result.error:
         raise result.error
-    return finish_run(result, [cfg], run_dir, time.perf_counter() - t0, log)[0]
+    return finish_run(result, [cfg], run_dir, time.perf_counter() - t0, dataset, log)[0]
 
 
 def finish_run(
-    result, runs: list[RunConfig], out: str, wall: float, log: Callable[[str], None] = print
+    result,
+    runs: list[RunConfig],
+    out: str,
+    wall: float,
+    dataset: Dataset,
+    log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Write each member's final SAE and metrics from a finished Ray Train result.
 
@@ -354,48 +364,34 @@ def finish_run(
     """
     final = result.return_value  # rank 0's return of train_loop_per_worker
     progress = final["progress"]
+    directions = toy_directions(dataset.manifest)
     results = []
     for i, cfg in enumerate(runs):
-        held_out = _member_view(final["eval"], f"m{i}/", keep_unprefixed=False)
-        history = [_member_view(r, f"m{i}/") for r in final["history"]]
+        held_out = member_view(final["eval"], i, keep_unprefixed=False)
+        history = [member_view(r, i) for r in final["history"]]
         with result.checkpoint.as_directory() as ckpt_dir:
             model = load_sae(Path(ckpt_dir) / f"m{i}")
         member_out = out if len(runs) == 1 else storage.join(out, f"m{i}")
         extra = {k: progress[k] for k in ("replayed_tokens", "restarts", "nodes", "rows_read")}
         extra.update(run_dir=member_out, checkpoint=result.checkpoint.path)
-        directions = toy_directions(dataset_split(cfg)[0])
         results.append(
             finish(model, cfg, member_out, history, wall, held_out, directions, extra, log)
         )
     return results
 
 
-def _execution_options(cfg: RunConfig):
-    from ray.data import ExecutionOptions
-
-    return ExecutionOptions(preserve_order=cfg.data.deterministic_order)
-
-
-def _member_view(record: dict, prefix: str, keep_unprefixed: bool = True) -> dict:
-    """One pack member's metrics: keys under `prefix` with it stripped (plus the shared,
-    slash-free keys such as tokens, when keep_unprefixed)."""
-    view = {k: v for k, v in record.items() if "/" not in k} if keep_unprefixed else {}
-    view.update({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
-    return view
-
-
-def _initial_values(cfg: RunConfig, train_parts: list[str]) -> dict:
-    """Input scale and b_dec from a sample of the training parts, as the single-process path."""
-    sample, _ = take_init_sample(
-        uri_batches(cfg.data.uri, cfg.train.batch_size, train_parts, cfg.train.seed),
-        cfg.train.init_tokens,
-    )
-    check_batch(sample, cfg.sae.d_in, f"{cfg.data.uri}: initialisation sample")
-    model = build_sae(cfg.sae)
-    model.init_from_sample_(sample)
-    return {"input_scale": float(model.input_scale), "b_dec": model.b_dec.detach().tolist()}
-
-
-def _fault_marker() -> str:
-    """A file new to this invocation: the injected fault fires once per `fit`, not once ever."""
-    return str(Path(tempfile.gettempdir()) / f"raysae-fault-{uuid.uuid4().hex}")
+def _initial_values(runs: list[RunConfig], train_data: Dataset) -> list[dict]:
+    """Each run's input scale and b_dec from a sample of the training parts, as the
+    single-process path takes them; runs that would draw the same sample share one read."""
+    samples: dict[tuple, torch.Tensor] = {}
+    init = []
+    for cfg in runs:
+        t = cfg.train
+        key = (t.batch_size, t.seed, t.init_tokens)
+        if key not in samples:
+            batches = endless_batches(train_data, t.batch_size, t.seed)
+            samples[key] = take_init_sample(batches, t.init_tokens)[0]
+            check_batch(samples[key], cfg.sae.d_in, f"{cfg.data.uri}: initialisation sample")
+        scale, b_dec = initial_values(samples[key], cfg.sae)
+        init.append({"input_scale": scale, "b_dec": b_dec.float().tolist()})
+    return init

@@ -13,7 +13,14 @@ import os
 
 import pytest
 import torch
-from conftest_data import ray_cluster, s3_endpoint, s3_prefix, smollm2_gguf, tiny_model_dir  # noqa: F401
+from conftest_data import (  # noqa: F401
+    ray_cluster,
+    s3_endpoint,
+    s3_prefix,
+    s3_requests,
+    smollm2_gguf,
+    tiny_model_dir,
+)
 from hypothesis import HealthCheck, settings
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -9,6 +9,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,35 @@ FAKE_AWS_ENV = {
 """Credentials moto accepts; set before Ray starts so its workers inherit them."""
 
 
+class S3RequestLog:
+    """WSGI middleware in front of the moto server: records every request it answers as
+    (method, path, query), from every process (Ray workers and trials included)."""
+
+    def __init__(self, app) -> None:
+        self.app, self.requests, self._lock = app, [], threading.Lock()
+
+    def __call__(self, environ, start_response):
+        with self._lock:
+            self.requests.append(
+                (environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+            )
+        return self.app(environ, start_response)
+
+    def since(self, start: int) -> list[tuple[str, str, str]]:
+        """Requests answered after the first ``start`` ones."""
+        with self._lock:
+            return self.requests[start:]
+
+
+@pytest.fixture(scope="session")
+def s3_requests(s3_endpoint: str) -> S3RequestLog:
+    """The log of the session S3 server's requests (take ``len(log.requests)`` before a command)."""
+    return _REQUEST_LOG[s3_endpoint]
+
+
+_REQUEST_LOG: dict[str, S3RequestLog] = {}
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """URL of a moto S3 server on 127.0.0.1 (free port) holding bucket ``raysae-test``.
@@ -39,6 +69,8 @@ def s3_endpoint() -> str:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto builds its WSGI server in start(); every request goes through the log from here on.
+    server._server.app = _REQUEST_LOG.setdefault(endpoint, S3RequestLog(server._server.app))
     saved = {key: os.environ.get(key) for key in [*FAKE_AWS_ENV, "AWS_ENDPOINT_URL_S3"]}
     os.environ.update(FAKE_AWS_ENV, AWS_ENDPOINT_URL_S3=endpoint)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=S3_BUCKET)

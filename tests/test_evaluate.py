@@ -3,20 +3,19 @@
 import json
 import math
 import re
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from scipy import special, stats
 
+from raysae import data
 from raysae.__main__ import main
 from raysae.checkpoint import save_sae
 from raysae.config import SAEConfig, TrainConfig
 from raysae.evaluate import DataSourceError, evaluate_with_baselines
+from raysae.loop import fit
 from raysae.saes import build_sae
-from raysae.trainer import fit
 
 TINY = """
 sae: {architecture: topk, d_in: 16, n_latents: 64, k: 4}
@@ -129,7 +128,7 @@ def test_default_baselines_follow_the_sae(trained, capsys):
     assert "kmeans_K=50 " in printed  # n_latents = 64, capped at 200 / 4
 
 
-def test_eval_reads_a_dataset_through_raysae_shards(trained, tmp_path, monkeypatch, capsys):
+def test_eval_reads_a_dataset_through_raysae_data(trained, tmp_path, monkeypatch, capsys):
     _, ckpt = trained
     calls = []
 
@@ -139,9 +138,8 @@ def test_eval_reads_a_dataset_through_raysae_shards(trained, tmp_path, monkeypat
         for _ in range(3):
             yield torch.randn(batch_size, 16, generator=g, dtype=dtype) + 3.0
 
-    monkeypatch.setitem(
-        sys.modules, "raysae.shards", types.SimpleNamespace(iter_batches=iter_batches)
-    )
+    monkeypatch.setattr(data, "open_dataset", lambda uri: uri)  # no dataset on disk
+    monkeypatch.setattr(data, "iter_batches", iter_batches)
     assert (
         main(
             [
@@ -165,15 +163,6 @@ def test_eval_reads_a_dataset_through_raysae_shards(trained, tmp_path, monkeypat
     assert report["baselines"]["mean"]["fvu"] == pytest.approx(1.0, rel=1e-9)
 
 
-def test_dataset_without_the_data_plane_is_a_named_error(trained, monkeypatch, capsys):
-    _, ckpt = trained
-    monkeypatch.setitem(sys.modules, "raysae.shards", None)  # import raises ImportError
-    assert main(["eval", str(ckpt), "--data", "/some/acts"]) == 2
-    err = capsys.readouterr().err
-    assert "--data /some/acts: reading a dataset needs raysae.shards" in err
-    assert "--data toy:RUN.yaml" in err
-
-
 @pytest.mark.parametrize(
     "width, message",
     [
@@ -186,11 +175,8 @@ def test_dataset_without_the_data_plane_is_a_named_error(trained, monkeypatch, c
 )
 def test_dataset_of_the_wrong_width_is_named(trained, monkeypatch, capsys, width, message):
     _, ckpt = trained
-    monkeypatch.setitem(
-        sys.modules,
-        "raysae.shards",
-        types.SimpleNamespace(iter_batches=lambda uri, bs, dtype: iter([torch.randn(bs, width)])),
-    )
+    monkeypatch.setattr(data, "open_dataset", lambda uri: uri)
+    monkeypatch.setattr(data, "iter_batches", lambda uri, bs, dtype: iter([torch.randn(bs, width)]))
     assert main(["eval", str(ckpt), "--data", "acts", "--batch-size", "100"]) == 2
     assert re.search(message, capsys.readouterr().err)
 

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysae import harvest, shards, storage, stream
+from raysae import data, harvest
+from raysae.data import storage, stream
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,7 +33,7 @@ TINY = {
 def read_rows(uri: str) -> dict[str, torch.Tensor]:
     """Every row of a dataset (act as float32 and all metadata), in stored order."""
     columns = ("act", "token_id", "doc_id", "pos")
-    batches = list(shards.iter_batches(uri, 4096, columns=columns))
+    batches = list(data.iter_batches(uri, 4096, columns=columns))
     return {name: torch.cat([b[name] for b in batches]) for name in columns}
 
 
@@ -104,7 +105,7 @@ def test_manifests_describe_the_harvest(tiny_harvest: dict) -> None:
     cfg = tiny_harvest["cfg"]
     for layer, manifest in tiny_harvest["manifests"].items():
         uri = harvest.layer_uri(cfg.output, layer)
-        assert shards.open_dataset(uri, verify=True) == manifest
+        assert data.open_dataset(uri, verify=True).manifest == manifest
         assert manifest.n_tokens == 3000 and len(manifest.parts) == 3
         assert (manifest.layer, manifest.hook, manifest.d_in) == (
             layer,
@@ -113,7 +114,7 @@ def test_manifests_describe_the_harvest(tiny_harvest: dict) -> None:
         )
         assert manifest.harvest["context_length"] == 32 and manifest.model == cfg.model
         assert sorted(os.listdir(uri)) == sorted(
-            [shards.MANIFEST_NAME, *(p.name for p in manifest.parts)]
+            [data.MANIFEST_NAME, *(p.name for p in manifest.parts)]
         )
 
 
@@ -177,13 +178,11 @@ def test_training_batches_mix_documents(tiny_harvest: dict) -> None:
 
 def test_existing_harvest_is_refused_and_kept(tiny_harvest: dict) -> None:
     cfg = tiny_harvest["cfg"]
-    before = storage.read_bytes(
-        storage.join(harvest.layer_uri(cfg.output, 0), shards.MANIFEST_NAME)
-    )
+    before = storage.read_bytes(storage.join(harvest.layer_uri(cfg.output, 0), data.MANIFEST_NAME))
     with pytest.raises(FileExistsError, match="overwrite"):
         harvest.harvest(dataclasses.replace(cfg, n_tokens=10))
     assert (
-        storage.read_bytes(storage.join(harvest.layer_uri(cfg.output, 0), shards.MANIFEST_NAME))
+        storage.read_bytes(storage.join(harvest.layer_uri(cfg.output, 0), data.MANIFEST_NAME))
         == before
     )
 
@@ -200,9 +199,9 @@ def test_interrupted_harvest_leaves_no_manifest_and_reruns_from_the_cli(
         harvest.harvest(cfg, progress=interrupt)
     for layer in cfg.layers:
         files = storage.list_files(harvest.layer_uri(s3_prefix, layer))
-        assert shards.MANIFEST_NAME not in files and files  # parts, no commit
-        with pytest.raises(shards.DatasetError, match="harvest did not finish"):
-            shards.open_dataset(harvest.layer_uri(s3_prefix, layer))
+        assert data.MANIFEST_NAME not in files and files  # parts, no commit
+        with pytest.raises(data.DatasetError, match="harvest did not finish"):
+            data.open_dataset(harvest.layer_uri(s3_prefix, layer))
 
     parser = harvest.add_harvest_arguments(argparse.ArgumentParser())
     args = parser.parse_args(
@@ -226,11 +225,9 @@ def test_interrupted_harvest_leaves_no_manifest_and_reruns_from_the_cli(
     )
     assert harvest.run_harvest_cli(args) == 0
     for layer in cfg.layers:
-        manifest = shards.open_dataset(harvest.layer_uri(s3_prefix, layer))
+        manifest = data.open_dataset(harvest.layer_uri(s3_prefix, layer)).manifest
         assert manifest.n_tokens == 3000
-        names = set(storage.list_files(harvest.layer_uri(s3_prefix, layer))) - {
-            shards.MANIFEST_NAME
-        }
+        names = set(storage.list_files(harvest.layer_uri(s3_prefix, layer))) - {data.MANIFEST_NAME}
         assert names == {p.name for p in manifest.parts}  # the interrupted run's parts are gone
 
 

@@ -9,7 +9,7 @@ from raysae.config import SAEConfig, TrainConfig
 from raysae.saes import ARCHITECTURES, build_sae
 from raysae.saes.base import geometric_median
 from raysae.saes.topk import auxk_loss
-from raysae.trainer import TrainState, make_optimizer, train_step
+from raysae.step import TrainState, make_optimizer, train_step
 
 D, N, K = 16, 48, 4
 

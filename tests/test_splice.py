@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from raysae import harvest, shards
+from raysae import data, harvest
 from raysae.__main__ import main
 from raysae.checkpoint import save_sae
 from raysae.config import SAEConfig
@@ -321,7 +321,7 @@ def harvested(tiny_model_dir, tmp_path_factory):
     (the activations are stand-ins: the splice evaluation reads only the manifest)."""
     uri = str(tmp_path_factory.mktemp("acts") / "layer_1")
     acts = torch.randn(512, D, generator=torch.Generator().manual_seed(0))
-    shards.write_dataset(
+    data.write_dataset(
         uri,
         acts,
         model=tiny_model_dir,
@@ -408,7 +408,7 @@ def test_settings_come_from_the_manifest_unless_given(harvested, tmp_path):
     assert (cfg.layer, cfg.context_length) == (0, 16)
     assert any("harvested at layer 1" in line for line in notes)
     uri = str(tmp_path / "jsonl")
-    shards.write_dataset(
+    data.write_dataset(
         uri,
         torch.zeros(4, D),
         model="m",

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from raysae import storage
+from raysae.data import storage
 
 
 @pytest.fixture(params=["local", "s3"])

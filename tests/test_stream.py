@@ -10,7 +10,8 @@ import pytest
 import ray.data
 import torch
 
-from raysae import shards, stream
+from raysae import data
+from raysae.data import stream
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -25,7 +26,7 @@ def toy(seed: int = 0) -> torch.Tensor:
 def write(uri: str, dtype: str = "float16") -> torch.Tensor:
     """Write the toy dataset (8 parts, row index in ``pos``); returns what was stored, as float32."""
     acts = toy()
-    shards.write_dataset(
+    data.write_dataset(
         uri,
         acts,
         dtype=dtype,
@@ -33,7 +34,7 @@ def write(uri: str, dtype: str = "float16") -> torch.Tensor:
         doc_id=np.arange(ROWS) // DOC_ROWS,
         pos=np.arange(ROWS),
     )
-    return acts.to(shards.STORAGE_DTYPES[dtype][0]).float()
+    return acts.to(data.STORAGE_DTYPES[dtype][0]).float()
 
 
 def read_rows(
@@ -82,12 +83,12 @@ def test_s3_read_is_byte_identical_to_local(ray_cluster, tmp_path, s3_prefix: st
 
 def test_part_order_is_new_each_epoch_and_reproducible(tmp_path) -> None:
     write(str(tmp_path))
-    manifest = shards.read_manifest(str(tmp_path))
+    manifest = data.read_manifest(str(tmp_path))
 
     def planned_orders(seed: int, executions: int) -> list[list[str]]:
         """Part order of the read tasks of successive executions (what Ray schedules, in order)."""
         source = stream.PartsDatasource(
-            str(tmp_path), manifest, manifest.parts, shuffle=True, seed=seed
+            data.Dataset(str(tmp_path), manifest, manifest.parts), shuffle=True, seed=seed
         )
         context = ray.data.DataContext.get_current()
         return [
@@ -107,7 +108,7 @@ def test_act_only_batches_are_plain_tensors(ray_cluster, tmp_path) -> None:
     dataset = stream.build_dataset(
         str(tmp_path),
         shuffle_files=False,
-        parts=[shards.read_manifest(str(tmp_path)).parts[0].name],
+        parts=[data.read_manifest(str(tmp_path)).parts[0].name],
     )
     batches = list(
         stream.iter_torch_batches(dataset, batch_size=256, dtype=torch.float32, d_in=D_IN)
@@ -160,8 +161,8 @@ def test_collate_decodes_chunked_batches_in_place_of_ray_default() -> None:
     acts = torch.randn(10, D_IN)
     table = pa.concat_tables(
         [
-            shards.shard_table(acts[:4], np.zeros(4), np.arange(4), np.zeros(4), dtype="bfloat16"),
-            shards.shard_table(
+            data.shard_table(acts[:4], np.zeros(4), np.arange(4), np.zeros(4), dtype="bfloat16"),
+            data.shard_table(
                 acts[4:], np.zeros(6), np.arange(4, 10), np.zeros(6), dtype="bfloat16"
             ),
         ]
@@ -172,7 +173,7 @@ def test_collate_decodes_chunked_batches_in_place_of_ray_default() -> None:
 
 
 def test_uncommitted_prefix_is_refused_before_reading(tmp_path) -> None:
-    with pytest.raises(shards.DatasetError, match="harvest did not finish"):
+    with pytest.raises(data.DatasetError, match="harvest did not finish"):
         stream.build_dataset(str(tmp_path))
 
 

@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from raysae import storage
 from raysae.__main__ import main
 from raysae.config import ToyDataConfig
+from raysae.data import storage
 from raysae.synthetic import write_toy_dataset
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]

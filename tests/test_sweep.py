@@ -159,7 +159,7 @@ def test_bad_specs_fail_before_anything_runs(tmp_path):
 
 
 def test_sweep_output_errors_keep_earlier_results(tmp_path, monkeypatch):
-    from raysae.storage import StorageError
+    from raysae.data.storage import StorageError
     from raysae.train import OutputExistsError
 
     spec = spec_dict(tmp_path, "done", architectures={"topk": {"sae.k": [2]}})

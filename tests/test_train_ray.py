@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from raysae import shards, storage
+from raysae import data
 from raysae.checkpoint import load_sae
 from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_dict
+from raysae.data import storage
 from raysae.evaluate import evaluate
+from raysae.faults import DieOnce
 from raysae.synthetic import ToyData
-from raysae.train import FAULT_ENV, run_single_process, train_distributed
+from raysae.train import run_single_process, train_distributed
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
@@ -33,7 +35,7 @@ def toy_uri(tmp_path_factory):
     """Toy activations as a dataset: 6 parts of 16k rows; the last 2 are held out."""
     uri = str(tmp_path_factory.mktemp("toy") / "acts")
     x, _ = ToyData(TOY, D_IN).sample(6 * 16_384)
-    shards.write_dataset(uri, x, dtype="float32", rows_per_part=16_384, model="toy")
+    data.write_dataset(uri, x, dtype="float32", rows_per_part=16_384, model="toy")
     return uri
 
 
@@ -75,9 +77,9 @@ def test_two_workers_match_single_process_and_reported_fvu_is_exact(ray_cluster,
     # The held-out FVU merged across the two workers equals the FVU of the final checkpoint
     # recomputed in one process over the same held-out parts.
     model = load_sae(tmp_path / "ray" / "two" / "sae")
-    manifest = shards.read_manifest(toy_uri)
+    manifest = data.read_manifest(toy_uri)
     held_out = [p.name for p in manifest.parts[-2:]]
-    recomputed = evaluate(model, shards.iter_batches(toy_uri, 4096, parts=held_out), 10**9)
+    recomputed = evaluate(model, data.iter_batches(toy_uri, 4096, parts=held_out), 10**9)
     assert dist["eval"]["n_tokens"] == recomputed["n_tokens"] == 2 * 16_384
     assert dist["eval"]["fvu"] == pytest.approx(recomputed["fvu"], rel=1e-5)
     assert dist["eval"]["l0"] == pytest.approx(recomputed["l0"], rel=1e-5)
@@ -92,9 +94,8 @@ def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, toy_uri, s3_prefix
         RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train), "total_tokens": 90_000}}
     )
     # The last worker dies once (os._exit) at 35k tokens, 5 s after the 30k checkpoint.
-    monkeypatch.setenv(FAULT_ENV, "35000")
     t0 = time.perf_counter()
-    result = train_distributed(cfg, s3_prefix, name="crash")
+    result = train_distributed(cfg, s3_prefix, name="crash", on_step=DieOnce(35_000))
     print(f"fault test wall time {time.perf_counter() - t0:.1f} s")
     assert result["restarts"] == 1
     assert result["tokens"] == 90_000  # exact: trained tokens are counted from the checkpoint
@@ -119,7 +120,7 @@ def test_bad_input_fails_before_any_worker_starts(toy_uri, tmp_path):
             ),
             str(tmp_path),
         )
-    with pytest.raises(shards.DatasetError, match="no manifest.json"):
+    with pytest.raises(data.DatasetError, match="no manifest.json"):
         train_distributed(
             from_dict(
                 RunConfig,

@@ -1,7 +1,7 @@
 """SAE architectures. Adding one: a file here with a SparseAutoencoder subclass, and a line below."""
 
 from raysae.config import SAEConfig
-from raysae.saes.base import SAEOutput, SparseAutoencoder
+from raysae.saes.base import SAEOutput, SparseAutoencoder, initial_values
 from raysae.saes.batchtopk import BatchTopKSAE
 from raysae.saes.gated import GatedSAE
 from raysae.saes.jumprelu import JumpReLUSAE
@@ -28,4 +28,4 @@ def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
     return cls(cfg)
 
 
-__all__ = ["ARCHITECTURES", "SAEOutput", "SparseAutoencoder", "build_sae"]
+__all__ = ["ARCHITECTURES", "SAEOutput", "SparseAutoencoder", "build_sae", "initial_values"]

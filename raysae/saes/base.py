@@ -134,23 +134,9 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def init_from_sample_(self, x: Tensor) -> None:
         """Set the input scale and b_dec from a (N, d_in) sample of training activations."""
-        x = self._check_input(x).double()
-        if self.cfg.normalize_inputs:
-            mean_sq_norm = x.pow(2).sum(-1).mean()
-            if not mean_sq_norm > 0:  # the scale would be inf and every parameter NaN
-                raise ValueError(
-                    f"the initialisation sample ({x.shape[0]} tokens) is all zeros, "
-                    "so inputs cannot be scaled to E‖x‖² = d_in; check the "
-                    "activations, or set sae.normalize_inputs: false"
-                )
-            self.input_scale.fill_(float((self.cfg.d_in / mean_sq_norm).sqrt()))
-        x_s = x * float(self.input_scale)
-        if self.cfg.b_dec_init == "geometric_median":
-            self.b_dec.copy_(geometric_median(x_s))
-        elif self.cfg.b_dec_init == "mean":
-            self.b_dec.copy_(x_s.mean(0))
-        else:
-            self.b_dec.zero_()
+        scale, b_dec = initial_values(self._check_input(x), self.cfg)
+        self.input_scale.fill_(scale)
+        self.b_dec.copy_(b_dec)
 
     @torch.no_grad()
     def fold_input_scale_(self) -> None:
@@ -165,6 +151,39 @@ class SparseAutoencoder(nn.Module):
         self.b_enc /= s
         self._fold_scale_extra_(s)
         self.input_scale.fill_(1.0)
+
+
+@torch.no_grad()
+def initial_values(x: Tensor, cfg: SAEConfig) -> tuple[float, Tensor]:
+    """(input scale, b_dec) of an SAE with config ``cfg`` for a (N, d_in) sample ``x`` of its
+    training activations. A function of the sample and the config alone, so a driver computes
+    it without building the SAE (gigabytes at n_latents=131072, d_in=2304).
+
+    The scale makes E‖s·x‖² = d_in (1 when ``cfg.normalize_inputs`` is off); b_dec is the
+    geometric median or the mean of the scaled sample, or zero (``cfg.b_dec_init``). The scale
+    is rounded to float32, the dtype of the buffer holding it, before b_dec is computed.
+    """
+    if x.ndim != 2 or x.shape[-1] != cfg.d_in:
+        raise ValueError(
+            f"initialisation sample has shape {tuple(x.shape)}, expected (N, {cfg.d_in})"
+        )
+    x = x.float().double()
+    scale = 1.0
+    if cfg.normalize_inputs:
+        mean_sq_norm = x.pow(2).sum(-1).mean()
+        if not mean_sq_norm > 0:  # the scale would be inf and every parameter NaN
+            raise ValueError(
+                f"the initialisation sample ({x.shape[0]} tokens) is all zeros, "
+                "so inputs cannot be scaled to E‖x‖² = d_in; check the "
+                "activations, or set sae.normalize_inputs: false"
+            )
+        scale = float(torch.tensor(float((cfg.d_in / mean_sq_norm).sqrt()), dtype=torch.float32))
+    x_s = x * scale
+    if cfg.b_dec_init == "geometric_median":
+        return scale, geometric_median(x_s)
+    if cfg.b_dec_init == "mean":
+        return scale, x_s.mean(0)
+    return scale, torch.zeros(cfg.d_in, dtype=torch.float64)
 
 
 @torch.no_grad()

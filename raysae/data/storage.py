@@ -18,6 +18,7 @@ S3 settings
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from dataclasses import dataclass
@@ -84,10 +85,19 @@ def locate(uri: str, *, endpoint: str | None = None) -> Location:
 
 
 def _locate_s3(uri: str, endpoint: str | None) -> Location:
-    """Build the S3 filesystem for ``uri``; the region stays unset so no lookup call is made."""
+    """The S3 location of ``uri``; the region stays unset for AWS so no lookup call is made."""
     path = uri[len("s3://") :].strip("/")
     if not path:
         raise StorageError(f"S3 URI {uri!r} names no bucket: use s3://bucket/prefix")
+    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1") if endpoint else None
+    return Location(_s3_filesystem(endpoint, region), path, endpoint or "AWS S3 (default endpoint)")
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    """One S3 filesystem per endpoint and region in this process: building one sets up a new
+    client (and its connection pool) each time, and a dataset of many parts is opened part by
+    part. Credentials are resolved by the client itself, never held here."""
     options: dict = {
         "connect_timeout": S3_CONNECT_TIMEOUT_S,
         "request_timeout": S3_REQUEST_TIMEOUT_S,
@@ -98,8 +108,8 @@ def _locate_s3(uri: str, endpoint: str | None) -> Location:
         options["endpoint_override"] = parts.netloc
         options["scheme"] = parts.scheme
         # Local S3 servers (MinIO, moto) serve path-style URLs and need no real region.
-        options["region"] = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    return Location(pafs.S3FileSystem(**options), path, endpoint or "AWS S3 (default endpoint)")
+        options["region"] = region
+    return pafs.S3FileSystem(**options)
 
 
 def filesystem_and_path(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:

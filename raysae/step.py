@@ -1,21 +1,18 @@
-"""The SAE training step and a single-process training loop.
+"""The SAE training step: `train_step(model, optimizer, batch, state, cfg)` is the whole of one
+optimisation step, the same in one process and in every DDP worker (raysae.loop calls it).
 
-`train_step(model, optimizer, batch, state, cfg)` is the whole of one optimisation step; the Ray
-Train workers (raysae.train) run the same function, with DDP, on their shard of the stream.
 Budgets and schedules are in tokens, so runs with different batch sizes or worker counts compare.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from raysae.config import TrainConfig
-from raysae.metrics import ReconstructionStats, SparsityStats, scalars
 from raysae.saes import SAEOutput, SparseAutoencoder
 
 
@@ -129,91 +126,3 @@ def train_step(
     state.tokens += n_tokens
     state.step += 1
     return out
-
-
-def take_init_sample(batches: Iterator[Tensor], n_tokens: int) -> tuple[Tensor, list[Tensor]]:
-    """Pull at least n_tokens rows from the stream; returns the sample and the batches consumed
-    (so they are trained on, not wasted)."""
-    taken, count = [], 0
-    for batch in batches:
-        taken.append(batch)
-        count += batch.shape[0]
-        if count >= n_tokens:
-            break
-    if not taken:
-        raise ValueError("the data stream is empty: no batches to initialise or train on")
-    return torch.cat(taken)[:n_tokens], taken
-
-
-def fit(
-    model: SparseAutoencoder,
-    batches: Iterable[Tensor],
-    cfg: TrainConfig,
-    log: Callable[[str], None] = print,
-) -> list[dict]:
-    """Train `model` on `batches` until cfg.total_tokens; returns the logged metric records.
-
-    Each record holds tokens, step, lr, the last step's loss terms, the reconstruction and
-    sparsity metrics (raysae.metrics) of the batches since the previous record, and the fraction
-    of latents dead over the last cfg.dead_tokens tokens of the run.
-    """
-    torch.manual_seed(cfg.seed)
-    d_in, n_latents = model.cfg.d_in, model.cfg.n_latents
-    stream = iter(batches)
-    sample, consumed = take_init_sample(stream, cfg.init_tokens)
-    check_batch(sample, d_in, "initialisation sample")
-    model.init_from_sample_(sample)
-    reference_mean = sample.double().mean(0)
-
-    optimizer = make_optimizer(model, cfg)
-    state = TrainState.fresh(n_latents)
-    history: list[dict] = []
-    recon = ReconstructionStats(d_in, reference_mean)
-    sparsity = SparsityStats(n_latents, cfg.dead_tokens)
-    next_log, t0, last_t, last_tokens = cfg.log_every_tokens, time.perf_counter(), 0.0, 0
-    model.train()
-    for batch in _chain(consumed, stream):
-        if state.tokens >= cfg.total_tokens:
-            break
-        batch = batch[: cfg.total_tokens - state.tokens].to(model.W_enc.dtype)
-        check_batch(batch, d_in, f"batch at token {state.tokens}")
-        out = train_step(model, optimizer, batch, state, cfg)
-        recon.update(batch, out.x_hat)
-        sparsity.update(out.latents, start=state.tokens - batch.shape[0])  # stream positions
-
-        done = state.tokens >= cfg.total_tokens
-        if state.tokens >= next_log or done:
-            now = time.perf_counter() - t0
-            record = {
-                "tokens": state.tokens,
-                "step": state.step,
-                "lr": optimizer.param_groups[0]["lr"],
-                **{f"loss/{k}": float(v.detach()) for k, v in out.losses.items()},
-                **recon.compute(),
-                **scalars(sparsity.compute()),
-                "tokens_per_s": (state.tokens - last_tokens) / max(now - last_t, 1e-9),
-                "elapsed_s": now,
-            }
-            history.append(record)
-            log(format_record(record, cfg.total_tokens))
-            # A new interval; dead latents are still judged over the whole dead_tokens window.
-            recon.reset(), sparsity.reset_counts()
-            next_log += cfg.log_every_tokens
-            last_t, last_tokens = now, state.tokens
-    if state.tokens < cfg.total_tokens:
-        log(f"data ran out after {state.tokens:,} of {cfg.total_tokens:,} tokens")
-    return history
-
-
-def _chain(first: list[Tensor], rest: Iterator[Tensor]) -> Iterator[Tensor]:
-    yield from first
-    yield from rest
-
-
-def format_record(r: dict, total_tokens: int) -> str:
-    """One console line for a metrics record."""
-    return (
-        f"tokens {r['tokens']:>12,}/{total_tokens:,} | fvu {r['fvu']:.4f} | l0 {r['l0']:7.2f} "
-        f"| dead {r['dead_fraction']:.3f} | loss {r.get('loss/reconstruction', 0):.4g} "
-        f"| {r['tokens_per_s']:,.0f} tok/s"
-    )

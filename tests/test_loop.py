@@ -6,17 +6,17 @@ from strategies import activations, sae_configs
 
 from raysae.config import SAEConfig, ToyDataConfig, TrainConfig
 from raysae.evaluate import evaluate
+from raysae.loop import fit
 from raysae.saes import build_sae
-from raysae.synthetic import ToyData, feature_recovery
-from raysae.trainer import (
+from raysae.step import (
     BadBatchError,
     TrainState,
-    fit,
     learning_rate,
     make_optimizer,
     sparsity_scale,
     train_step,
 )
+from raysae.synthetic import ToyData, feature_recovery
 
 TOY = ToyDataConfig(n_features=512, active_per_token=5, seed=0)
 

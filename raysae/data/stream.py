@@ -13,8 +13,8 @@
 Reading: one Ray read task per part, from the manifest
     The manifest already lists every part with its rows and bytes, and ``open_dataset`` has
     checked their footers, so the dataset is read by :class:`PartsDatasource`: one read task
-    per part (parts are sized for it, see ``shards.PART_BYTES``), each returning the part as
-    one Arrow block through ``shards.read_part``. ``ray.data.read_parquet`` was the first
+    per part (parts are sized for it, see ``data.PART_BYTES``), each returning the part as
+    one Arrow block through ``data.read_part``. ``ray.data.read_parquet`` was the first
     choice, but in Ray 2.60 (Parquet datasource V2) each execution — every epoch — first lists
     the files and reads every footer on a pool of 32 ``FooterReader`` actors. Measured here
     (2 cores, 200,000 × 576 float16 rows in 4 parts, local files): first batch after 2–15 s
@@ -27,7 +27,7 @@ Mixing documents
     like Ray's ``FileShuffleConfig``), and ``local_shuffle_buffer_size`` optionally mixes rows
     of several parts.
 
-Decoding is :func:`raysae.shards.collate`, shared with the single-process reader: the ``act``
+Decoding is :func:`raysae.data.collate`, shared with the single-process reader: the ``act``
 bytes are viewed as a tensor and cast once into the training dtype — no per-row copies.
 Column selection (``columns=`` or ``Dataset.select_columns``) is pushed down into the read.
 """
@@ -44,27 +44,20 @@ import torch
 from ray.data.block import BlockMetadata
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from raysae import shards
+from raysae import data
 
 
 class PartsDatasource(ray.data.Datasource):
     """The parts of one committed dataset as a Ray Data source: one read task per part."""
 
-    def __init__(
-        self,
-        uri: str,
-        manifest: shards.Manifest,
-        parts: Sequence[shards.Part],
-        *,
-        shuffle: bool,
-        seed: int | None,
-    ):
+    def __init__(self, source: data.Dataset, *, shuffle: bool, seed: int | None):
         super().__init__()
         self._projection_map = (
             None  # all columns until Ray pushes a select_columns down (as Ray's own sources do)
         )
-        self.uri, self.d_in, self.dtype = uri, manifest.d_in, manifest.dtype
-        self.parts, self.shuffle, self.seed = tuple(parts), shuffle, seed
+        # Not the Dataset itself: its manifest lists every part, and the source is pickled.
+        self.uri, self.d_in, self.dtype = source.uri, source.d_in, source.dtype
+        self.parts, self.shuffle, self.seed = source.parts, shuffle, seed
         self._executions = 0
 
     def supports_projection_pushdown(self) -> bool:
@@ -85,7 +78,7 @@ class PartsDatasource(ray.data.Datasource):
             )
             parts = [parts[i] for i in rng.permutation(len(parts))]
             self._executions += 1
-        columns = self._get_data_columns() or list(shards.COLUMNS)
+        columns = self._get_data_columns() or list(data.COLUMNS)
         return [
             ray.data.ReadTask(
                 functools.partial(_read, self.uri, part, self.d_in, self.dtype, tuple(columns)),
@@ -101,14 +94,14 @@ class PartsDatasource(ray.data.Datasource):
 
 
 def _read(
-    uri: str, part: shards.Part, d_in: int, dtype: str, columns: tuple[str, ...]
+    uri: str, part: data.Part, d_in: int, dtype: str, columns: tuple[str, ...]
 ) -> Iterator[pa.Table]:
     """Ray read task body: the whole part as one block."""
-    return shards.read_part(uri, part, d_in=d_in, dtype=dtype, columns=columns)
+    return data.read_part(uri, part, d_in=d_in, dtype=dtype, columns=columns)
 
 
 def build_dataset(
-    uri: str,
+    source: str | data.Dataset,
     *,
     shuffle_files: bool = True,
     seed: int | None = None,
@@ -116,33 +109,34 @@ def build_dataset(
     parts: Sequence[str] | None = None,
     read_cpus: float = 1.0,
 ) -> ray.data.Dataset:
-    """A lazy Ray Dataset over the committed dataset at ``uri`` (validated first).
+    """A lazy Ray Dataset over ``source``: a :class:`raysae.data.Dataset` (as opened by the
+    command, never reopened here) or a URI, opened and validated first.
 
-    Reads the parts named ``parts`` (default all), in a shuffled order per execution when
+    Reads the parts named ``parts`` (default: all of the source's), in a shuffled order per execution when
     ``shuffle_files`` (reproducible from ``seed``), and only ``columns``. ``read_cpus`` is what
     each read task reserves: below 1 lets reads run beside fractional-CPU Train workers on a
     small machine. There is no separate listing step (the manifest lists the parts), so reads
     need no CPU beyond their own reservation.
     """
-    manifest = shards.open_dataset(uri)
-    source = PartsDatasource(
-        uri, manifest, shards.select_parts(uri, manifest, parts), shuffle=shuffle_files, seed=seed
-    )
+    dataset = data.open_dataset(source) if isinstance(source, str) else source
+    if parts is not None:
+        dataset = dataset.select(parts)
+    reader = PartsDatasource(dataset, shuffle=shuffle_files, seed=seed)
     dataset = ray.data.read_datasource(
-        source, override_num_blocks=len(source.parts), num_cpus=read_cpus
+        reader, override_num_blocks=len(reader.parts), num_cpus=read_cpus
     )
     return dataset.select_columns(list(columns))
 
 
 class ActCollateFn(ArrowBatchCollateFn):
-    """Ray collate: Arrow batch → act tensor (B, d_in), or a dict of tensors (see shards.collate)."""
+    """Ray collate: Arrow batch → act tensor (B, d_in), or a dict of tensors (see data.collate)."""
 
     def __init__(self, *, d_in: int, dtype: torch.dtype, columns: Sequence[str] = ("act",)) -> None:
         self.d_in, self.dtype, self.columns = d_in, dtype, tuple(columns)
 
     def __call__(self, batch: pa.Table) -> torch.Tensor | dict[str, torch.Tensor]:
         # The stored dtype comes from the act field's metadata, which Ray carries with each block.
-        return shards.collate(batch, d_in=self.d_in, out_dtype=self.dtype, columns=self.columns)
+        return data.collate(batch, d_in=self.d_in, out_dtype=self.dtype, columns=self.columns)
 
 
 def iter_torch_batches(

@@ -1,4 +1,4 @@
-"""raysae.shards: format, manifest, writer, validation and the single-process reader."""
+"""raysae.data: format, manifest, writer, validation and the single-process reader."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raysae import shards, storage
+from raysae import data
+from raysae.data import storage
 
-DTYPES = sorted(shards.STORAGE_DTYPES)
+DTYPES = sorted(data.STORAGE_DTYPES)
 
 
 def toy(rows: int = 1000, d_in: int = 16, seed: int = 0) -> torch.Tensor:
@@ -25,19 +26,19 @@ def toy(rows: int = 1000, d_in: int = 16, seed: int = 0) -> torch.Tensor:
 
 def read_all(uri: str, **kwargs) -> torch.Tensor:
     """Every row of a dataset through the plain reader, in manifest order."""
-    return torch.cat(list(shards.iter_batches(uri, 257, **kwargs)))
+    return torch.cat(list(data.iter_batches(uri, 257, **kwargs)))
 
 
 def rewrite_manifest(uri: str, **changes) -> None:
     """Replace fields of the committed manifest (to build inconsistent datasets on purpose)."""
-    manifest = dataclasses.replace(shards.read_manifest(uri), **changes)
-    storage.write_bytes(storage.join(uri, shards.MANIFEST_NAME), manifest.to_json().encode())
+    manifest = dataclasses.replace(data.read_manifest(uri), **changes)
+    storage.write_bytes(storage.join(uri, data.MANIFEST_NAME), manifest.to_json().encode())
 
 
-def replace_part(uri: str, index: int, table: pa.Table) -> shards.Part:
+def replace_part(uri: str, index: int, table: pa.Table) -> data.Part:
     """Overwrite part ``index`` with ``table`` and make the manifest agree on rows and bytes."""
-    manifest = shards.read_manifest(uri)
-    written = shards.write_part(uri, manifest.parts[index].name, table)
+    manifest = data.read_manifest(uri)
+    written = data.write_part(uri, manifest.parts[index].name, table)
     parts = list(manifest.parts)
     parts[index] = written
     rewrite_manifest(uri, parts=tuple(parts))
@@ -60,11 +61,11 @@ def test_round_trip_equals_cast_input(
 ) -> None:
     uri = str(tmp_path_factory.mktemp("ds"))
     acts = toy(rows, d_in) * 10
-    manifest = shards.write_dataset(uri, acts, dtype=dtype, rows_per_part=rows_per_part)
+    manifest = data.write_dataset(uri, acts, dtype=dtype, rows_per_part=rows_per_part)
     assert manifest.n_tokens == rows and len(manifest.parts) == -(-rows // rows_per_part)
-    batches = list(shards.iter_batches(uri, batch_size))
+    batches = list(data.iter_batches(uri, batch_size))
     assert all(len(b) == batch_size for b in batches[:-1])
-    stored = acts.to(shards.STORAGE_DTYPES[dtype][0])
+    stored = acts.to(data.STORAGE_DTYPES[dtype][0])
     assert torch.equal(torch.cat(batches), stored.float())
     np.testing.assert_allclose(
         manifest.stats.mean, stored.double().mean(0).numpy(), rtol=1e-12, atol=1e-12
@@ -77,7 +78,7 @@ def test_round_trip_equals_cast_input(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reader_dtype_and_metadata_columns(tmp_path, dtype: str) -> None:
     acts = toy(500, 8)
-    shards.write_dataset(
+    data.write_dataset(
         str(tmp_path),
         acts,
         dtype=dtype,
@@ -86,7 +87,7 @@ def test_reader_dtype_and_metadata_columns(tmp_path, dtype: str) -> None:
         token_id=np.arange(500),
     )
     batches = list(
-        shards.iter_batches(
+        data.iter_batches(
             str(tmp_path),
             128,
             dtype=torch.bfloat16,
@@ -100,25 +101,25 @@ def test_reader_dtype_and_metadata_columns(tmp_path, dtype: str) -> None:
     assert first["doc_id"].dtype == torch.int64 and first["pos"].dtype == torch.int32
     assert torch.equal(first["doc_id"], torch.arange(128) // 10)
     assert torch.equal(
-        first["act"], acts[:128].to(shards.STORAGE_DTYPES[dtype][0]).to(torch.bfloat16)
+        first["act"], acts[:128].to(data.STORAGE_DTYPES[dtype][0]).to(torch.bfloat16)
     )
 
 
 def test_decode_is_zero_copy_in_stored_dtype() -> None:
-    column = shards.encode_act(toy(64, 16).half(), "float16")
-    tensor = shards.decode_act(column, d_in=16, dtype="float16")
+    column = data.encode_act(toy(64, 16).half(), "float16")
+    tensor = data.decode_act(column, d_in=16, dtype="float16")
     assert tensor.data_ptr() == column.buffers()[1].address
-    sliced = shards.decode_act(column.slice(10, 5), d_in=16, dtype="float16")
+    sliced = data.decode_act(column.slice(10, 5), d_in=16, dtype="float16")
     assert torch.equal(sliced, tensor[10:15]) and sliced.data_ptr() == tensor[10].data_ptr()
 
 
 def test_decode_concatenates_chunks_in_one_cast() -> None:
     acts = toy(100, 4)
     column = pa.chunked_array(
-        [shards.encode_act(acts[:30], "bfloat16"), shards.encode_act(acts[30:], "bfloat16")]
+        [data.encode_act(acts[:30], "bfloat16"), data.encode_act(acts[30:], "bfloat16")]
     )
     assert torch.equal(
-        shards.decode_act(column, d_in=4, dtype="bfloat16", out_dtype=torch.float32),
+        data.decode_act(column, d_in=4, dtype="bfloat16", out_dtype=torch.float32),
         acts.bfloat16().float(),
     )
 
@@ -127,29 +128,29 @@ def test_decode_concatenates_chunks_in_one_cast() -> None:
 @given(split=st.integers(0, 50), seed=st.integers(0, 1000))
 def test_stats_merge_equals_one_pass(split: int, seed: int) -> None:
     acts = toy(50, 6, seed) * 100
-    merged = shards.ActStats.of(acts[:split]).merge(shards.ActStats.of(acts[split:]))
-    whole = shards.ActStats.of(acts)
+    merged = data.ActStats.of(acts[:split]).merge(data.ActStats.of(acts[split:]))
+    whole = data.ActStats.of(acts)
     assert merged.count == whole.count
     np.testing.assert_allclose(merged.sum, whole.sum, rtol=1e-13, atol=1e-9)
     assert merged.squared_norm_sum == pytest.approx(whole.squared_norm_sum, rel=1e-13)
 
 
 def test_manifest_json_round_trip_is_exact(tmp_path) -> None:
-    manifest = shards.write_dataset(
+    manifest = data.write_dataset(
         str(tmp_path), toy(300, 5), layer=3, hook="blocks.3.hook_resid_post", harvest={"seed": 1}
     )
-    again = shards.Manifest.from_json(manifest.to_json())
+    again = data.Manifest.from_json(manifest.to_json())
     assert again.to_json() == manifest.to_json()
     assert np.array_equal(again.stats.sum, manifest.stats.sum)
-    assert shards.open_dataset(str(tmp_path)).layer == 3
+    assert data.open_dataset(str(tmp_path)).manifest.layer == 3
 
 
 @pytest.mark.parametrize("where", ["top", "part", "stats"])
 def test_manifest_rejects_unknown_keys(tmp_path, where: str) -> None:
-    data = json.loads(shards.write_dataset(str(tmp_path), toy(10, 2)).to_json())
-    {"top": data, "part": data["parts"][0], "stats": data["stats"]}[where]["colour"] = "blue"
-    with pytest.raises(shards.DatasetError, match="unknown keys \\['colour'\\]"):
-        shards.Manifest.from_json(json.dumps(data))
+    fields = json.loads(data.write_dataset(str(tmp_path), toy(10, 2)).to_json())
+    {"top": fields, "part": fields["parts"][0], "stats": fields["stats"]}[where]["colour"] = "blue"
+    with pytest.raises(data.DatasetError, match="unknown keys \\['colour'\\]"):
+        data.Manifest.from_json(json.dumps(fields))
 
 
 # ---------------------------------------------------------------- writer semantics
@@ -157,16 +158,16 @@ def test_manifest_rejects_unknown_keys(tmp_path, where: str) -> None:
 
 def test_refuses_existing_dataset_and_leaves_it_intact(tmp_path) -> None:
     uri, acts = str(tmp_path), toy(100, 4)
-    shards.write_dataset(uri, acts)
+    data.write_dataset(uri, acts)
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        shards.write_dataset(uri, toy(100, 4, seed=1))
+        data.write_dataset(uri, toy(100, 4, seed=1))
     assert torch.equal(read_all(uri), acts.half().float())
 
 
 def test_overwrite_keeps_old_dataset_readable_until_commit(tmp_path) -> None:
     uri, old, new = str(tmp_path), toy(300, 4), toy(200, 4, seed=1)
-    old_parts = {p.name for p in shards.write_dataset(uri, old, rows_per_part=100).parts}
-    with shards.DatasetWriter(uri, d_in=4, rows_per_part=100, overwrite=True) as writer:
+    old_parts = {p.name for p in data.write_dataset(uri, old, rows_per_part=100).parts}
+    with data.DatasetWriter(uri, d_in=4, rows_per_part=100, overwrite=True) as writer:
         writer.write(new)
         assert torch.equal(read_all(uri), old.half().float())  # new parts written, not committed
         writer.commit(model="toy", hook="synthetic")
@@ -176,52 +177,52 @@ def test_overwrite_keeps_old_dataset_readable_until_commit(tmp_path) -> None:
 
 def test_exception_inside_writer_leaves_no_manifest_and_no_parts(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="boom"):
-        with shards.DatasetWriter(str(tmp_path), d_in=4, rows_per_part=10) as writer:
+        with data.DatasetWriter(str(tmp_path), d_in=4, rows_per_part=10) as writer:
             writer.write(toy(35, 4))
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == []
-    with pytest.raises(shards.DatasetError, match="harvest did not finish"):
-        shards.open_dataset(str(tmp_path))
+    with pytest.raises(data.DatasetError, match="harvest did not finish"):
+        data.open_dataset(str(tmp_path))
 
 
 def test_leaving_writer_without_commit_is_an_error(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="without commit"):
-        with shards.DatasetWriter(str(tmp_path), d_in=4) as writer:
+        with data.DatasetWriter(str(tmp_path), d_in=4) as writer:
             writer.write(toy(5, 4))
     assert os.listdir(tmp_path) == []
 
 
 def test_leftover_parts_of_a_failed_write_are_removed_by_the_next_commit(tmp_path) -> None:
-    shards.write_part(
+    data.write_part(
         str(tmp_path),
-        shards.part_name(0, "deadbeef"),
-        shards.shard_table(toy(5, 4), np.zeros(5), np.zeros(5), np.zeros(5), dtype="float16"),
+        data.part_name(0, "deadbeef"),
+        data.shard_table(toy(5, 4), np.zeros(5), np.zeros(5), np.zeros(5), dtype="float16"),
     )
-    manifest = shards.write_dataset(str(tmp_path), toy(5, 4))
-    assert sorted(os.listdir(tmp_path)) == sorted([shards.MANIFEST_NAME, manifest.parts[0].name])
+    manifest = data.write_dataset(str(tmp_path), toy(5, 4))
+    assert sorted(os.listdir(tmp_path)) == sorted([data.MANIFEST_NAME, manifest.parts[0].name])
 
 
 def test_refuses_prefix_with_foreign_files(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt"):
-        shards.write_dataset(str(tmp_path), toy(5, 4))
+        data.write_dataset(str(tmp_path), toy(5, 4))
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 def test_writer_rejects_non_finite_rows_naming_the_row(tmp_path) -> None:
     acts = toy(50, 4)
     acts[37, 2] = float("inf")
-    with pytest.raises(shards.DatasetError, match="row 37: activation holds Inf"):
-        shards.write_dataset(str(tmp_path), acts)
+    with pytest.raises(data.DatasetError, match="row 37: activation holds Inf"):
+        data.write_dataset(str(tmp_path), acts)
     big = toy(5, 4)
     big[1, 0] = 1e6  # overflows float16
-    with pytest.raises(shards.DatasetError, match="row 1: .*bfloat16 or float32"):
-        shards.write_dataset(str(tmp_path), big)
+    with pytest.raises(data.DatasetError, match="row 1: .*bfloat16 or float32"):
+        data.write_dataset(str(tmp_path), big)
     assert os.listdir(tmp_path) == []
 
 
 def test_writer_rejects_wrong_width(tmp_path) -> None:
-    with shards.DatasetWriter(str(tmp_path), d_in=4) as writer:
+    with data.DatasetWriter(str(tmp_path), d_in=4) as writer:
         with pytest.raises(ValueError, match="expected \\(N, d_in=4\\)"):
             writer.write(toy(5, 3))
         writer.abort()
@@ -232,106 +233,104 @@ def test_writer_rejects_wrong_width(tmp_path) -> None:
 
 def test_missing_manifest(tmp_path) -> None:
     with pytest.raises(
-        shards.DatasetError,
+        data.DatasetError,
         match=f"no manifest.json at {tmp_path}: not a raysae dataset, or its harvest did not finish",
     ):
-        shards.open_dataset(str(tmp_path))
+        data.open_dataset(str(tmp_path))
 
 
 def test_part_with_wrong_act_width(tmp_path) -> None:
     uri = str(tmp_path)
-    manifest = shards.write_dataset(uri, toy(100, 16), rows_per_part=50)
+    manifest = data.write_dataset(uri, toy(100, 16), rows_per_part=50)
     replace_part(
         uri,
         1,
-        shards.shard_table(toy(50, 12), np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16"),
+        data.shard_table(toy(50, 12), np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16"),
     )
     with pytest.raises(
-        shards.DatasetError,
+        data.DatasetError,
         match=f"part {manifest.parts[1].name}: act has 12 values per row, manifest says d_in=16",
     ):
-        shards.open_dataset(uri)
+        data.open_dataset(uri)
 
 
 def test_truncated_part(tmp_path) -> None:
     uri = str(tmp_path)
-    name = shards.write_dataset(uri, toy(100, 16), rows_per_part=50).parts[0].name
+    name = data.write_dataset(uri, toy(100, 16), rows_per_part=50).parts[0].name
     with open(tmp_path / name, "r+b") as part:
         part.truncate(1000)
     with pytest.raises(
-        shards.DatasetError,
+        data.DatasetError,
         match=f"part {name} is 1000 bytes, manifest.json says .* \\(truncated or replaced\\)",
     ):
-        shards.open_dataset(uri)
+        data.open_dataset(uri)
 
 
 def test_corrupt_part_of_the_right_size(tmp_path) -> None:
     uri = str(tmp_path)
-    name = shards.write_dataset(uri, toy(100, 16), rows_per_part=50).parts[1].name
+    name = data.write_dataset(uri, toy(100, 16), rows_per_part=50).parts[1].name
     size = os.path.getsize(tmp_path / name)
     with open(tmp_path / name, "r+b") as part:
         part.seek(size - 64)
         part.write(b"\xff" * 64)  # clobbers the footer
     with pytest.raises(
-        shards.DatasetError, match=f"part {name} is not readable Parquet \\(truncated or corrupt"
+        data.DatasetError, match=f"part {name} is not readable Parquet \\(truncated or corrupt"
     ):
-        shards.open_dataset(uri)
+        data.open_dataset(uri)
 
 
 def test_non_finite_part_names_part_and_row(tmp_path) -> None:
     uri = str(tmp_path)
-    shards.write_dataset(uri, toy(100, 4), rows_per_part=50)
+    data.write_dataset(uri, toy(100, 4), rows_per_part=50)
     bad = toy(50, 4)
     bad[17, 1] = float("nan")
     written = replace_part(
-        uri, 1, shards.shard_table(bad, np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16")
+        uri, 1, data.shard_table(bad, np.zeros(50), np.zeros(50), np.zeros(50), dtype="float16")
     )
-    shards.open_dataset(uri)  # the cheap checks pass: footers are fine
+    data.open_dataset(uri)  # the cheap checks pass: footers are fine
     with pytest.raises(
-        shards.DatasetError, match=f"part {written.name} row 17: activation holds NaN"
+        data.DatasetError, match=f"part {written.name} row 17: activation holds NaN"
     ):
-        shards.open_dataset(uri, verify=True)
+        data.open_dataset(uri, verify=True)
 
 
 def test_manifest_row_counts_disagree_with_parts(tmp_path) -> None:
     uri = str(tmp_path)
-    manifest = shards.write_dataset(uri, toy(100, 4), rows_per_part=50)
-    data = json.loads(manifest.to_json())
-    data["n_tokens"] = 120
-    storage.write_bytes(storage.join(uri, shards.MANIFEST_NAME), json.dumps(data).encode())
+    manifest = data.write_dataset(uri, toy(100, 4), rows_per_part=50)
+    fields = json.loads(manifest.to_json())
+    fields["n_tokens"] = 120
+    storage.write_bytes(storage.join(uri, data.MANIFEST_NAME), json.dumps(fields).encode())
     with pytest.raises(
-        shards.DatasetError, match="row counts disagree: n_tokens=120, parts sum to 100"
+        data.DatasetError, match="row counts disagree: n_tokens=120, parts sum to 100"
     ):
-        shards.read_manifest(uri)
+        data.read_manifest(uri)
 
 
 def test_part_footer_rows_disagree_with_manifest(tmp_path) -> None:
     uri = str(tmp_path)
-    manifest = shards.write_dataset(uri, toy(100, 4), rows_per_part=50)
+    manifest = data.write_dataset(uri, toy(100, 4), rows_per_part=50)
     parts = (
         dataclasses.replace(manifest.parts[0], rows=40),
         dataclasses.replace(manifest.parts[1], rows=60),
     )
     rewrite_manifest(uri, parts=parts)
     with pytest.raises(
-        shards.DatasetError, match=f"part {parts[0].name} has 50 rows, manifest.json says 40"
+        data.DatasetError, match=f"part {parts[0].name} has 50 rows, manifest.json says 40"
     ):
-        shards.open_dataset(uri)
+        data.open_dataset(uri)
 
 
 def test_missing_part(tmp_path) -> None:
     uri = str(tmp_path)
-    name = shards.write_dataset(uri, toy(100, 4), rows_per_part=50).parts[0].name
+    name = data.write_dataset(uri, toy(100, 4), rows_per_part=50).parts[0].name
     os.remove(tmp_path / name)
-    with pytest.raises(
-        shards.DatasetError, match=f"part {name} listed in manifest.json is missing"
-    ):
-        shards.open_dataset(uri)
+    with pytest.raises(data.DatasetError, match=f"part {name} listed in manifest.json is missing"):
+        data.open_dataset(uri)
 
 
 def test_s3_round_trip_matches_local_bytes(tmp_path, s3_prefix: str) -> None:
     acts = toy(400, 8)
-    local = shards.write_dataset(str(tmp_path), acts, rows_per_part=150)
-    remote = shards.write_dataset(s3_prefix, acts, rows_per_part=150)
+    local = data.write_dataset(str(tmp_path), acts, rows_per_part=150)
+    remote = data.write_dataset(s3_prefix, acts, rows_per_part=150)
     assert [p.bytes for p in local.parts] == [p.bytes for p in remote.parts]
     assert torch.equal(read_all(s3_prefix), read_all(str(tmp_path)))

@@ -1,0 +1,240 @@
+"""Reading a dataset: the :class:`Dataset` value, opened and validated once, and its reader.
+
+A command opens each dataset once (:func:`open_dataset`: the manifest, a listing and every
+part's footer, O(parts)) and passes the value down: to the sweep's points, the Ray Train
+workers and their restarts, the held-out evaluation. Nothing below the command takes a URI to
+open again; across a Ray boundary the value travels as it is (URI, manifest, part list).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raysae.data import storage
+from raysae.data.format import COLUMNS, Rebatcher, check_act_type, check_finite, collate, decode_act
+from raysae.data.manifest import MANIFEST_NAME, DatasetError, Manifest, Part, read_manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A committed dataset whose parts were checked against its manifest, and the parts to read.
+
+    ``parts`` is every part (from :func:`open_dataset`) or a subset (:meth:`select`,
+    :meth:`split`); readers read exactly these, in this order unless told to shuffle.
+    """
+
+    uri: str
+    """Where it lives: a local directory or s3://bucket/prefix."""
+    manifest: Manifest
+    """The whole dataset's manifest (statistics are over all its parts)."""
+    parts: tuple[Part, ...]
+    """The parts this value reads."""
+
+    @property
+    def d_in(self) -> int:
+        """Width of each activation vector."""
+        return self.manifest.d_in
+
+    @property
+    def dtype(self) -> str:
+        """Stored dtype: float16, bfloat16 or float32."""
+        return self.manifest.dtype
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows in ``parts``."""
+        return sum(part.rows for part in self.parts)
+
+    def select(self, names: Sequence[str]) -> Dataset:
+        """The same dataset reading only the parts called ``names``, in that order."""
+        by_name = {part.name: part for part in self.manifest.parts}
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise DatasetError(f"{self.uri}: no parts named {unknown[:5]} in {MANIFEST_NAME}")
+        return dataclasses.replace(self, parts=tuple(by_name[name] for name in names))
+
+    def split(self, held_out: int) -> tuple[Dataset, Dataset]:
+        """(training, held-out): the last ``held_out`` parts are held out; with 0, both are all
+        of ``parts`` (the evaluation then reads training data)."""
+        if not held_out:
+            return self, self
+        if len(self.parts) <= held_out:
+            raise DatasetError(
+                f"{self.uri} has {len(self.parts)} part(s): holding out {held_out} leaves none"
+            )
+        cut = len(self.parts) - held_out
+        return (
+            dataclasses.replace(self, parts=self.parts[:cut]),
+            dataclasses.replace(self, parts=self.parts[cut:]),
+        )
+
+    def shard(self, rank: int, size: int) -> Dataset:
+        """Worker ``rank``'s share of ``parts`` among ``size`` workers: every size-th part."""
+        return dataclasses.replace(self, parts=self.parts[rank::size])
+
+    def read_part(
+        self, part: Part, *, columns: Sequence[str], batch_size: int | None = None
+    ) -> Iterator[pa.Table]:
+        """One part's rows as Arrow tables (see :func:`read_part`)."""
+        return read_part(
+            self.uri, part, d_in=self.d_in, dtype=self.dtype, columns=columns, batch_size=batch_size
+        )
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        columns: Sequence[str] = ("act",),
+        drop_last: bool = False,
+        seed: int | None = None,
+    ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        """Read ``parts`` in this process with pyarrow: tensors (B, d_in) in ``dtype``.
+
+        In order, or shuffled by ``seed`` when given. Yields the act tensor, or a dict of
+        tensors if ``columns`` names more than ``act`` (see :func:`collate`). The
+        single-process trainer's reader, the held-out evaluation's and the ingest baseline.
+        """
+        parts = list(self.parts)
+        if seed is not None:
+            parts = [parts[i] for i in np.random.default_rng(seed).permutation(len(parts))]
+        rebatcher = Rebatcher(batch_size)
+        for part in parts:
+            for table in self.read_part(part, columns=columns, batch_size=batch_size):
+                for batch in rebatcher.push(table):
+                    yield self._collate(batch, dtype, columns)
+        rest = rebatcher.rest()
+        if rest is not None and not drop_last:
+            yield self._collate(rest, dtype, columns)
+
+    def _collate(self, batch: pa.Table, out_dtype: torch.dtype, columns: Sequence[str]):
+        return collate(
+            batch, d_in=self.d_in, dtype=self.dtype, out_dtype=out_dtype, columns=columns
+        )
+
+    def verify(self) -> None:
+        """Read every row of ``parts`` and reject NaN/Inf, naming the part and row (slow: one
+        full pass over the data)."""
+        for part in self.parts:
+            first_row = 0
+            for batch in self.read_part(part, columns=["act"], batch_size=65536):
+                acts = decode_act(batch.column("act"), d_in=self.d_in, dtype=self.dtype)
+                check_finite(acts, where=f"{self.uri}: part {part.name}", first_row=first_row)
+                first_row += len(acts)
+
+
+def open_dataset(uri: str, *, verify: bool = False) -> Dataset:
+    """Open the dataset at ``uri``: read its manifest and check every part against it.
+
+    Always: every part exists with the listed size and its Parquet footer has the listed rows
+    and act width. With ``verify``: additionally read every row and reject NaN/Inf.
+    """
+    manifest = read_manifest(uri)
+    present = storage.list_files(uri)
+    for part in manifest.parts:
+        if part.name not in present:
+            raise DatasetError(
+                f"{uri}: part {part.name} listed in {MANIFEST_NAME} is missing; re-harvest"
+            )
+        if present[part.name] != part.bytes:
+            raise DatasetError(
+                f"{uri}: part {part.name} is {present[part.name]} bytes, {MANIFEST_NAME} says "
+                f"{part.bytes} (truncated or replaced); re-harvest"
+            )
+    # Footers are small reads: overlap their latency.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda part: _check_footer(uri, manifest, part), manifest.parts))
+    dataset = Dataset(uri, manifest, manifest.parts)
+    if verify:
+        dataset.verify()
+    return dataset
+
+
+def _open_part(uri: str, part: Part) -> pq.ParquetFile:
+    """Open one part (close it after use), naming it if its footer cannot be read."""
+    fs, path = storage.filesystem_and_path(storage.join(uri, part.name))
+    try:
+        return pq.ParquetFile(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DatasetError(
+            f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); re-harvest"
+        ) from err
+
+
+def _check_footer(uri: str, manifest: Manifest, part: Part) -> None:
+    """Check one part's row count and act type from its footer alone."""
+    with _open_part(uri, part) as parquet:
+        rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
+    if rows != part.rows:
+        raise DatasetError(
+            f"{uri}: part {part.name} has {rows} rows, {MANIFEST_NAME} says {part.rows}; re-harvest"
+        )
+    missing = [name for name in COLUMNS if name not in schema.names]
+    if missing:
+        raise DatasetError(f"{uri}: part {part.name} lacks columns {missing}")
+    check_act_type(
+        schema.field("act").type,
+        d_in=manifest.d_in,
+        dtype=manifest.dtype,
+        where=f"{uri}: part {part.name}",
+    )
+
+
+def read_part(
+    uri: str,
+    part: Part,
+    *,
+    d_in: int,
+    dtype: str,
+    columns: Sequence[str],
+    batch_size: int | None = None,
+) -> Iterator[pa.Table]:
+    """One part's rows as tables of ``batch_size`` rows (default: the whole part at once).
+
+    Checks the act type against ``d_in`` / ``dtype``; read errors name the part. Shared by the
+    plain reader and the Ray Data read tasks (raysae.stream).
+    """
+    with _open_part(uri, part) as parquet:
+        check_act_type(
+            parquet.schema_arrow.field("act").type,
+            d_in=d_in,
+            dtype=dtype,
+            where=f"{uri}: part {part.name}",
+        )
+        try:
+            for batch in parquet.iter_batches(
+                batch_size=batch_size or max(part.rows, 1), columns=list(columns), use_threads=False
+            ):
+                yield pa.Table.from_batches([batch])
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DatasetError(f"{uri}: part {part.name} is corrupt ({err}); re-harvest") from err
+
+
+def select_parts(source: Dataset, names: Sequence[str] | None) -> list[Part]:
+    """The parts called ``names`` in that order (all of ``source``'s parts if None)."""
+    return list(source.parts if names is None else source.select(names).parts)
+
+
+def iter_batches(
+    source: str | Dataset,
+    batch_size: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    columns: Sequence[str] = ("act",),
+    parts: Sequence[str] | None = None,
+    drop_last: bool = False,
+    seed: int | None = None,
+) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+    """:meth:`Dataset.batches` of ``source`` (a Dataset, or a URI opened here), reading the
+    parts named ``parts`` (default: all of the source's)."""
+    dataset = open_dataset(source) if isinstance(source, str) else source
+    if parts is not None:
+        dataset = dataset.select(parts)
+    return dataset.batches(batch_size, dtype=dtype, columns=columns, drop_last=drop_last, seed=seed)

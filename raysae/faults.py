@@ -1,0 +1,47 @@
+"""Fault injection for tests: hooks a test installs into the training loop (`on_step`).
+
+`raysae.train.train_distributed(..., on_step=DieOnce(35_000))` makes the last Ray Train worker
+exit abruptly, once, after 35,000 tokens, so a test can check that the run resumes from its
+checkpoint with exact token accounting. Nothing here runs unless a test installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raysae.loop import StepInfo
+
+AFTER_CHECKPOINT_S = 5.0
+"""The fault waits this long after a checkpoint: Ray registers a checkpoint asynchronously, and
+a crash right after `report` can lose it (the run then restarts from the one before, which is
+correct but not what the fault test means to exercise)."""
+
+
+@dataclass(frozen=True)
+class DieOnce:
+    """The last rank calls os._exit(1) once the run is past ``at_tokens`` and has a checkpoint."""
+
+    at_tokens: int
+    """Tokens after which the worker dies."""
+    marker: str = field(
+        default_factory=lambda: str(
+            Path(tempfile.gettempdir()) / f"raysae-fault-{uuid.uuid4().hex}"
+        )
+    )
+    """A file new to this hook: written when the fault fires, so it fires once per run (the
+    restarted workers get the same hook)."""
+
+    def __call__(self, step: StepInfo) -> None:
+        if step.tokens < self.at_tokens or step.checkpoint_time is None:
+            return
+        if os.path.exists(self.marker):
+            return
+        time.sleep(max(0.0, AFTER_CHECKPOINT_S - (time.perf_counter() - step.checkpoint_time)))
+        if step.rank == step.world_size - 1:
+            Path(self.marker).write_text(str(step.tokens))
+            os._exit(1)

@@ -1,0 +1,391 @@
+"""The training loop: a pack of SAEs trained on one stream of batches, in one process
+(`raysae train --local`, :func:`fit`) or as one DDP worker of a Ray Train run (raysae.worker
+adapts it: context, data shard, checkpoints, `ray.train.report`).
+
+    for batch in batches:                          # endless; the token budget ends the loop
+        cut the last batch so the budget is met exactly
+        every SAE of the pack: train_step (raysae.step), then its metrics
+        every log_every_tokens, every checkpoint_every_tokens and at the end:
+            merge the metrics across workers, record them, report (+ checkpoint)
+
+A *pack* is N SAEs trained on the same batches, each with its own optimizer, counters and
+metrics: reading and decoding activations is the cost at scale, so N SAEs per read is the
+saving (`pack: N` in a sweep; one SAE for `raysae train`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from raysae.checkpoint import load_training_checkpoint
+from raysae.config import RunConfig, TrainConfig
+from raysae.metrics import ReconstructionStats, SparsityStats, scalars
+from raysae.saes import SparseAutoencoder, build_sae
+from raysae.step import TrainState, check_batch, make_optimizer, train_step
+
+# ---------------------------------------------------------------------------------------------
+# Where the loop runs
+
+
+@dataclass(frozen=True)
+class World:
+    """This process among the loop's workers; size 1 is one process and no torch.distributed."""
+
+    rank: int = 0
+    """This worker's index."""
+    size: int = 1
+    """Number of workers, each training on its own share of every global batch."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the models and batches live."""
+
+    def sync_fired(self, fired: Tensor) -> Tensor:
+        """Per-latent "fired in this step" flags of every worker, OR-ed (an all-reduce MAX)."""
+        if self.size == 1:
+            return fired
+        import torch.distributed as dist
+
+        flags = fired.to(torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags.bool()
+
+    def merge(
+        self, recon: ReconstructionStats, sparsity: SparsityStats
+    ) -> tuple[ReconstructionStats, SparsityStats]:
+        """Every worker's accumulators combined as if one process had seen all their batches:
+        each state is all-gathered and merged (the variance and the last-fired positions do not
+        add, so a SUM all-reduce would be wrong)."""
+        if self.size == 1:
+            return recon, sparsity
+        merged_recon = ReconstructionStats(recon.d_in, recon.reference_mean)
+        for t in self._all_gather(recon.state_tensor()):
+            merged_recon.merge(
+                ReconstructionStats.from_state_tensor(t, recon.d_in, recon.reference_mean)
+            )
+        merged_sparsity = SparsityStats(sparsity.n_latents, sparsity.dead_window)
+        for t in self._all_gather(sparsity.state_tensor()):
+            merged_sparsity.merge(
+                SparsityStats.from_state_tensor(t, sparsity.n_latents, sparsity.dead_window)
+            )
+        return merged_recon, merged_sparsity
+
+    def _all_gather(self, t: Tensor) -> list[Tensor]:
+        import torch.distributed as dist
+
+        t = t.to(self.device)
+        gathered = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(gathered, t)
+        return [g.cpu() for g in gathered]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pack
+
+
+@dataclass
+class Member:
+    """One SAE of the pack and everything that trains it."""
+
+    model: SparseAutoencoder
+    """The SAE (unwrapped)."""
+    train: TrainConfig
+    """Its optimisation settings (packed SAEs share the budget and batch size)."""
+    optimizer: torch.optim.Optimizer
+    """Its Adam."""
+    state: TrainState
+    """Its token, step and dead-latent counters."""
+    recon: ReconstructionStats
+    """Reconstruction metrics since the last record."""
+    sparsity: SparsityStats
+    """Sparsity metrics since the last record."""
+    ddp: nn.Module = None  # type: ignore[assignment]
+    """What the step calls: the model, or its DDP wrapper in a multi-worker run."""
+    losses: dict = field(default_factory=dict)
+    """The last step's loss terms."""
+
+    def __post_init__(self) -> None:
+        if self.ddp is None:
+            self.ddp = self.model
+
+    @classmethod
+    def of(cls, model: SparseAutoencoder, train: TrainConfig, reference_mean: Tensor) -> Member:
+        """A fresh member for ``model`` (already on its device); FVU_B is about reference_mean."""
+        return cls(
+            model,
+            train,
+            make_optimizer(model, train),
+            TrainState.fresh(model.cfg.n_latents),
+            ReconstructionStats(model.cfg.d_in, reference_mean),
+            SparsityStats(model.cfg.n_latents, train.dead_tokens),
+        )
+
+
+def new_progress() -> dict:
+    """Where the run is in its data stream (checkpointed with the models)."""
+    return {"epoch": 0, "epoch_tokens": 0, "replayed_tokens": 0, "restarts": 0, "rows_read": 0}
+
+
+def build_pack(
+    runs: list[RunConfig],
+    init: list[dict],
+    reference_mean: Tensor,
+    device: torch.device,
+    checkpoint_dir: Optional[str] = None,
+    wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
+) -> tuple[list[Member], dict]:
+    """The pack's members and the data progress: from the training checkpoint in
+    ``checkpoint_dir`` when given, else fresh with ``init``'s input scales and b_dec. ``wrap``
+    makes each model's DDP wrapper (Ray's prepare_model)."""
+    members, progress = [], new_progress()
+    for i, (cfg, start) in enumerate(zip(runs, init)):
+        torch.manual_seed(cfg.train.seed)
+        model = build_sae(cfg.sae)
+        model.input_scale.fill_(start["input_scale"])
+        with torch.no_grad():
+            model.b_dec.copy_(torch.tensor(start["b_dec"]))
+        member = Member.of(model.to(device), cfg.train, reference_mean)
+        if checkpoint_dir is not None:
+            s = member.state
+            s.tokens, s.step, s.tokens_since_fired, progress = load_training_checkpoint(
+                Path(checkpoint_dir) / f"m{i}", model, member.optimizer
+            )
+        member.ddp = wrap(model)
+        members.append(member)
+    if checkpoint_dir is not None:
+        # The stream cannot seek: the interrupted epoch is read again from its start.
+        progress["replayed_tokens"] += progress["epoch_tokens"]
+        progress["epoch_tokens"] = 0
+        progress["restarts"] += 1
+    return members, progress
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class StepInfo(NamedTuple):
+    """What an `on_step` hook sees after each step (raysae.faults uses it in tests)."""
+
+    tokens: int
+    """Tokens trained so far, all workers."""
+    rank: int
+    """This worker's rank."""
+    world_size: int
+    """Number of workers."""
+    checkpoint_tokens: Optional[int]
+    """Tokens at the newest checkpoint (written or resumed from); None if there is none."""
+    checkpoint_time: Optional[float]
+    """`time.perf_counter()` when that checkpoint was written (or the loop resumed from it)."""
+
+
+Report = Callable[[dict, bool], None]
+"""Called with each record, and whether a checkpoint is due with it."""
+
+
+def train_pack(
+    members: list[Member],
+    batches: Iterable[Tensor],
+    *,
+    world: World = World(),
+    checkpoint_every: Optional[int] = None,
+    progress: Optional[dict] = None,
+    history: Optional[list[dict]] = None,
+    report: Optional[Report] = None,
+    log: Optional[Callable[[str], None]] = print,
+    on_step: Optional[Callable[[StepInfo], None]] = None,
+) -> list[dict]:
+    """Train the pack on ``batches`` (this worker's share of each global batch) until the
+    budget; returns ``history`` with a record appended per report (see :func:`pack_metrics`).
+
+    Reports every ``log_every_tokens``, every ``checkpoint_every`` tokens (with a checkpoint
+    due) and at the end (with a checkpoint due when ``checkpoint_every`` is set).
+    """
+    train = members[0].train
+    total, d_in = train.total_tokens, members[0].model.cfg.d_in
+    progress = new_progress() if progress is None else progress
+    history = [] if history is None else history
+    tokens = members[0].state.tokens
+    next_report = _next(tokens, train.log_every_tokens)
+    next_ckpt = _next(tokens, checkpoint_every) if checkpoint_every else math.inf
+    t0 = last_t = time.perf_counter()
+    last_tokens = tokens
+    ckpt_tokens, ckpt_time = (tokens, t0) if tokens else (None, None)  # resumed: a checkpoint
+    where = f"worker {world.rank}: " if world.size > 1 else ""
+    for m in members:
+        m.model.train()
+    for batch in batches:
+        if total - tokens < world.size:
+            break
+        # The global batch of this step; the last is cut so the budget is met exactly.
+        global_n = min(batch.shape[0] * world.size, (total - tokens) // world.size * world.size)
+        batch = batch[: global_n // world.size].to(world.device, members[0].model.W_enc.dtype)
+        check_batch(batch, d_in, f"{where}batch at token {tokens}")
+        start = tokens + world.rank * batch.shape[0]  # this worker's rows in the token stream
+        for m in members:
+            out = train_step(
+                m.ddp, m.optimizer, batch, m.state, m.train, global_n, world.sync_fired
+            )
+            m.recon.update(batch, out.x_hat)
+            m.sparsity.update(out.latents, start=start)
+            m.losses = out.losses
+        tokens = members[0].state.tokens
+        progress["epoch_tokens"] += global_n
+        progress["rows_read"] += batch.shape[0] * world.size
+        if on_step is not None:
+            on_step(StepInfo(tokens, world.rank, world.size, ckpt_tokens, ckpt_time))
+
+        done = total - tokens < world.size
+        if tokens >= next_report or tokens >= next_ckpt or done:
+            now = time.perf_counter()
+            record = {
+                **pack_metrics(members, world),
+                "tokens": tokens,
+                "tokens_per_s": (tokens - last_tokens) / max(now - last_t, 1e-9),
+                "elapsed_s": now - t0,
+                **progress,
+            }
+            history.append(record)
+            checkpoint = checkpoint_every is not None and (tokens >= next_ckpt or done)
+            if report is not None:
+                report(record, checkpoint)
+            if log is not None:
+                log(format_record(record, total))
+            next_report, last_t, last_tokens = _next(tokens, train.log_every_tokens), now, tokens
+            if checkpoint:
+                next_ckpt = _next(tokens, checkpoint_every)
+                ckpt_tokens, ckpt_time = tokens, time.perf_counter()
+        if done:
+            break
+    if tokens < total and log is not None:
+        log(f"data ran out after {tokens:,} of {total:,} tokens")
+    return history
+
+
+def _next(tokens: int, every: int) -> int:
+    return (tokens // every + 1) * every
+
+
+def pack_metrics(members: list[Member], world: World) -> dict:
+    """Training metrics of every member since the last record, merged across workers; resets
+    the interval (dead latents are still judged over the whole dead_tokens window).
+
+    Keys: "m<i>/<metric>" per member; unprefixed, the member with the lowest FVU (for one SAE,
+    simply its metrics): what schedulers and progress lines read.
+    """
+    per_member = []
+    for m in members:
+        recon, sparsity = world.merge(m.recon, m.sparsity)
+        metrics = {
+            "step": m.state.step,
+            "lr": m.optimizer.param_groups[0]["lr"],
+            **{f"loss/{k}": float(v.detach()) for k, v in m.losses.items()},
+            **recon.compute(),
+            **scalars(sparsity.compute()),
+        }
+        # Dead over the configured window, from the run-long counters (exact, and resumed).
+        metrics["dead_fraction"] = float(
+            (m.state.tokens_since_fired >= m.train.dead_tokens).double().mean()
+        )
+        per_member.append(metrics)
+        m.recon.reset()
+        m.sparsity.reset_counts()
+    return best_and_members(per_member)
+
+
+def best_and_members(per_member: list[dict]) -> dict:
+    """The member with the lowest FVU unprefixed, and every member's under "m<i>/"."""
+    best = min(per_member, key=lambda d: d["fvu"] if d["fvu"] == d["fvu"] else float("inf"))
+    merged = dict(best)
+    for i, metrics in enumerate(per_member):
+        merged.update({f"m{i}/{k}": v for k, v in metrics.items()})
+    return merged
+
+
+def member_view(record: dict, i: int, keep_unprefixed: bool = True) -> dict:
+    """Member i's metrics from a pack record: its "m<i>/" keys with the prefix stripped (plus
+    the shared, slash-free keys such as tokens, when keep_unprefixed)."""
+    prefix = f"m{i}/"
+    view = {k: v for k, v in record.items() if "/" not in k} if keep_unprefixed else {}
+    view.update({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
+    return view
+
+
+def format_record(r: dict, total_tokens: int) -> str:
+    """One console line for a metrics record."""
+    return (
+        f"tokens {r['tokens']:>12,}/{total_tokens:,} | fvu {r['fvu']:.4f} | l0 {r['l0']:7.2f} "
+        f"| dead {r['dead_fraction']:.3f} | loss {r.get('loss/reconstruction', 0):.4g} "
+        f"| {r['tokens_per_s']:,.0f} tok/s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation of a pack
+
+
+@torch.no_grad()
+def evaluate_pack(members: list[Member], batches: Callable[[], Iterable[Tensor]], world: World):
+    """Every member's metrics on this worker's held-out ``batches`` (a fresh stream per member),
+    merged across workers. Held out, "dead" means it never fired on any held-out token."""
+    per_member = []
+    for m in members:
+        m.recon.reset()
+        m.sparsity = SparsityStats(m.model.cfg.n_latents)
+        m.model.eval()
+        position = world.rank << 40  # disjoint stream positions per rank: the merge is exact
+        for batch in batches():
+            out = m.model(batch.to(world.device))
+            m.recon.update(batch, out.x_hat)
+            m.sparsity.update(out.latents, start=position)
+            position += batch.shape[0]
+        m.model.train()
+        recon, sparsity = world.merge(m.recon, m.sparsity)
+        metrics = {**recon.compute(), **scalars(sparsity.compute())}
+        metrics["dead_fraction"] = float((sparsity.fire_counts == 0).double().mean())
+        per_member.append(metrics)
+    return best_and_members(per_member)
+
+
+# ---------------------------------------------------------------------------------------------
+# One SAE in one process
+
+
+def take_init_sample(batches: Iterator[Tensor], n_tokens: int) -> tuple[Tensor, list[Tensor]]:
+    """Pull at least n_tokens rows from the stream; returns the sample and the batches consumed
+    (so they are trained on, not wasted)."""
+    taken, count = [], 0
+    for batch in batches:
+        taken.append(batch)
+        count += batch.shape[0]
+        if count >= n_tokens:
+            break
+    if not taken:
+        raise ValueError("the data stream is empty: no batches to initialise or train on")
+    return torch.cat(taken)[:n_tokens], taken
+
+
+def fit(
+    model: SparseAutoencoder,
+    batches: Iterable[Tensor],
+    cfg: TrainConfig,
+    log: Optional[Callable[[str], None]] = print,
+) -> list[dict]:
+    """Train one SAE in this process on `batches` until cfg.total_tokens, initialised from the
+    first cfg.init_tokens rows; returns the logged records (see :func:`pack_metrics`; FVU_B is
+    about the initialisation sample's mean)."""
+    torch.manual_seed(cfg.seed)
+    stream = iter(batches)
+    sample, consumed = take_init_sample(stream, cfg.init_tokens)
+    check_batch(sample, model.cfg.d_in, "initialisation sample")
+    model.init_from_sample_(sample)
+    member = Member.of(model, cfg, reference_mean=sample.double().mean(0))
+    history = train_pack([member], itertools.chain(consumed, stream), log=log)
+    return [member_view(record, 0) for record in history]
