@@ -6,7 +6,7 @@ plus Arrow → torch, median of repeats. MB/s counts activation bytes (N·d·2),
 
     PYTHONPATH=. python bench/act_encoding.py --rows 100000 --d-in 576 --repeats 5
 
-The numbers and the choice they led to are recorded in ``raysae/shards.py``'s docstring.
+The numbers are in BENCHMARKS.md; the choice they led to is explained in ``raysae/data/format.py``.
 """
 
 from __future__ import annotations

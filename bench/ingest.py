@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/ingest.py --rows 1000000 --only local
 
 Both readers deliver float32 torch batches (batch_size, d_in) to this process — (a) with
-``raysae.data.iter_batches``, (b) with ``raysae.stream.build_dataset`` +
+``raysae.data.iter_batches``, (b) with ``raysae.data.stream.build_dataset`` +
 ``iter_torch_batches``, i.e. what one Ray Train worker sees. Each is run once to warm up
 (page cache, Ray workers), then timed ``--repeats`` times, alternating (a) and (b) so that both
 see the same load (this machine is shared); medians are reported. MB/s counts

@@ -162,9 +162,7 @@ def evaluate(
 
     dead_window defaults to n_tokens: a latent is dead if it never fired during the evaluation.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         rows = take(batches, n_tokens, model.cfg.d_in, model.W_dec.device)
         recon, sparsity = score(
             {"sae": sae_forward(model)},
@@ -173,8 +171,6 @@ def evaluate(
             reference_mean,
             dead_window or n_tokens,
         )["sae"]
-    finally:
-        model.train(was_training)
     return {**recon.compute(), **sparsity.compute()}
 
 
@@ -203,9 +199,7 @@ def evaluate_with_baselines(
     centroid has at least 4 sample tokens. Returns {"n_tokens", "sae": metrics (with
     per-latent "latent_frequencies"), "baselines": {name: metrics}, "decoder_geometry"}.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with model.evaluating():
         d_in, device = model.cfg.d_in, model.W_dec.device
         moments, sample, l0 = _fit_pass(model, data(), n_tokens, kmeans_tokens, pca_ks is None)
         pca_ks = [default_pca_k(l0, d_in)] if pca_ks is None else list(pca_ks)
@@ -223,8 +217,6 @@ def evaluate_with_baselines(
             moments.mean.cpu(),
             dead_window=max(moments.n, 1),
         )
-    finally:
-        model.train(was_training)
     _check_same_tokens(moments, scores["sae"][0].moments)
     report = {name: {**r.compute(), **s.compute()} for name, (r, s) in scores.items()}
     sae = report.pop("sae")

@@ -6,7 +6,8 @@ For decoder rows w_i (normalised here, so the statistic does not depend on the n
 
 Near-duplicate latents (features split too finely, dead latents collapsed together) show as
 max_cos ≈ 1. The reference is the same statistic for random unit directions of the same shape:
-for n directions in d dimensions it concentrates near √(2 ln n / d) (notes/sae-reference.md),
+for n directions in d dimensions it concentrates near √(2 ln n / d) (the maximum of n
+near-Gaussian cosines of standard deviation 1/√d),
 so a dictionary is more or less spread out than chance only relative to that baseline.
 
 The (n, n) Gram matrix is never formed: rows go through in blocks of `block_rows(n)` so each

@@ -203,11 +203,9 @@ def train_pack(
     on_step: Optional[Callable[[StepInfo], None]] = None,
 ) -> list[dict]:
     """Train the pack on ``batches`` (this worker's share of each global batch) until the
-    budget; returns ``history`` with a record appended per report (see :func:`pack_metrics`).
-
-    Reports every ``log_every_tokens``, every ``checkpoint_every`` tokens (with a checkpoint
-    due) and at the end (with a checkpoint due when ``checkpoint_every`` is set).
-    """
+    budget; appends a record (see :func:`pack_metrics`) to ``history`` and returns it every
+    ``log_every_tokens``, every ``checkpoint_every`` tokens and at the end, where a checkpoint
+    is due with the report when ``checkpoint_every`` is set."""
     train = members[0].train
     total, d_in = train.total_tokens, members[0].model.cfg.d_in
     progress = new_progress() if progress is None else progress
@@ -245,10 +243,11 @@ def train_pack(
         done = total - tokens < world.size
         if tokens >= next_report or tokens >= next_ckpt or done:
             now = time.perf_counter()
+            rate = (tokens - last_tokens) / max(now - last_t, 1e-9)
             record = {
                 **pack_metrics(members, world),
                 "tokens": tokens,
-                "tokens_per_s": (tokens - last_tokens) / max(now - last_t, 1e-9),
+                "tokens_per_s": rate,
                 "elapsed_s": now - t0,
                 **progress,
             }
@@ -339,14 +338,13 @@ def evaluate_pack(members: list[Member], batches: Callable[[], Iterable[Tensor]]
     for m in members:
         m.recon.reset()
         m.sparsity = SparsityStats(m.model.cfg.n_latents)
-        m.model.eval()
         position = world.rank << 40  # disjoint stream positions per rank: the merge is exact
-        for batch in batches():
-            out = m.model(batch.to(world.device))
-            m.recon.update(batch, out.x_hat)
-            m.sparsity.update(out.latents, start=position)
-            position += batch.shape[0]
-        m.model.train()
+        with m.model.evaluating():
+            for batch in batches():
+                out = m.model(batch.to(world.device))
+                m.recon.update(batch, out.x_hat)
+                m.sparsity.update(out.latents, start=position)
+                position += batch.shape[0]
         recon, sparsity = world.merge(m.recon, m.sparsity)
         metrics = {**recon.compute(), **scalars(sparsity.compute())}
         metrics["dead_fraction"] = float((sparsity.fire_counts == 0).double().mean())

@@ -22,7 +22,7 @@ reconstruction, μ: mean of x over all tokens seen, N tokens, d = d_in):
 
 The variance about the mean is kept with Chan et al.'s pairwise update (count, mean, M2), not
 as Σx² − (Σx)²/N, which loses everything to cancellation when |μ| ≫ σ (in float32 that gave
-4.4e7 for a true 2.6e5; see notes/sae-reference.md).
+4.4e7 for a true 2.6e5, a bug another library shipped).
 
 State lives on the device of the data it was updated with, so `update` never waits for the
 GPU; `compute` copies the few sums to the host.

@@ -57,7 +57,7 @@ def sparsity_scale(cfg: TrainConfig, tokens: int) -> float:
 
 def make_optimizer(model: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam over the model's parameters (already on their device). The fused kernel does the
-    whole update in one pass per tensor (bench/step.py: ~7 % of a CPU step at d=768, n=16384);
+    whole update in one pass per tensor (BENCHMARKS.md, "SAE training step");
     the same Adam, equal to the unfused one up to float rounding."""
     params = list(model.parameters())
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)

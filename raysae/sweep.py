@@ -24,7 +24,13 @@ from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_d
 from raysae.data import Dataset, storage
 from raysae.sweep_spec import SweepSpec, expand, packs, with_absolute_paths
 from raysae.synthetic import write_toy_dataset
-from raysae.train import OutputExistsError, build_trainer, finish_run, open_for_ray
+from raysae.train import (
+    OutputExistsError,
+    build_trainer,
+    finish_run,
+    member_dirs,
+    open_for_ray,
+)
 
 SPEC_FILE = "sweep_spec.json"
 """Written first into OUTPUT/NAME: marks the folder as a sweep's and records what ran."""
@@ -59,13 +65,9 @@ def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
     ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
 
 
-def _member_dirs(trial_dir: str, n: int) -> list[str]:
-    return [trial_dir] if n == 1 else [storage.join(trial_dir, f"m{i}") for i in range(n)]
-
-
 def _finished_metrics(trial_dir: str, n: int) -> list[dict]:
     """Every member's metrics.json if all exist, else []."""
-    paths = [storage.join(d, "metrics.json") for d in _member_dirs(trial_dir, n)]
+    paths = [storage.join(d, "metrics.json") for d in member_dirs(trial_dir, n)]
     if not all(storage.exists(p) for p in paths):
         return []
     return [json.loads(storage.read_bytes(p)) for p in paths]
@@ -216,7 +218,7 @@ def collect(grid, sweep_dir: str) -> pd.DataFrame:
         trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("_")[-2]
         trial_dir = storage.join(config["trials_dir"], f"trial-{trial_id}")
         runs = [from_dict(RunConfig, r) for r in config["packs"][config["pack"]]]
-        for i, (cfg, member_dir) in enumerate(zip(runs, _member_dirs(trial_dir, len(runs)))):
+        for i, (cfg, member_dir) in enumerate(zip(runs, member_dirs(trial_dir, len(runs)))):
             rows.append(_row(cfg, trial_id, i, member_dir, result))
     return pd.DataFrame(rows)
 

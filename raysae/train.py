@@ -44,6 +44,7 @@ from raysae.config import ConfigError, RunConfig, to_dict, with_absolute_paths
 from raysae.data import Dataset, storage
 from raysae.evaluate import data_mean, evaluate
 from raysae.loop import StepInfo, fit, member_view, take_init_sample
+from raysae.metrics import scalars
 from raysae.saes import build_sae, initial_values
 from raysae.step import check_batch
 from raysae.synthetic import (
@@ -143,6 +144,7 @@ def training_and_eval_streams(cfg: RunConfig, batch_size: int):
     )
 
 
+# ---------------------------------------------------------------------------------------------
 # Results (shared by both paths)
 
 
@@ -183,7 +185,7 @@ def finish(
         save_sae(
             model,
             Path(tmp) / "sae",
-            metadata={"tokens": result["tokens"], "eval": _scalars(metrics)},
+            metadata={"tokens": result["tokens"], "eval": scalars(metrics)},
         )
         storage.upload_dir(Path(tmp) / "sae", storage.join(out, "sae"))
     storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
@@ -191,8 +193,10 @@ def finish(
     return result
 
 
-def _scalars(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float))}
+def member_dirs(out: str, n: int) -> list[str]:
+    """Where each of a pack's n SAEs writes its results: OUT itself for one, OUT/m<i> for more
+    (the same m<i> names as its folders in the training checkpoints and its metric prefixes)."""
+    return [out] if n == 1 else [storage.join(out, f"m{i}") for i in range(n)]
 
 
 def summary(result: dict) -> str:
@@ -366,12 +370,11 @@ def finish_run(
     progress = final["progress"]
     directions = toy_directions(dataset.manifest)
     results = []
-    for i, cfg in enumerate(runs):
+    for i, (cfg, member_out) in enumerate(zip(runs, member_dirs(out, len(runs)))):
         held_out = member_view(final["eval"], i, keep_unprefixed=False)
         history = [member_view(r, i) for r in final["history"]]
         with result.checkpoint.as_directory() as ckpt_dir:
             model = load_sae(Path(ckpt_dir) / f"m{i}")
-        member_out = out if len(runs) == 1 else storage.join(out, f"m{i}")
         extra = {k: progress[k] for k in ("replayed_tokens", "restarts", "nodes", "rows_read")}
         extra.update(run_dir=member_out, checkpoint=result.checkpoint.path)
         results.append(

@@ -36,7 +36,11 @@ class S3RequestLog:
     def __call__(self, environ, start_response):
         with self._lock:
             self.requests.append(
-                (environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+                (
+                    environ["REQUEST_METHOD"],
+                    environ.get("PATH_INFO", ""),
+                    environ.get("QUERY_STRING", ""),
+                )
             )
         return self.app(environ, start_response)
 
@@ -92,7 +96,8 @@ def s3_prefix(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint: str):
     """One Ray cluster for the session: a head node with 2 CPUs, a small object store and the
-    dashboard on (Tune + Train needs it, see notes/ray-2.60.md). Yields the
+    dashboard on (Tune + Train needs it: without it, a trial stopped by ASHA keeps its Train
+    workers' resources and the next trial hangs, ray-project/ray#54305). Yields the
     `ray.cluster_utils.Cluster`, so multi-node tests can add and remove worker nodes.
 
     Depends on the S3 server so that every Ray process inherits its endpoint and fake credentials.

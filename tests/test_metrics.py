@@ -260,7 +260,7 @@ def test_relative_reconstruction_bias_of_scaled_input(x, c):
 
 @given(activations(dtypes=(torch.float32,), mean_ratios=(1e2, 1e4)), st.data())
 # Field bug, pinned though not found here: Σx² − (Σx)²/N in float32 gave 4.4e7 for a true
-# 2.6e5 (notes/sae-reference.md). (This property fails when that bug is put back.)
+# 2.6e5, as another library shipped. (This property fails when that bug is put back.)
 @example(x=(1e4 + torch.arange(24, dtype=torch.float32).view(8, 3)), data=None)
 def test_partitioned_updates_merged_in_any_order_equal_one_update(x, data):
     x_hat = (x.to(F64) * 0.9).to(x.dtype) if data is None else data.draw(reconstructions(x))

@@ -1,4 +1,4 @@
-"""raysae.storage: one code path for local directories and S3."""
+"""raysae.data.storage: one code path for local directories and S3."""
 
 from __future__ import annotations
 

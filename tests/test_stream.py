@@ -1,4 +1,4 @@
-"""raysae.stream: the Ray Data reader agrees with the plain reader, locally and on S3."""
+"""raysae.data.stream: the Ray Data reader agrees with the plain reader, locally and on S3."""
 
 from __future__ import annotations
 

@@ -199,7 +199,7 @@ def read_part(
     """One part's rows as tables of ``batch_size`` rows (default: the whole part at once).
 
     Checks the act type against ``d_in`` / ``dtype``; read errors name the part. Shared by the
-    plain reader and the Ray Data read tasks (raysae.stream).
+    plain reader and the Ray Data read tasks (raysae.data.stream).
     """
     with _open_part(uri, part) as parquet:
         check_act_type(

@@ -9,22 +9,13 @@ Columns, one row per token:
 
 ``act`` typing — chosen by measurement
 ---------------------------------------
-``bench/act_encoding.py`` on this machine (2 cores, warm page cache), 100,000 × 576 float16
-rows (115 MB), reading ``act`` into a torch tensor, median of 5::
-
-    act typing                                     write s  file MB  read MB/s
-    fixed_size_list<f16> (dictionary, snappy)         4.39    111.4         79
-    fixed_size_list<f16> plain, uncompressed          1.64    115.7        449
-    fixed_size_binary(d*2) plain, uncompressed        0.05    115.4       3080
-    fixed_size_binary(d*2) plain, snappy              0.07    115.4       2764
-    fixed_size_binary(d*2) plain, zstd(1)             0.21    106.1        954
-
-A list column stores one repetition level per value and is decoded value by value; a
-fixed-size binary column is one memcpy per page, 7× faster than the best list typing and 39×
-faster than pyarrow's default. Ray's tensor extension types are lists inside Parquet, so they
-decode like the list rows. Activations are near-incompressible floats (zstd saved 8 % at a 3×
-read cost), so parts are written plain and uncompressed, without dictionary pages or
-statistics. bfloat16 has no Arrow type; its bit patterns are stored as 2-byte values.
+``act`` is a plain, uncompressed ``fixed_size_binary`` column without dictionary pages or
+statistics: a list column stores one repetition level per value and is decoded value by value,
+while a fixed-size binary column is one memcpy per page (BENCHMARKS.md, "Parquet typing of
+act": several times faster than the best list typing, and far faster than pyarrow's default).
+Ray's tensor extension types are lists inside Parquet, so they decode like the list rows.
+Activations are near-incompressible floats, so compression costs read speed for little space.
+bfloat16 has no Arrow type; its bit patterns are stored as 2-byte values.
 """
 
 from __future__ import annotations
@@ -175,7 +166,7 @@ def collate(
 
     ``dtype`` is the stored dtype, by default read from the batch's schema (see
     :func:`stored_dtype`). Shared by the plain reader (:func:`iter_batches`) and the Ray Data
-    reader (``raysae.stream``).
+    reader (``raysae.data.stream``).
     """
     batch = {}
     for name in columns:

@@ -16,10 +16,8 @@ Reading: one Ray read task per part, from the manifest
     per part (parts are sized for it, see ``data.PART_BYTES``), each returning the part as
     one Arrow block through ``data.read_part``. ``ray.data.read_parquet`` was the first
     choice, but in Ray 2.60 (Parquet datasource V2) each execution — every epoch — first lists
-    the files and reads every footer on a pool of 32 ``FooterReader`` actors. Measured here
-    (2 cores, 200,000 × 576 float16 rows in 4 parts, local files): first batch after 2–15 s
-    with read_parquet, 0.25 s with one task per part; the full read 2.1–5.2 s vs 0.5–0.8 s
-    (single-process pyarrow: 0.6 s).
+    the files and reads every footer on a pool of 32 ``FooterReader`` actors, which made the
+    first batch several times slower (BENCHMARKS.md, "Ingest").
 
 Mixing documents
     Harvest already shuffles tokens across many documents inside each part. Here the part

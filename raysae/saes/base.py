@@ -16,9 +16,12 @@ W_dec is stored latent-major so a token's active rows can be gathered (see spars
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysae.config import SAEConfig
@@ -82,6 +85,10 @@ class SparseAutoencoder(nn.Module):
     def _decode_scaled(self, latents: Tensor) -> Tensor:
         return latents @ self.W_dec + self.b_dec
 
+    def _pre(self, x_s: Tensor) -> Tensor:
+        """Encoder pre-activations W_enc (x_s − b_dec) + b_enc, (B, n_latents)."""
+        return F.linear(x_s - self.b_dec, self.W_enc, self.b_enc)
+
     def encode(self, x: Tensor) -> Tensor:
         """(B, d_in) activations → (B, n_latents) latents."""
         return self._encode_scaled(self._check_input(x) * self.input_scale)
@@ -137,6 +144,16 @@ class SparseAutoencoder(nn.Module):
         scale, b_dec = initial_values(self._check_input(x), self.cfg)
         self.input_scale.fill_(scale)
         self.b_dec.copy_(b_dec)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[SparseAutoencoder]:
+        """The SAE in inference mode (``eval()``) inside the block; its mode restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was_training)
 
     @torch.no_grad()
     def fold_input_scale_(self) -> None:

@@ -10,12 +10,11 @@ AuxK for dead latents is shared with the TopK SAE.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from raysae.saes.base import SparseAutoencoder
 from raysae.saes.sparse import ragged_decode
-from raysae.saes.topk import auxk_loss
+from raysae.saes.topk import auxk_losses
 
 
 class BatchTopKSAE(SparseAutoencoder):
@@ -23,9 +22,6 @@ class BatchTopKSAE(SparseAutoencoder):
         super().__init__(cfg)
         # 0 means "not yet estimated": the first training batch sets it directly.
         self.register_buffer("threshold", torch.tensor(0.0))
-
-    def _pre(self, x_s: Tensor) -> Tensor:
-        return F.linear(x_s - self.b_dec, self.W_enc, self.b_enc)
 
     def _encode_scaled(self, x_s: Tensor) -> Tensor:
         z = self._pre(x_s)
@@ -47,13 +43,7 @@ class BatchTopKSAE(SparseAutoencoder):
         rows, cols = flat // n, flat % n
         x_hat_s = ragged_decode(rows, cols, values, self.W_dec, B) + self.b_dec
         latents = torch.zeros_like(pre).flatten().index_put_((flat,), values.detach()).view(B, n)
-        losses = {}
-        aux = auxk_loss(
-            pre, dead_mask, (x_s - x_hat_s).detach(), self.W_dec, self.cfg.effective_k_aux
-        )
-        if aux is not None:
-            losses["auxk"] = aux
-        return x_hat_s, latents, losses
+        return x_hat_s, latents, auxk_losses(self, pre, dead_mask, x_s, x_hat_s)
 
     @torch.no_grad()
     def _update_threshold_(self, kept: Tensor) -> None:

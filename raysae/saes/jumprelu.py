@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysae.saes.base import SparseAutoencoder
@@ -67,9 +66,6 @@ class JumpReLUSAE(SparseAutoencoder):
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
-
-    def _pre(self, x_s: Tensor) -> Tensor:
-        return F.linear(x_s - self.b_dec, self.W_enc, self.b_enc)
 
     def _encode_scaled(self, x_s: Tensor) -> Tensor:
         z = self._pre(x_s)

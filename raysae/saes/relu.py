@@ -20,7 +20,7 @@ class ReLUSAE(SparseAutoencoder):
     sparsity_loss = "l1"
 
     def _encode_scaled(self, x_s: Tensor) -> Tensor:
-        return F.relu(F.linear(x_s - self.b_dec, self.W_enc, self.b_enc))
+        return F.relu(self._pre(x_s))
 
     def _forward_scaled(self, x_s, dead_mask):
         latents = self._encode_scaled(x_s)

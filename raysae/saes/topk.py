@@ -21,6 +21,14 @@ from raysae.saes.base import SparseAutoencoder
 from raysae.saes.sparse import sparse_decode, topk_encode
 
 
+def auxk_losses(
+    sae: SparseAutoencoder, pre: Tensor, dead_mask: Optional[Tensor], x_s: Tensor, x_hat_s: Tensor
+) -> dict[str, Tensor]:
+    """{"auxk": L_aux} for pre-activations (B, n) and dead mask (n,), or {} with no dead latent."""
+    aux = auxk_loss(pre, dead_mask, (x_s - x_hat_s).detach(), sae.W_dec, sae.cfg.effective_k_aux)
+    return {} if aux is None else {"auxk": aux}
+
+
 def auxk_loss(
     pre: Tensor, dead_mask: Optional[Tensor], residual: Tensor, W_dec: Tensor, k_aux: int
 ) -> Optional[Tensor]:
@@ -48,13 +56,7 @@ class TopKSAE(SparseAutoencoder):
         values, indices, pre = topk_encode(x_s - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
         x_hat_s = sparse_decode(indices, values, self.W_dec) + self.b_dec
         latents = torch.zeros_like(pre).scatter_(1, indices, values.detach())
-        losses = {}
-        aux = auxk_loss(
-            pre, dead_mask, (x_s - x_hat_s).detach(), self.W_dec, self.cfg.effective_k_aux
-        )
-        if aux is not None:
-            losses["auxk"] = aux
-        return x_hat_s, latents, losses
+        return x_hat_s, latents, auxk_losses(self, pre, dead_mask, x_s, x_hat_s)
 
     def loss_coefficients(self) -> dict[str, float]:
         return {"reconstruction": 1.0, "auxk": self.cfg.aux_coefficient}
