@@ -168,10 +168,25 @@ def _open_part(uri: str, part: Part) -> pq.ParquetFile:
         ) from err
 
 
+def _read_footer(uri: str, part: Part) -> tuple[int, pa.Schema]:
+    """(rows, Arrow schema) from one part's footer, in one read. A pyarrow dataset fragment is
+    told the file's size (the listing checked it), so it skips the HEAD request that opening
+    by path costs on S3 (apache/arrow#37868): one request per part instead of two."""
+    import pyarrow.dataset as pads
+
+    fs, path = storage.filesystem_and_path(storage.join(uri, part.name))
+    fragment = pads.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=part.bytes)
+    try:
+        return fragment.metadata.num_rows, fragment.physical_schema
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DatasetError(
+            f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); re-harvest"
+        ) from err
+
+
 def _check_footer(uri: str, manifest: Manifest, part: Part) -> None:
     """Check one part's row count and act type from its footer alone."""
-    with _open_part(uri, part) as parquet:
-        rows, schema = parquet.metadata.num_rows, parquet.schema_arrow
+    rows, schema = _read_footer(uri, part)
     if rows != part.rows:
         raise DatasetError(
             f"{uri}: part {part.name} has {rows} rows, {MANIFEST_NAME} says {part.rows}; re-harvest"
