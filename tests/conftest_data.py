@@ -36,7 +36,11 @@ class S3RequestLog:
     def __call__(self, environ, start_response):
         with self._lock:
             self.requests.append(
-                (environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+                (
+                    environ["REQUEST_METHOD"],
+                    environ.get("PATH_INFO", ""),
+                    environ.get("QUERY_STRING", ""),
+                )
             )
         return self.app(environ, start_response)
 

@@ -36,7 +36,11 @@ def footer_checks(monkeypatch) -> list[str]:
 
 
 def manifest_reads(requests: list[tuple[str, str, str]]) -> int:
-    return sum(1 for method, path, _ in requests if method == "GET" and path.endswith("/acts/manifest.json"))
+    return sum(
+        1
+        for method, path, _ in requests
+        if method == "GET" and path.endswith("/acts/manifest.json")
+    )
 
 
 def base_config(uri: str) -> dict:
