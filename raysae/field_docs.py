@@ -87,16 +87,6 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'seed': 'Seed of the window and row shuffles.',
         'overwrite': 'Replace datasets already committed under ``output``.',
     },
-    'raysae.harvest.TextWindows': {
-        'corpus': '``stdlib`` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset',
-        'corpus_config': 'Hub dataset configuration name, e.g. ``wikitext-103-raw-v1``.',
-        'corpus_split': 'Hub dataset split.',
-        'text_column': 'Field holding the text in .jsonl, .parquet and hub datasets.',
-        'context_length': 'Tokens per forward-pass window, BOS included.',
-        'prepend_bos': "Start every window with the tokenizer's BOS token, if it has one.",
-        'exclude_special_tokens': 'Skip rows whose token is special (BOS, EOS, padding, …).',
-        'model_dtype': 'Dtype the model runs in.',
-    },
     'raysae.splice.SpliceConfig': {
         'model': 'Causal LM: a hub id, a local model directory, a local ``.gguf`` file or ``pkg://…``.',
         'layer': 'Block whose output (the residual stream after block L) the SAE replaces; 0-based.',
@@ -126,5 +116,15 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'max_failures': 'Retries of a failed trial (it resumes from its checkpoint).',
         'harvest': "Optional harvest settings (raysae harvest's) used when base.data.uri holds no dataset yet.",
         'toy_dataset': 'Optional toy data written to base.data.uri when it holds no dataset yet:\n    {n_tokens, rows_per_part, features: {ToyDataConfig fields}} (see raysae.synthetic).',
+    },
+    'raysae.text.TextWindows': {
+        'corpus': '``stdlib`` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset',
+        'corpus_config': 'Hub dataset configuration name, e.g. ``wikitext-103-raw-v1``.',
+        'corpus_split': 'Hub dataset split.',
+        'text_column': 'Field holding the text in .jsonl, .parquet and hub datasets.',
+        'context_length': 'Tokens per forward-pass window, BOS included.',
+        'prepend_bos': "Start every window with the tokenizer's BOS token, if it has one.",
+        'exclude_special_tokens': 'Skip rows whose token is special (BOS, EOS, padding, …).',
+        'model_dtype': 'Dtype the model runs in.',
     },
 }

@@ -74,6 +74,7 @@ DOCUMENTED_MODULES = (
     "raysae.harvest",
     "raysae.splice",
     "raysae.sweep_spec",
+    "raysae.text",
 )
 """Modules whose settings dataclasses go into the table."""
 

@@ -96,7 +96,7 @@ def s3_prefix(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint: str):
     """One Ray cluster for the session: a head node with 2 CPUs, a small object store and the
-    dashboard on (Tune + Train needs it, see notes/ray-2.60.md). Yields the
+    dashboard on (Tune + Train in Ray 2.60 need it). Yields the
     `ray.cluster_utils.Cluster`, so multi-node tests can add and remove worker nodes.
 
     Depends on the S3 server so that every Ray process inherits its endpoint and fake credentials.
@@ -135,7 +135,7 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from raysae.harvest import stdlib_docstrings
+    from raysae.text import stdlib_docstrings
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
