@@ -10,11 +10,13 @@ from collections.abc import Callable, Collection
 
 import yaml
 
-from raysae.config import ConfigError, load_run_config
+from raysae.config import load_run_config
+from raysae.settings import ConfigError
 
 
 def _parse_sets(pairs: list[str]) -> dict:
-    """--set key.sub=value pairs; values are parsed as YAML scalars (numbers, true/false, null)."""
+    """--set key.sub=value pairs → {dotted key: value}, for load_run_config to apply
+    (raysae.settings.set_dotted); values are parsed as YAML scalars (numbers, true/false, null)."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -27,7 +29,7 @@ def _parse_sets(pairs: list[str]) -> dict:
 def _train(args: argparse.Namespace) -> int:
     from raysae.train import run_single_process, train_distributed
 
-    cfg = load_run_config(args.config, _parse_sets(args.set))
+    cfg = load_run_config(args.config, _parse_sets(args.set), what="--set")
     if args.local or cfg.data.toy is not None:
         run_single_process(cfg, args.out, overwrite=args.overwrite)
         return 0
@@ -39,12 +41,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from raysae.sweep_spec import load_sweep_spec
+
+    spec = load_sweep_spec(args.spec)  # a bad spec fails before Ray is even imported
     import ray
 
     from raysae.sweep import run_sweep
-    from raysae.sweep_spec import load_sweep_spec
 
-    spec = load_sweep_spec(args.spec)
     if not ray.is_initialized():
         ray.init(address=args.address)
     run_sweep(spec, resume=args.resume)

@@ -96,9 +96,9 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'mean_ablation': 'Also run the mean-ablated model (one more forward per batch, plus one up to block L).',
     },
     'raysae.sweep_spec.SchedulerSpec': {
-        'type': 'Only "asha" for now.',
+        'type': 'Only asha for now.',
         'metric': 'Metric to compare trials on (any reported training metric, e.g. fvu, mse).',
-        'mode': '"min" or "max".',
+        'mode': 'Whether lower (min) or higher (max) values of the metric are better.',
         'grace_tokens': 'Tokens a trial trains before it can be stopped.',
         'reduction_factor': "ASHA's η: the fraction 1/η of trials continues at each rung.",
     },
@@ -114,8 +114,13 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'max_concurrent_trials': 'Trials running at once (each takes scaling.num_workers × cpus_per_worker CPUs).',
         'scheduler': 'Optional early stopping.',
         'max_failures': 'Retries of a failed trial (it resumes from its checkpoint).',
-        'harvest': "Optional harvest settings (raysae harvest's) used when base.data.uri holds no dataset yet.",
-        'toy_dataset': 'Optional toy data written to base.data.uri when it holds no dataset yet:\n    {n_tokens, rows_per_part, features: {ToyDataConfig fields}} (see raysae.synthetic).',
+        'harvest': "Optional: the harvest (raysae harvest's settings) that makes base.data.uri when it holds\n    no dataset yet; base.data.uri must be one of its layers' outputs.",
+        'toy_dataset': 'Optional: toy data written to base.data.uri when it holds no dataset yet.',
+    },
+    'raysae.sweep_spec.ToyDatasetSpec': {
+        'n_tokens': 'Rows to write (the last base.data.eval_parts parts are held out for evaluation).',
+        'rows_per_part': 'Rows per Parquet part.',
+        'features': 'The true features and how they fire; their dimension is base.sae.d_in.',
     },
     'raysae.text.TextWindows': {
         'corpus': '``stdlib`` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset',

@@ -48,10 +48,10 @@ import pyarrow as pa
 import torch
 
 from raysae import data
-from raysae.config import from_dict as build_config
 from raysae.data import storage
 from raysae.lm import hook_name, load_config, load_model, load_tokenizer
-from raysae.text import TextWindows, Window, _check_choice, corpus_windows, keep_mask, pad_windows
+from raysae.settings import ConfigError, Location, add_options, check_positive, from_dict
+from raysae.text import TextWindows, Window, corpus_windows, keep_mask, pad_windows
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class HarvestConfig(TextWindows):
     """Causal LM: a hub id, a local model directory, or a local ``.gguf`` file."""
     layers: tuple[int, ...]
     """Blocks whose output (the residual stream after block L) to record; 0-based."""
-    output: str
+    output: Location
     """Prefix (local directory or s3://bucket/prefix); layer L is written to <output>/layer_<L>."""
     revision: str | None = None
     """Model revision (branch, tag or commit) for hub models; recorded in the manifest."""
@@ -86,30 +86,26 @@ class HarvestConfig(TextWindows):
     """Replace datasets already committed under ``output``."""
 
     def __post_init__(self) -> None:
-        if (
-            not self.layers
-            or any(layer < 0 for layer in self.layers)
-            or len(set(self.layers)) != len(self.layers)
-        ):
-            raise ValueError(f"layers={self.layers}: give one or more distinct block indices ≥ 0")
-        for name in ("n_tokens", "batch_size", "num_actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be ≥ 1")
-        super().__post_init__()
-        if self.tokens_per_part is not None and self.tokens_per_part < 1:
-            raise ValueError(f"tokens_per_part={self.tokens_per_part}: must be ≥ 1")
-        if self.cpus_per_actor <= 0:
-            raise ValueError(f"cpus_per_actor={self.cpus_per_actor}: must be > 0")
-        for name in ("dtype", "device"):
-            _check_choice(self, name)
+        if not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(
+                f"harvest.layers={list(self.layers)}: give one or more distinct block indices >= 0"
+            )
+        check_positive(
+            self,
+            "n_tokens",
+            "batch_size",
+            "num_actors",
+            "tokens_per_part",
+            "cpus_per_actor",
+            where="harvest",
+        )
+        self._check_windows("harvest")  # context_length and every Literal field
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HarvestConfig:
-        """Build from a plain dict (YAML, CLI) with config.from_dict's checks; `layers` may be
-        a single int."""
-        if isinstance(data, dict) and isinstance(data.get("layers"), int):
-            data = {**data, "layers": [data["layers"]]}
-        return build_config(cls, data, "harvest")
+        """Build from plain data (YAML, CLI) with raysae.settings.from_dict's checks; `layers`
+        may be a single int."""
+        return from_dict(cls, data, "harvest")
 
 
 def layer_uri(output: str, layer: int) -> str:
@@ -424,8 +420,6 @@ def _commit(
 
 def add_harvest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per HarvestConfig field (``--n-tokens`` for ``n_tokens``; help = its docstring)."""
-    from raysae.settings import add_options
-
     return add_options(parser, HarvestConfig)
 
 

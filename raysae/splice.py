@@ -64,7 +64,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raysae.config import ConfigError
 from raysae.lm import (
     decoder_blocks,
     hook_name,
@@ -75,6 +74,7 @@ from raysae.lm import (
     resolve_package_path,
 )
 from raysae.saes import SparseAutoencoder
+from raysae.settings import ConfigError, check_non_negative, check_positive
 from raysae.text import (
     TextWindows,
     Window,
@@ -103,12 +103,9 @@ class SpliceConfig(TextWindows):
     """Also run the mean-ablated model (one more forward per batch, plus one up to block L)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # context_length, model_dtype
-        if self.layer < 0:
-            raise ValueError(f"layer={self.layer}: must be a block index ≥ 0")
-        for name in ("n_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be ≥ 1")
+        self._check_windows("splice")  # context_length, model_dtype
+        check_non_negative(self, "layer", where="splice")
+        check_positive(self, "n_tokens", "batch_size", where="splice")
 
 
 # ---------------------------------------------------------------- accumulator

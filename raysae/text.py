@@ -25,7 +25,6 @@ import ast
 import json
 import re
 import sysconfig
-import typing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+
+from raysae.settings import ConfigError, check_choices
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,19 +59,14 @@ class TextWindows:
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
 
-    def __post_init__(self) -> None:
+    def _check_windows(self, where: str) -> None:
+        """Validate these settings, and every Literal field of the subclass; its __post_init__
+        calls this, `where` naming its section in errors ("harvest", "splice")."""
         if self.context_length < 2:
-            raise ValueError(
-                f"context_length={self.context_length}: must be ≥ 2 (BOS plus one token)"
+            raise ConfigError(
+                f"{where}.context_length={self.context_length} must be >= 2 (BOS plus one token)"
             )
-        _check_choice(self, "model_dtype")
-
-
-def _check_choice(config: Any, name: str) -> None:
-    """A Literal-typed field holds one of its allowed values."""
-    allowed = typing.get_args(typing.get_type_hints(type(config))[name])
-    if getattr(config, name) not in allowed:
-        raise ValueError(f"{name}={getattr(config, name)!r}: expected one of {allowed}")
+        check_choices(self, where=where)
 
 
 # ---------------------------------------------------------------- corpus
