@@ -88,10 +88,10 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'overwrite': 'Replace datasets already committed under ``output``.',
     },
     'raysae.splice.SpliceConfig': {
-        'model': 'Causal LM: a hub id, a local model directory, a local ``.gguf`` file or ``pkg://…``.',
-        'layer': 'Block whose output (the residual stream after block L) the SAE replaces; 0-based.',
+        'model': 'Causal LM: hub id, local directory, .gguf file or pkg://PACKAGE/FILE (default: the model\n    --data was harvested from).',
+        'layer': 'Block whose output (the residual stream after block L) the SAE replaces, 0-based\n    (default: the layer of --data).',
+        'n_tokens': 'Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens);\n    `raysae eval` runs the splice evaluation only when this is given.',
         'revision': 'Model revision for hub models.',
-        'n_tokens': 'Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens).',
         'batch_size': 'Windows per forward pass.',
         'mean_ablation': 'Also run the mean-ablated model (one more forward per batch, plus one up to block L).',
     },

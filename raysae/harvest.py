@@ -50,7 +50,7 @@ import torch
 from raysae import data
 from raysae.data import storage
 from raysae.lm import hook_name, load_config, load_model, load_tokenizer
-from raysae.settings import ConfigError, Location, add_options, check_positive, from_dict
+from raysae.settings import ConfigError, Location, Options, check_positive, from_dict
 from raysae.text import TextWindows, Window, corpus_windows, keep_mask, pad_windows
 
 
@@ -418,16 +418,18 @@ def _commit(
 # ---------------------------------------------------------------- command line
 
 
+OPTIONS = Options(HarvestConfig)
+"""`raysae harvest`'s options: one per HarvestConfig field."""
+
+
 def add_harvest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per HarvestConfig field (``--n-tokens`` for ``n_tokens``; help = its docstring)."""
-    return add_options(parser, HarvestConfig)
+    return OPTIONS.add(parser)
 
 
 def run_harvest_cli(args: argparse.Namespace) -> int:
     """``raysae harvest``: run a harvest from parsed arguments; returns the exit status."""
-    cfg = HarvestConfig.from_dict(
-        {f.name: getattr(args, f.name) for f in dataclasses.fields(HarvestConfig)}
-    )
+    cfg = HarvestConfig.from_dict(OPTIONS.values(args))
     for layer, manifest in harvest(cfg).items():
         uri = layer_uri(cfg.output, layer)
         print(

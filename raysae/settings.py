@@ -11,7 +11,7 @@ documented by the string under it (sparsify's style), choices are ``Literal[...]
     from_dict        plain data → the dataclass: scalars coerced, unknown and missing keys named
                      with their section ("base.train: unknown key(s) 'lrr'")
     to_dict          the way back (JSON, YAML, Tune's param space)
-    add_options      command-line options from the fields, their docstrings as help
+    Options          command-line options from the fields, their docstrings as help
 
 Fields typed ``Location`` are storage locations other processes read: `with_absolute_paths`
 makes them absolute before a config travels to Ray workers and Tune trials, which run in other
@@ -36,6 +36,8 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 from raysae.field_docs import FIELD_DOCS
@@ -305,21 +307,61 @@ def _argparse_kind(hint: Any) -> dict[str, Any]:
     return {"type": hint}
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
-    """Add one option per field of dataclass ``cls``: ``--n-tokens`` for ``n_tokens``, its
-    docstring as help, required where the field has no default; required ones listed first."""
-    hints, docs = typing.get_type_hints(cls), field_help(cls)
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.default is not dataclasses.MISSING):
-        kwargs: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, "").replace("%", "%%")}
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
+@dataclass(frozen=True)
+class Options:
+    """Command-line options for the fields of a settings dataclass: ``--n-tokens`` for
+    ``n_tokens``, its docstring as help; `add` puts them on a parser, `values` reads them back."""
+
+    settings: type
+    """The settings dataclass."""
+    fields: Sequence[str] | None = None
+    """The fields that get an option, in this order; None: every field, required ones first."""
+    rename: Mapping[str, str] = field(default_factory=dict)
+    """Field → option name where they differ, e.g. n_tokens → splice_tokens (--splice-tokens)."""
+    unset: bool = False
+    """Every option defaults to None, "not given", and none is required: the caller fills in
+    what is not given (e.g. from a dataset's manifest). The help still shows the field's default."""
+
+    def add(self, parser: Any) -> Any:
+        """Add the options to ``parser`` (or an argument group); returns it."""
+        cls = self.settings
+        hints, docs = typing.get_type_hints(cls), field_help(cls)
+        by_name = {f.name: f for f in dataclasses.fields(cls)}
+        if self.fields is None:
+            chosen = sorted(by_name.values(), key=lambda f: f.default is not dataclasses.MISSING)
         else:
-            kwargs["default"] = f.default
-            kwargs["help"] += " (default: %(default)s)"
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), **kwargs, **_argparse_kind(hints[f.name])
-        )
-    return parser
+            chosen = [by_name[name] for name in self.fields]
+        for f in chosen:
+            kwargs: dict[str, Any] = {"dest": self.dest(f.name), "help": docs.get(f.name, "")}
+            kwargs["help"] = kwargs["help"].replace("%", "%%")
+            if f.default not in (dataclasses.MISSING, None):
+                kwargs["help"] += f" (default: {str(f.default).replace('%', '%%')})"
+            if self.unset:
+                kwargs["default"] = None
+            elif f.default is dataclasses.MISSING:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = f.default
+            parser.add_argument(self.flag(f.name), **kwargs, **_argparse_kind(hints[f.name]))
+        return parser
+
+    def values(self, args: argparse.Namespace) -> dict[str, Any]:
+        """Field → its option's value in parsed ``args`` (None where not given, with `unset`)."""
+        names = self.fields or [f.name for f in dataclasses.fields(self.settings)]
+        return {name: getattr(args, self.dest(name)) for name in names}
+
+    def dest(self, name: str) -> str:
+        """The argparse destination of field ``name``'s option."""
+        return self.rename.get(name, name)
+
+    def flag(self, name: str) -> str:
+        """The option string of field ``name``, e.g. ``--splice-tokens``."""
+        return "--" + self.dest(name).replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
+    """Add one option per field of dataclass ``cls`` (see Options); returns ``parser``."""
+    return Options(cls).add(parser)
 
 
 # ---------------------------------------------------------------- development time only

@@ -86,17 +86,21 @@ from raysae.text import (
 
 @dataclass(frozen=True)
 class SpliceConfig(TextWindows):
-    """Settings of one splice evaluation; the TextWindows settings (keyword-only) are harvest's,
-    and default from the dataset's manifest (see resolve_config)."""
+    """Settings of one splice evaluation; the TextWindows settings (keyword-only) are harvest's.
+    `raysae eval` takes the model, the layer and the TextWindows settings it is not given from
+    the manifest of the dataset it evaluates on, --data (see resolve_config)."""
 
     model: str
-    """Causal LM: a hub id, a local model directory, a local ``.gguf`` file or ``pkg://…``."""
+    """Causal LM: hub id, local directory, .gguf file or pkg://PACKAGE/FILE (default: the model
+    --data was harvested from)."""
     layer: int
-    """Block whose output (the residual stream after block L) the SAE replaces; 0-based."""
+    """Block whose output (the residual stream after block L) the SAE replaces, 0-based
+    (default: the layer of --data)."""
+    n_tokens: int
+    """Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens);
+    `raysae eval` runs the splice evaluation only when this is given."""
     revision: str | None = None
     """Model revision for hub models."""
-    n_tokens: int = 16_384
-    """Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens)."""
     batch_size: int = 8
     """Windows per forward pass."""
     mean_ablation: bool = True

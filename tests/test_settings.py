@@ -1,6 +1,6 @@
 """raysae.settings: the CLI's option help comes from a table kept in sync with the settings'
 field docstrings, and building the parser parses no source (python/cpython#106905 made that
-crash at random); one dotted-override function; Locations made absolute."""
+crash at random); one dotted-override function; Locations made absolute; options of some fields."""
 
 import argparse
 import ast
@@ -18,6 +18,7 @@ from raysae.config import RunConfig, load_run_config
 from raysae.field_docs import FIELD_DOCS
 from raysae.harvest import HarvestConfig
 from raysae.settings import ConfigError, from_dict
+from raysae.splice import SpliceConfig
 from raysae.sweep_spec import SweepSpec, expand
 
 
@@ -161,6 +162,34 @@ def test_locations_are_made_absolute_in_nested_settings(tmp_path, monkeypatch):
     assert absolute.harvest.output == str(tmp_path / "d")
     assert absolute.harvest.model == "rel/model"  # a hub id or a path: not a Location
     assert settings.with_absolute_paths(absolute) == absolute
+
+
+# ---------------------------------------------------------------- options of some fields
+
+
+def test_options_of_some_fields_renamed_and_unset():
+    options = settings.Options(
+        SpliceConfig,
+        fields=("n_tokens", "model", "batch_size"),
+        rename={"n_tokens": "tokens"},
+        unset=True,
+    )
+    parser = options.add(argparse.ArgumentParser())
+    assert options.values(parser.parse_args([])) == {
+        "n_tokens": None,
+        "model": None,
+        "batch_size": None,
+    }
+    given = options.values(parser.parse_args(["--tokens", "5", "--batch-size", "2"]))
+    assert given == {"n_tokens": 5, "model": None, "batch_size": 2}
+    assert options.flag("n_tokens") == "--tokens"
+    help_text = " ".join(parser.format_help().split())
+    assert (
+        "--model MODEL Causal LM" in help_text
+        and "Windows per forward pass. (default: 8)" in help_text
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--layer", "1"])  # not one of the fields
 
 
 def test_settings_specs_and_evaluation_import_no_ray():
