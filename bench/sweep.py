@@ -58,7 +58,8 @@ def main() -> None:
 
     import ray
 
-    from raysae.config import ToyDataConfig, from_dict
+    from raysae.config import ToyDataConfig
+    from raysae.settings import from_dict
     from raysae.sweep import run_sweep
     from raysae.sweep_spec import SweepSpec
     from raysae.synthetic import write_toy_dataset

@@ -10,11 +10,13 @@ from collections.abc import Callable, Collection
 
 import yaml
 
-from raysae.config import ConfigError, load_run_config
+from raysae.config import load_run_config
+from raysae.settings import ConfigError, Options
 
 
 def _parse_sets(pairs: list[str]) -> dict:
-    """--set key.sub=value pairs; values are parsed as YAML scalars (numbers, true/false, null)."""
+    """--set key.sub=value pairs → {dotted key: value}, for load_run_config to apply
+    (raysae.settings.set_dotted); values are parsed as YAML scalars (numbers, true/false, null)."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -27,7 +29,7 @@ def _parse_sets(pairs: list[str]) -> dict:
 def _train(args: argparse.Namespace) -> int:
     from raysae.train import run_single_process, train_distributed
 
-    cfg = load_run_config(args.config, _parse_sets(args.set))
+    cfg = load_run_config(args.config, _parse_sets(args.set), what="--set")
     if args.local or cfg.data.toy is not None:
         run_single_process(cfg, args.out, overwrite=args.overwrite)
         return 0
@@ -39,12 +41,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from raysae.sweep_spec import load_sweep_spec
+
+    spec = load_sweep_spec(args.spec)  # a bad spec fails before Ray is even imported
     import ray
 
     from raysae.sweep import run_sweep
-    from raysae.sweep_spec import load_sweep_spec
 
-    spec = load_sweep_spec(args.spec)
     if not ray.is_initialized():
         ray.init(address=args.address)
     run_sweep(spec, resume=args.resume)
@@ -70,36 +73,42 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
-SPLICE_OPTIONS = {
-    "model": "model",
-    "layer": "layer",
-    "corpus": "corpus",
-    "corpus_config": "corpus_config",
-    "context_length": "context_length",
-    "batch_size": "splice_batch_size",
-    "mean_ablation": "mean_ablation",
-}
-"""raysae.splice.SpliceConfig field → `raysae eval` option (dest) setting it."""
+def _splice_options():
+    """`raysae eval`'s options setting raysae.splice.SpliceConfig fields, all None (not given)
+    by default: resolve_config fills those in from the manifest of --data."""
+    from raysae.splice import SpliceConfig
+
+    return Options(
+        SpliceConfig,
+        fields=(
+            "n_tokens",
+            "model",
+            "layer",
+            "corpus",
+            "corpus_config",
+            "context_length",
+            "batch_size",
+            "mean_ablation",
+        ),
+        # eval's own --tokens and --batch-size are about the activations
+        rename={"n_tokens": "splice_tokens", "batch_size": "splice_batch_size"},
+        unset=True,
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
     from raysae.evaluate import eval_command
 
-    splice = {field: getattr(args, dest) for field, dest in SPLICE_OPTIONS.items()}
-    if args.splice_tokens is None:
-        given = [
-            f"--{dest.replace('_', '-')}"
-            for field, dest in SPLICE_OPTIONS.items()
-            if splice[field] is not None
-        ]
+    options = _splice_options()
+    splice = options.values(args)
+    if splice["n_tokens"] is None:
+        given = [options.flag(name) for name, value in splice.items() if value is not None]
         if given:
             raise ConfigError(
                 f"{', '.join(given)} configure the splice evaluation; add "
-                "--splice-tokens N to run it"
+                f"{options.flag('n_tokens')} N to run it"
             )
         splice = None
-    else:
-        splice["n_tokens"] = args.splice_tokens
     eval_command(
         args.checkpoint,
         args.data,
@@ -273,49 +282,14 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ev.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
-    splice = ev.add_argument_group(
-        "SAE spliced into the LM",
-        "BOS and other special tokens keep their clean residual and "
-        "are not scored, as harvest does not record them (see raysae/splice.py)",
-    )
-    splice.add_argument(
-        "--splice-tokens",
-        type=_positive_int,
-        metavar="N",
-        help="run the splice evaluation over N tokens, counted as harvest "
-        "counts them (default: no splice evaluation)",
-    )
-    splice.add_argument(
-        "--model",
-        help="causal LM: hub id, local directory, .gguf file or "
-        "pkg://PACKAGE/FILE (default: the model --data was harvested from)",
-    )
-    splice.add_argument(
-        "--layer",
-        type=int,
-        help="block whose output (residual stream after it) the SAE replaces, "
-        "0-based (default: the layer of --data)",
-    )
-    splice.add_argument(
-        "--corpus",
-        help="text: stdlib, a .txt/.jsonl/.parquet file or directory, or a hub "
-        "dataset (default: the corpus --data was harvested from, else "
-        "stdlib)",
-    )
-    splice.add_argument("--corpus-config", help="hub dataset configuration name of --corpus")
-    splice.add_argument(
-        "--context-length",
-        type=_positive_int,
-        help="tokens per window, BOS included (default: as --data was harvested, else 128)",
-    )
-    splice.add_argument(
-        "--splice-batch-size", type=_positive_int, help="windows per forward pass (default 8)"
-    )
-    splice.add_argument(
-        "--mean-ablation",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="also run the mean-ablated model (default: yes)",
+    _splice_options().add(
+        ev.add_argument_group(
+            "SAE spliced into the LM",
+            "BOS and other special tokens keep their clean residual and are not scored, as "
+            "harvest does not record them (see raysae/splice.py). The model, layer, corpus and "
+            "window settings not given are those --data was harvested with (its manifest); the "
+            "defaults shown apply where it has none.",
+        )
     )
     ev.set_defaults(func=_eval)
 

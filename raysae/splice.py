@@ -1,7 +1,7 @@
 """The SAE spliced into the LM: CE loss recovered and KL (`raysae eval --splice-tokens N`).
 
-Token windows are built exactly as `raysae harvest` builds them (its document iteration and
-windowing, raysae.harvest). For each batch of windows the causal LM runs four times:
+Token windows are built exactly as `raysae harvest` builds them (raysae.text, with the same
+TextWindows settings). For each batch of windows the causal LM runs four times:
 
     clean          the model as it is
     spliced        block L's output x replaced by the SAE's reconstruction x̂
@@ -20,8 +20,7 @@ mergeable like raysae.metrics):
 Where
     "Block L's output" is the residual stream after block L, the activation harvest records
     (`hidden_states[L + 1]`, `blocks.L.hook_resid_post`). A forward hook on the block replaces
-    it; transformers' decoder layers return a tensor (≥ 4.54 for Llama) or a tuple whose first
-    entry is the hidden states (older versions, other architectures): both are handled.
+    it (raysae.lm.replaced_output, for either form transformers' decoder layers return).
 
 Which positions are replaced: BOS stays clean
     The positions harvest records: every real token except special ones (BOS, EOS, padding)
@@ -55,8 +54,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,48 +64,52 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from raysae.config import ConfigError
-from raysae.harvest import (
-    TextWindows,
-    Window,
-    build_windows,
+from raysae.lm import (
+    decoder_blocks,
     hook_name,
-    iter_documents,
-    keep_mask,  # harvest's rule for which tokens are recorded: the same rule here
     load_config,
     load_model,
     load_tokenizer,
-    pad_windows,  # harvest's right-padding of windows into (B, T) tensors
+    replaced_output,
     resolve_package_path,
 )
 from raysae.saes import SparseAutoencoder
+from raysae.settings import ConfigError, check_non_negative, check_positive
+from raysae.text import (
+    TextWindows,
+    Window,
+    corpus_windows,  # harvest's windows of the corpus: the same windows here
+    keep_mask,  # harvest's rule for which tokens are recorded: the same rule here
+    pad_windows,  # harvest's right-padding of windows into (B, T) tensors
+)
 
 
 @dataclass(frozen=True)
 class SpliceConfig(TextWindows):
-    """Settings of one splice evaluation; the TextWindows settings (keyword-only) are harvest's,
-    and default from the dataset's manifest (see resolve_config)."""
+    """Settings of one splice evaluation; the TextWindows settings (keyword-only) are harvest's.
+    `raysae eval` takes the model, the layer and the TextWindows settings it is not given from
+    the manifest of the dataset it evaluates on, --data (see resolve_config)."""
 
     model: str
-    """Causal LM: a hub id, a local model directory, a local ``.gguf`` file or ``pkg://…``."""
+    """Causal LM: hub id, local directory, .gguf file or pkg://PACKAGE/FILE (default: the model
+    --data was harvested from)."""
     layer: int
-    """Block whose output (the residual stream after block L) the SAE replaces; 0-based."""
+    """Block whose output (the residual stream after block L) the SAE replaces, 0-based
+    (default: the layer of --data)."""
+    n_tokens: int
+    """Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens);
+    `raysae eval` runs the splice evaluation only when this is given."""
     revision: str | None = None
     """Model revision for hub models."""
-    n_tokens: int = 16_384
-    """Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens)."""
     batch_size: int = 8
     """Windows per forward pass."""
     mean_ablation: bool = True
     """Also run the mean-ablated model (one more forward per batch, plus one up to block L)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()  # context_length, model_dtype
-        if self.layer < 0:
-            raise ValueError(f"layer={self.layer}: must be a block index ≥ 0")
-        for name in ("n_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be ≥ 1")
+        self._check_windows("splice")  # context_length, model_dtype
+        check_non_negative(self, "layer", where="splice")
+        check_positive(self, "n_tokens", "batch_size", where="splice")
 
 
 # ---------------------------------------------------------------- accumulator
@@ -220,45 +222,6 @@ def _recovered(ablated: float, spliced: float, clean: float) -> float:
 
 
 # ---------------------------------------------------------------- hooks
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks: the ModuleList of ``num_hidden_layers`` modules
-    directly under its base model (``model.layers`` for Llama/Qwen/Gemma, ``transformer.h`` for
-    GPT-2, ``gpt_neox.layers`` for Pythia)."""
-    n_blocks = model.config.num_hidden_layers
-    base = model.base_model
-    for child in base.children():
-        if isinstance(child, nn.ModuleList) and len(child) == n_blocks:
-            return child
-    raise ValueError(
-        f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of "
-        f"num_hidden_layers={n_blocks} modules under {type(base).__name__}"
-    )
-
-
-@contextmanager
-def replaced_output(block: nn.Module, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
-    """Within the block, `block`'s output hidden states h (B, T, d) are replaced by replace(h).
-
-    The hook is removed on leaving, also by an exception.
-    """
-
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        if isinstance(output, Tensor):
-            return replace(output)
-        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
-            return (replace(output[0]), *output[1:])
-        raise TypeError(
-            f"{type(module).__name__} returned {type(output).__name__}: expected the "
-            "hidden states as a tensor or as the first entry of a tuple"
-        )
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _replace_rows(hidden: Tensor, mask: Tensor, rows: Callable[[Tensor], Tensor]) -> Tensor:
@@ -432,21 +395,7 @@ def run_splice(
 ) -> dict:
     """Check, build the windows, load the model, evaluate; the report's ``splice`` section."""
     check_model(sae, cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    excluded = np.asarray(
-        tokenizer.all_special_ids if cfg.exclude_special_tokens else [], dtype=np.int64
-    )
-    documents = iter_documents(
-        cfg.corpus, text_column=cfg.text_column, split=cfg.corpus_split, config=cfg.corpus_config
-    )
-    windows = build_windows(
-        documents,
-        tokenizer,
-        n_tokens=cfg.n_tokens,
-        context_length=cfg.context_length,
-        prepend_bos=cfg.prepend_bos,
-        excluded=excluded,
-    )
+    windows, excluded = corpus_windows(cfg, load_tokenizer(cfg.model, cfg.revision), cfg.n_tokens)
     model = load_model(cfg.model, revision=cfg.revision, dtype=cfg.model_dtype).to(device)
     if progress:
         progress(

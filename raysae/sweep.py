@@ -20,8 +20,9 @@ from typing import Callable
 import pandas as pd
 
 from raysae import report
-from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_dict
+from raysae.config import RunConfig
 from raysae.data import Dataset, storage
+from raysae.settings import ConfigError, from_dict, to_dict
 from raysae.sweep_spec import SweepSpec, expand, packs, with_absolute_paths
 from raysae.synthetic import write_toy_dataset
 from raysae.train import (
@@ -167,29 +168,24 @@ def _prepare_output(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
 def ensure_dataset(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
     """Make the base dataset when it does not exist yet and the spec says how (harvest or toy)."""
     from raysae import data
-    from raysae.harvest import HarvestConfig, harvest, layer_uri
 
-    uri = spec.base.get("data", {}).get("uri")
+    uri = spec.base.data.uri
     if uri is None or storage.exists(storage.join(uri, data.MANIFEST_NAME)):
         return
     if spec.toy_dataset is not None:
         toy = spec.toy_dataset
-        features = from_dict(ToyDataConfig, toy.get("features") or {}, "toy_dataset.features")
-        log(f"{uri} has no dataset yet: writing {toy['n_tokens']:,} toy tokens")
-        write_toy_dataset(
-            uri, features, spec.base["sae"]["d_in"], int(toy["n_tokens"]), int(toy["rows_per_part"])
-        )
+        log(f"{uri} has no dataset yet: writing {toy.n_tokens:,} toy tokens")
+        write_toy_dataset(uri, toy.features, spec.base.sae.d_in, toy.n_tokens, toy.rows_per_part)
         return
     if spec.harvest is None:
         return
-    cfg = HarvestConfig.from_dict(spec.harvest)
-    outputs = [layer_uri(cfg.output, layer) for layer in cfg.layers]
-    if uri not in outputs:
-        raise ConfigError(
-            f"base.data.uri={uri} is not one of the harvest's outputs ({', '.join(outputs)})"
-        )
-    log(f"{uri} has no dataset yet: harvesting {cfg.n_tokens:,} tokens from {cfg.model}")
-    harvest(cfg)
+    from raysae.harvest import harvest
+
+    # SweepSpec checked that base.data.uri is one of the harvest's layer outputs.
+    log(
+        f"{uri} has no dataset yet: harvesting {spec.harvest.n_tokens:,} tokens from {spec.harvest.model}"
+    )
+    harvest(spec.harvest)
 
 
 def _scheduler(spec: SweepSpec, points: list[RunConfig]):

@@ -20,20 +20,36 @@
     scheduler: {type: asha, metric: fvu, grace_tokens: 50_000}   # optional early stopping
     harvest: {model: ..., layers: [3], output: data/smollm2}  # or toy_dataset: make data if missing
 
+Every key is checked when the spec is loaded (raysae.settings.from_dict, and every point is
+built), so a misspelt key anywhere fails before anything is written, naming it.
+
 Expansion is done here, not by Tune's samplers, so that sub-spaces, packing and the point list
 are explicit, reproducible and testable without Ray; Tune then runs one trial per pack.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from raysae.config import ConfigError, RunConfig, from_dict, read_yaml, to_dict
+from raysae.config import RunConfig, ToyDataConfig
+from raysae.data.storage import absolute
+from raysae.harvest import HarvestConfig, layer_uri
+from raysae.settings import (
+    ConfigError,
+    Location,
+    check_choices,
+    check_non_negative,
+    check_positive,
+    from_dict,
+    read_yaml,
+    set_dotted,
+    to_dict,
+    with_absolute_paths,
+)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
@@ -42,24 +58,38 @@ DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 class SchedulerSpec:
     """Early stopping with ASHA (Li et al. 2020) on a reported metric."""
 
-    type: str = "asha"
-    """Only "asha" for now."""
+    type: Literal["asha"] = "asha"
+    """Only asha for now."""
     metric: str = "fvu"
     """Metric to compare trials on (any reported training metric, e.g. fvu, mse)."""
-    mode: str = "min"
-    """"min" or "max"."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (min) or higher (max) values of the metric are better."""
     grace_tokens: int = 100_000
     """Tokens a trial trains before it can be stopped."""
     reduction_factor: int = 2
     """ASHA's η: the fraction 1/η of trials continues at each rung."""
 
     def __post_init__(self) -> None:
-        if self.type != "asha":
-            raise ConfigError(f"scheduler.type={self.type!r}: only 'asha' is supported")
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"scheduler.mode={self.mode!r} must be 'min' or 'max'")
-        if self.grace_tokens <= 0 or self.reduction_factor < 2:
-            raise ConfigError("scheduler: grace_tokens must be > 0 and reduction_factor >= 2")
+        check_choices(self, where="scheduler")
+        check_positive(self, "grace_tokens", where="scheduler")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"scheduler.reduction_factor={self.reduction_factor} must be >= 2")
+
+
+@dataclass(frozen=True)
+class ToyDatasetSpec:
+    """Toy activations with known ground-truth features (raysae.synthetic), written to
+    base.data.uri when it holds no dataset yet."""
+
+    n_tokens: int
+    """Rows to write (the last base.data.eval_parts parts are held out for evaluation)."""
+    rows_per_part: int
+    """Rows per Parquet part."""
+    features: ToyDataConfig = field(default_factory=ToyDataConfig)
+    """The true features and how they fire; their dimension is base.sae.d_in."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "n_tokens", "rows_per_part", where="toy_dataset")
 
 
 @dataclass(frozen=True)
@@ -68,9 +98,9 @@ class SweepSpec:
 
     name: str
     """Sweep name; the Tune experiment and the output folder are named after it."""
-    output: str
+    output: Location
     """Where results go: a local directory or s3://bucket/prefix."""
-    base: dict
+    base: RunConfig
     """A run config (sae, train, data, scaling) every point starts from."""
     space: dict = field(default_factory=dict)
     """Dotted run-config keys → a list (grid) or a distribution {uniform|loguniform|randint|choice: …}."""
@@ -88,51 +118,39 @@ class SweepSpec:
     """Optional early stopping."""
     max_failures: int = 1
     """Retries of a failed trial (it resumes from its checkpoint)."""
-    harvest: Optional[dict] = None
-    """Optional harvest settings (raysae harvest's) used when base.data.uri holds no dataset yet."""
-    toy_dataset: Optional[dict] = None
-    """Optional toy data written to base.data.uri when it holds no dataset yet:
-    {n_tokens, rows_per_part, features: {ToyDataConfig fields}} (see raysae.synthetic)."""
+    harvest: Optional[HarvestConfig] = None
+    """Optional: the harvest (raysae harvest's settings) that makes base.data.uri when it holds
+    no dataset yet; base.data.uri must be one of its layers' outputs."""
+    toy_dataset: Optional[ToyDatasetSpec] = None
+    """Optional: toy data written to base.data.uri when it holds no dataset yet."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r}: give a non-empty name without '/'")
-        for key in ("num_samples", "pack", "max_concurrent_trials"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.max_failures < 0:
-            raise ConfigError(f"max_failures={self.max_failures} must be >= 0")
+        check_positive(self, "num_samples", "pack", "max_concurrent_trials", where="")
+        check_non_negative(self, "max_failures", where="")
         if self.harvest is not None and self.toy_dataset is not None:
             raise ConfigError("give at most one of harvest and toy_dataset")
-        if self.toy_dataset is not None:
-            unknown = set(self.toy_dataset) - {"n_tokens", "rows_per_part", "features"}
-            if unknown or not {"n_tokens", "rows_per_part"} <= set(self.toy_dataset):
+        if self.harvest is not None and self.base.data.uri is not None:
+            outputs = [layer_uri(self.harvest.output, layer) for layer in self.harvest.layers]
+            if absolute(self.base.data.uri) not in map(absolute, outputs):
                 raise ConfigError(
-                    "toy_dataset: give n_tokens, rows_per_part and optionally "
-                    f"features (got {sorted(self.toy_dataset)})"
+                    f"base.data.uri={self.base.data.uri} is not one of the harvest's outputs "
+                    f"({', '.join(outputs)})"
                 )
 
 
 def load_sweep_spec(path: str) -> SweepSpec:
-    """Read and validate a sweep YAML (every point is built, so bad values fail here)."""
-    data = read_yaml(path, "sweep spec")
+    """Read and validate a sweep YAML (see parse_sweep_spec)."""
+    return parse_sweep_spec(read_yaml(path, "sweep spec"))
+
+
+def parse_sweep_spec(data: Any) -> SweepSpec:
+    """The SweepSpec of plain data (a YAML file's), every key checked and every point built, so
+    that a bad spec fails here, before anything is written; local paths made absolute."""
     spec = with_absolute_paths(from_dict(SweepSpec, data or {}, ""))
     expand(spec)  # validates every point
     return spec
-
-
-def with_absolute_paths(spec: SweepSpec) -> SweepSpec:
-    """Relative local paths (output, base.data.uri, harvest.output) made absolute: Tune runs
-    each trial in its own working directory."""
-    from raysae.data.storage import absolute
-
-    base = {**spec.base}
-    if isinstance(base.get("data"), dict) and base["data"].get("uri"):
-        base["data"] = {**base["data"], "uri": absolute(base["data"]["uri"])}
-    harvest = spec.harvest
-    if harvest and harvest.get("output"):
-        harvest = {**harvest, "output": absolute(harvest["output"])}
-    return dataclasses.replace(spec, output=absolute(spec.output), base=base, harvest=harvest)
 
 
 def expand(spec: SweepSpec) -> list[RunConfig]:
@@ -169,20 +187,10 @@ def packs(points: list[RunConfig], pack: int) -> list[list[RunConfig]]:
     return [points[i : i + pack] for i in range(0, len(points), pack)]
 
 
-def _point(base: dict, values: dict) -> RunConfig:
-    data = to_dict(from_dict(RunConfig, base, "base")) if base else {}
+def _point(base: RunConfig, values: dict) -> RunConfig:
+    data = to_dict(base)
     for dotted, value in values.items():
-        node = data
-        *parents, last = dotted.split(".")
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise ConfigError(f"space key {dotted!r}: {p!r} is not a config section")
-            node = node[p]
-        if last not in node:
-            raise ConfigError(
-                f"space key {dotted!r}: {last!r} is not a field of {'.'.join(parents)}"
-            )
-        node[last] = value
+        set_dotted(RunConfig, data, dotted, value, what="space key")
     where = ", ".join(f"{k}={v}" for k, v in values.items())
     try:
         return from_dict(RunConfig, data, "")

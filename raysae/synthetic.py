@@ -138,7 +138,7 @@ def write_toy_dataset(
     it (`toy_directions`) to score feature recovery of SAEs trained on the dataset.
     """
     from raysae import data
-    from raysae.config import to_dict
+    from raysae.settings import to_dict
 
     x, _ = ToyData(cfg, d_in).sample(n_tokens)
     return data.write_dataset(
@@ -155,7 +155,7 @@ def write_toy_dataset(
 
 def toy_directions(manifest) -> Tensor | None:
     """The true feature directions of a dataset written by `write_toy_dataset`, else None."""
-    from raysae.config import from_dict
+    from raysae.settings import from_dict
 
     toy = (manifest.harvest or {}).get("toy")
     if toy is None:

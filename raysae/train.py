@@ -40,12 +40,13 @@ import torch
 
 from raysae import data
 from raysae.checkpoint import load_sae, save_sae
-from raysae.config import ConfigError, RunConfig, to_dict, with_absolute_paths
+from raysae.config import RunConfig
 from raysae.data import Dataset, storage
 from raysae.evaluate import data_mean, evaluate
 from raysae.loop import StepInfo, fit, member_view, take_init_sample
 from raysae.metrics import scalars
 from raysae.saes import build_sae, initial_values
+from raysae.settings import ConfigError, to_dict, with_absolute_paths
 from raysae.step import check_batch
 from raysae.synthetic import (
     HELD_OUT_STREAM,

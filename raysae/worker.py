@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from raysae.checkpoint import save_training_checkpoint
-from raysae.config import RunConfig, from_dict
+from raysae.config import RunConfig
 from raysae.loop import World, build_pack, evaluate_pack, train_pack
+from raysae.settings import from_dict
 
 
 def train_loop_per_worker(config: dict) -> dict:

@@ -8,9 +8,10 @@ code breaks (|μ| ≫ σ in float32, rank-deficient or duplicated tokens, all-ze
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence, TypeVar, Union
+from typing import Callable, Collection, Sequence, TypeVar, Union
 
 import torch
+from hypothesis import assume
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -133,3 +134,25 @@ def fold_tree(tree: Tree, leaves: Sequence[T], merge: Callable[[T, T], T]) -> T:
     if isinstance(tree, int):
         return leaves[tree]
     return merge(fold_tree(tree[0], leaves, merge), fold_tree(tree[1], leaves, merge))
+
+
+@st.composite
+def unknown_keys(draw, known: Collection[str]) -> str:
+    """A setting name that is not in `known`: a typo of a known one (a letter dropped, doubled
+    or swapped with the next), or any snake_case name."""
+    typo = st.sampled_from(sorted(known)).flatmap(
+        lambda key: st.tuples(
+            st.just(key), st.integers(0, len(key) - 1), st.sampled_from(["drop", "double", "swap"])
+        )
+    )
+    made_up = st.from_regex(r"[a-z][a-z0-9_]{0,15}", fullmatch=True)
+    choice = draw(st.one_of(typo, made_up) if known else made_up)
+    if isinstance(choice, tuple):
+        key, i, edit = choice
+        choice = {
+            "drop": key[:i] + key[i + 1 :],
+            "double": key[: i + 1] + key[i:],
+            "swap": key[:i] + key[i + 1 : i + 2] + key[i : i + 1] + key[i + 2 :],
+        }[edit]
+    assume(choice and choice not in known)
+    return choice

@@ -2,17 +2,9 @@ import typing
 
 import pytest
 
-from raysae.config import (
-    Architecture,
-    ConfigError,
-    RunConfig,
-    SAEConfig,
-    TrainConfig,
-    from_dict,
-    load_run_config,
-    to_dict,
-)
+from raysae.config import Architecture, RunConfig, SAEConfig, TrainConfig, load_run_config
 from raysae.saes import ARCHITECTURES
+from raysae.settings import ConfigError, from_dict, to_dict
 
 
 def test_architecture_choices_match_registry():

@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
-import sys
 from collections.abc import Iterable
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from test_text import WordTokenizer
 
-from raysae import data, harvest
+from raysae import data, harvest, text
 from raysae.data import storage, stream
 
 pytestmark = pytest.mark.timeout(300)
@@ -78,7 +75,7 @@ def short_docs_corpus(tmp_path_factory) -> str:
     """A .txt corpus of short documents (one-paragraph stdlib docstrings), one per paragraph."""
     short = [
         d
-        for d in itertools.islice(harvest.stdlib_docstrings(), 5000)
+        for d in itertools.islice(text.stdlib_docstrings(), 5000)
         if len(d) < 300 and "\n\n" not in d
     ]
     path = tmp_path_factory.mktemp("corpus") / "short.txt"
@@ -124,7 +121,7 @@ def test_rows_match_a_direct_forward(tiny_harvest: dict, tiny_model_dir: str) ->
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # all 3 blocks
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     cfg = tiny_harvest["cfg"]
-    documents = harvest.iter_documents(cfg.corpus)
+    documents = text.iter_documents(cfg.corpus)
     assert (
         assert_rows_match_reference(
             cfg.output, [0, 1], documents, model, tokenizer, context_length=32
@@ -255,7 +252,7 @@ def test_smollm2_gguf_rows_match_a_direct_forward(ray_cluster, smollm2_gguf: str
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     assert (
         assert_rows_match_reference(
-            str(tmp_path), [3], harvest.stdlib_docstrings(), model, tokenizer, 64
+            str(tmp_path), [3], text.stdlib_docstrings(), model, tokenizer, 64
         )
         == 5000
     )
@@ -264,57 +261,8 @@ def test_smollm2_gguf_rows_match_a_direct_forward(ray_cluster, smollm2_gguf: str
 # ---------------------------------------------------------------- without Ray
 
 
-class WordTokenizer:
-    """Stands in for a tokenizer: one id per word (1 = BOS), for window arithmetic tests."""
-
-    bos_token_id = 1
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
-        return {"input_ids": [[10 + len(word) for word in text.split()] for text in texts]}
-
-
-def test_windows_hold_exactly_the_budget() -> None:
-    documents = ["a bb ccc dddd eeeee", "f gg", "hhh iiii jjjjj kk l"]
-    windows = harvest.build_windows(
-        documents,
-        WordTokenizer(),
-        n_tokens=9,
-        context_length=4,
-        prepend_bos=True,
-        excluded=np.array([1]),
-    )
-    assert sum(w.kept for w in windows) == 9
-    assert [(w.doc_id, w.input_ids.tolist(), w.pos.tolist()) for w in windows] == [
-        (0, [1, 11, 12, 13], [-1, 0, 1, 2]),
-        (0, [1, 14, 15], [-1, 3, 4]),
-        (1, [1, 11, 12], [-1, 0, 1]),
-        (2, [1, 13, 14], [-1, 0, 1]),  # cut: 2 of its tokens complete the budget
-    ]
-
-
-def test_windows_without_bos_and_budget_too_large() -> None:
-    windows = harvest.build_windows(
-        ["a b c"],
-        WordTokenizer(),
-        n_tokens=3,
-        context_length=2,
-        prepend_bos=False,
-        excluded=np.array([1]),
-    )
-    assert [w.pos.tolist() for w in windows] == [[0, 1], [2]]
-    with pytest.raises(ValueError, match="only 3 recordable tokens, n_tokens=4"):
-        harvest.build_windows(
-            ["a b c"],
-            WordTokenizer(),
-            n_tokens=4,
-            context_length=2,
-            prepend_bos=False,
-            excluded=np.array([1]),
-        )
-
-
 def test_part_jobs_cover_every_window_once() -> None:
-    windows = harvest.build_windows(
+    windows = text.build_windows(
         [" ".join(["w"] * n) for n in range(1, 40)],
         WordTokenizer(),
         n_tokens=700,
@@ -328,37 +276,6 @@ def test_part_jobs_cover_every_window_once() -> None:
     assert kept == len(windows)
     first_docs = jobs[0].column("doc_id")[0].values.to_pylist()
     assert first_docs != sorted(first_docs)  # windows were shuffled across the corpus
-
-
-def test_corpus_files(tmp_path) -> None:
-    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\n\nsecond one\n")
-    (tmp_path / "b.jsonl").write_text(
-        json.dumps({"text": "from json"}) + "\n\n" + json.dumps({"text": "again"}) + "\n"
-    )
-    pq.write_table(pa.table({"text": ["from parquet", None, ""]}), tmp_path / "c.parquet")
-    (tmp_path / "ignored.md").write_text("not a corpus file")
-    assert list(harvest.iter_documents(str(tmp_path))) == [
-        "first paragraph\nstill first",
-        "second one",
-        "from json",
-        "again",
-        "from parquet",
-    ]
-    with pytest.raises(ValueError, match="no 'body' field; set text_column"):
-        list(harvest.iter_documents(str(tmp_path / "b.jsonl"), text_column="body"))
-
-
-def test_hub_corpus_without_datasets_package_is_explained(monkeypatch) -> None:
-    monkeypatch.setitem(
-        sys.modules, "datasets", None
-    )  # `import datasets` fails as if not installed
-    with pytest.raises(ValueError, match="pip install datasets"):
-        next(harvest.iter_documents("someone/some-corpus"))
-
-
-def test_stdlib_corpus_is_docstrings() -> None:
-    documents = list(itertools.islice(harvest.stdlib_docstrings(), 50))
-    assert len(documents) == 50 and all(isinstance(d, str) and d.strip() for d in documents)
 
 
 def test_config_validation_and_unknown_keys() -> None:

@@ -1,17 +1,25 @@
-"""The CLI's option help comes from a table kept in sync with the settings' field docstrings,
-and building the parser parses no source (python/cpython#106905 made that crash at random)."""
+"""raysae.settings: the CLI's option help comes from a table kept in sync with the settings'
+field docstrings, and building the parser parses no source (python/cpython#106905 made that
+crash at random); one dotted-override function; Locations made absolute; options of some fields."""
 
 import argparse
 import ast
 import inspect
+import re
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from raysae import settings
 from raysae.__main__ import COMMANDS, build_parser, main
+from raysae.config import RunConfig, load_run_config
 from raysae.field_docs import FIELD_DOCS
 from raysae.harvest import HarvestConfig
+from raysae.settings import ConfigError, from_dict
+from raysae.splice import SpliceConfig
+from raysae.sweep_spec import SweepSpec, expand
 
 
 def test_field_docs_table_matches_the_docstrings():
@@ -98,3 +106,103 @@ def test_top_level_help_lists_every_command(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in COMMANDS)
+
+
+# ---------------------------------------------------------------- one override function
+
+RUN = "sae: {d_in: 8, n_latents: 16, k: 4}\ndata: {toy: {}}\ntrain: {total_tokens: 5000, batch_size: 100}\n"
+
+
+@pytest.mark.parametrize(
+    "key, error",
+    [
+        ("sae.k.x", "'k' is not a config section"),
+        ("sae.kk", "'kk' is not a field of sae"),
+        ("data.toy.n_featurez", "'n_featurez' is not a field of data.toy"),
+        ("lrr", "'lrr' is not a field of RunConfig"),
+        ("sae..k", "expected dot-separated field names"),
+    ],
+)
+def test_set_space_keys_and_overrides_share_one_override_function(tmp_path, capsys, key, error):
+    run = tmp_path / "run.yaml"
+    run.write_text(RUN)
+    with pytest.raises(ConfigError, match=re.escape(f"override {key!r}: {error}")):
+        load_run_config(str(run), {key: 1})
+    assert main(["train", str(run), "--out", str(tmp_path / "out"), "--set", f"{key}=1"]) == 2
+    assert f"--set {key!r}: {error}" in capsys.readouterr().err
+    base = load_run_config(str(run))
+    with pytest.raises(ConfigError, match=re.escape(f"space key {key!r}: {error}")):
+        expand(SweepSpec(name="s", output="out", base=base, space={key: [1]}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_dotted_makes_missing_sections_and_walks_free_form_mappings():
+    data = {"sae": {"d_in": 8, "n_latents": 16, "k": 4}, "data": {"toy": None}}
+    settings.set_dotted(RunConfig, data, "train.lr", 1e-3)
+    settings.set_dotted(RunConfig, data, "data.toy.n_features", 32)
+    settings.set_dotted(RunConfig, data, "scaling.resources_per_worker.trainer_slot", 1)
+    cfg = from_dict(RunConfig, data)
+    assert cfg.train.lr == 1e-3 and cfg.data.toy.n_features == 32
+    assert cfg.scaling.resources_per_worker == {"trainer_slot": 1.0}
+
+
+def test_locations_are_made_absolute_in_nested_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = SweepSpec(
+        name="s",
+        output="s3://bucket/sweeps",
+        base=from_dict(
+            RunConfig, {"sae": {"d_in": 8, "n_latents": 16, "k": 4}, "data": {"uri": "d/layer_1"}}
+        ),
+        harvest=HarvestConfig(model="rel/model", layers=(1,), output="d"),
+    )
+    absolute = settings.with_absolute_paths(spec)
+    assert absolute.output == "s3://bucket/sweeps"
+    assert absolute.base.data.uri == str(tmp_path / "d" / "layer_1")
+    assert absolute.harvest.output == str(tmp_path / "d")
+    assert absolute.harvest.model == "rel/model"  # a hub id or a path: not a Location
+    assert settings.with_absolute_paths(absolute) == absolute
+
+
+# ---------------------------------------------------------------- options of some fields
+
+
+def test_options_of_some_fields_renamed_and_unset():
+    options = settings.Options(
+        SpliceConfig,
+        fields=("n_tokens", "model", "batch_size"),
+        rename={"n_tokens": "tokens"},
+        unset=True,
+    )
+    parser = options.add(argparse.ArgumentParser())
+    assert options.values(parser.parse_args([])) == {
+        "n_tokens": None,
+        "model": None,
+        "batch_size": None,
+    }
+    given = options.values(parser.parse_args(["--tokens", "5", "--batch-size", "2"]))
+    assert given == {"n_tokens": 5, "model": None, "batch_size": 2}
+    assert options.flag("n_tokens") == "--tokens"
+    help_text = " ".join(parser.format_help().split())
+    assert (
+        "--model MODEL Causal LM" in help_text
+        and "Windows per forward pass. (default: 8)" in help_text
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--layer", "1"])  # not one of the fields
+
+
+def test_settings_specs_and_evaluation_import_no_ray():
+    code = (
+        "import sys\n"
+        "import raysae.evaluate, raysae.splice, raysae.sweep_spec\n"
+        "from raysae.__main__ import main\n"
+        "try:\n"
+        "    main(['eval', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "assert 'ray' not in sys.modules, 'Ray was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--splice-tokens" in done.stdout

@@ -6,21 +6,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from raysae import data, harvest
+from raysae import data, text
 from raysae.__main__ import main
 from raysae.checkpoint import save_sae
 from raysae.config import SAEConfig
+from raysae.lm import decoder_blocks, hook_name, load_model, load_tokenizer, replaced_output
 from raysae.saes import build_sae
 from raysae.splice import (
     SpliceConfig,
     SpliceStats,
     _replace_rows,
-    decoder_blocks,
     evaluate_splice,
     make_batch,
-    replaced_output,
     residual_mean,
     resolve_config,
     run_splice,
@@ -40,11 +38,11 @@ def lm(tiny_model_dir):
     Trained so that its residual stream carries information: a random model's loss is about
     log(vocab) whatever is done to it, so ablating could not be shown to hurt.
     """
-    model = harvest.load_model(tiny_model_dir)
-    tokenizer = harvest.load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
     excluded = np.asarray(tokenizer.all_special_ids, dtype=np.int64)
-    windows = harvest.build_windows(
-        harvest.iter_documents("stdlib"),
+    windows = text.build_windows(
+        text.iter_documents("stdlib"),
         tokenizer,
         n_tokens=600,
         context_length=32,
@@ -189,38 +187,6 @@ def test_the_hook_replaces_what_harvest_records(lm):
     assert len(seen) == 1 and torch.equal(seen[0], reference)
 
 
-class Block(nn.Module):
-    """A stand-in decoder layer returning its output as a tensor, a tuple, or something else."""
-
-    def __init__(self, kind):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, x):
-        y = 2 * x
-        return {"tensor": y, "tuple": (y, "cache"), "dict": {"hidden": y}}[self.kind]
-
-
-@pytest.mark.parametrize("kind", ["tensor", "tuple"])
-def test_the_hook_handles_tensor_and_tuple_outputs(kind):
-    block, x = Block(kind), torch.ones(2, 3, 4)
-    with replaced_output(block, lambda h: h + 1):
-        out = block(x)
-    after = block(x)
-    if kind == "tuple":
-        assert out[1] == "cache" and after[1] == "cache"
-        out, after = out[0], after[0]
-    assert torch.equal(out, 3 * x) and torch.equal(after, 2 * x)
-    assert not block._forward_hooks
-
-
-def test_an_unknown_block_output_is_named():
-    block = Block("dict")
-    with pytest.raises(TypeError, match="Block returned dict"), replaced_output(block, lambda h: h):
-        block(torch.ones(1, 2))
-    assert not block._forward_hooks
-
-
 def test_no_hook_outlives_the_evaluation(lm):
     model, windows, excluded = lm
     batch = make_batch(windows[:8], excluded, torch.device("cpu"))
@@ -325,7 +291,7 @@ def harvested(tiny_model_dir, tmp_path_factory):
         uri,
         acts,
         model=tiny_model_dir,
-        hook=harvest.hook_name(LAYER),
+        hook=hook_name(LAYER),
         layer=LAYER,
         harvest=HARVEST_SETTINGS,
     )

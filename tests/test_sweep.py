@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from raysae import report
+from raysae.settings import from_dict
 from raysae.sweep import run_sweep
-from raysae.sweep_spec import SweepSpec, from_dict
+from raysae.sweep_spec import SweepSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(480)]
 
@@ -144,7 +145,7 @@ def test_packed_trial_matches_separate_trials_and_reads_once(ray_cluster, tmp_pa
 
 
 def test_bad_specs_fail_before_anything_runs(tmp_path):
-    from raysae.config import ConfigError
+    from raysae.settings import ConfigError
     from raysae.sweep_spec import load_sweep_spec
 
     spec = spec_dict(tmp_path, "bad", architectures={"topk": {"sae.k": [100]}})

@@ -1,7 +1,33 @@
-import pytest
+import copy
+import dataclasses
+import re
 
-from raysae.config import ConfigError
-from raysae.sweep_spec import SweepSpec, expand, load_sweep_spec, packs
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import unknown_keys
+
+from raysae.__main__ import main
+from raysae.config import (
+    DataConfig,
+    RunConfig,
+    SAEConfig,
+    ScalingConfig,
+    ToyDataConfig,
+    TrainConfig,
+)
+from raysae.harvest import HarvestConfig
+from raysae.settings import ConfigError, from_dict
+from raysae.sweep_spec import (
+    SchedulerSpec,
+    SweepSpec,
+    ToyDatasetSpec,
+    expand,
+    load_sweep_spec,
+    packs,
+    parse_sweep_spec,
+)
 
 BASE = {
     "sae": {"d_in": 16, "n_latents": 64, "k": 4},
@@ -11,7 +37,7 @@ BASE = {
 
 
 def spec(**kw):
-    return SweepSpec(name="s", output="out", base=BASE, **kw)
+    return SweepSpec(name="s", output="out", base=from_dict(RunConfig, BASE), **kw)
 
 
 def test_grid_with_per_architecture_subspaces():
@@ -82,3 +108,121 @@ def test_load_rejects_unknown_keys(tmp_path):
     path.write_text("name: s\noutput: out\nbase: {}\nspaces: {}\n")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) 'spaces'"):
         load_sweep_spec(str(path))
+
+
+# ---------------------------------------------------------------- every key checked at load
+
+
+def toy_spec(tmp_path) -> dict:
+    """A valid spec that writes toy data when it runs, with a scheduler."""
+    return {
+        "name": "typo",
+        "output": str(tmp_path / "out"),
+        "base": {**copy.deepcopy(BASE), "data": {"uri": str(tmp_path / "acts")}},
+        "space": {"sae.n_latents": [64, 128]},
+        "scheduler": {"metric": "fvu", "grace_tokens": 1000},
+        "toy_dataset": {"n_tokens": 4096, "rows_per_part": 1024, "features": {"n_features": 32}},
+    }
+
+
+def harvest_spec(tmp_path) -> dict:
+    """A valid spec that harvests its data when it runs."""
+    spec = toy_spec(tmp_path)
+    del spec["toy_dataset"]
+    spec["base"]["data"] = {"uri": str(tmp_path / "data" / "layer_3")}
+    spec["harvest"] = {"model": "m", "layers": [3], "output": str(tmp_path / "data")}
+    return spec
+
+
+def test_the_example_specs_are_valid(tmp_path):
+    for make in (toy_spec, harvest_spec):
+        spec = parse_sweep_spec(make(tmp_path))
+        assert spec.base.data.uri.startswith(str(tmp_path)) and len(expand(spec)) == 2
+    spec = parse_sweep_spec(harvest_spec(tmp_path))
+    assert isinstance(spec.harvest, HarvestConfig) and spec.harvest.layers == (3,)
+    spec = parse_sweep_spec(toy_spec(tmp_path))
+    assert isinstance(spec.toy_dataset, ToyDatasetSpec)
+    assert spec.toy_dataset.features == ToyDataConfig(n_features=32)
+
+
+def misspell(spec: dict, dotted: str, key: str, value=1) -> dict:
+    """`spec` with `key: value` added to the section at `dotted` (made if the spec has none)."""
+    node = spec
+    for part in filter(None, dotted.split(".")):
+        node = node.setdefault(part, {})
+    node[key] = value
+    return spec
+
+
+TYPOS = [
+    (harvest_spec, "harvest", "modle", "harvest: unknown key(s) 'modle'"),
+    (toy_spec, "toy_dataset", "rows_per_prt", "toy_dataset: unknown key(s) 'rows_per_prt'"),
+    (
+        toy_spec,
+        "toy_dataset.features",
+        "n_featurez",
+        "toy_dataset.features: unknown key(s) 'n_featurez'",
+    ),
+    (toy_spec, "scheduler", "metrc", "scheduler: unknown key(s) 'metrc'"),
+    (toy_spec, "base.train", "lrr", "base.train: unknown key(s) 'lrr'"),
+    (toy_spec, "space", "sae.kk", "space key 'sae.kk': 'kk' is not a field of sae"),
+]
+
+
+@pytest.mark.parametrize("make, section, key, message", TYPOS)
+def test_a_typo_anywhere_fails_at_load_and_writes_nothing(
+    tmp_path, capsys, make, section, key, message
+):
+    spec = misspell(make(tmp_path), section, key, [16] if section == "space" else 1)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_sweep_spec(str(path))
+    assert main(["sweep", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("out", "acts", "data"))
+
+
+def test_a_dataset_the_harvest_does_not_make_fails_at_load(tmp_path):
+    spec = harvest_spec(tmp_path)
+    spec["base"]["data"]["uri"] = str(tmp_path / "data" / "layer_4")
+    with pytest.raises(ConfigError, match="is not one of the harvest's outputs"):
+        parse_sweep_spec(spec)
+
+
+SECTIONS = {
+    "": SweepSpec,
+    "base": RunConfig,
+    "base.sae": SAEConfig,
+    "base.train": TrainConfig,
+    "base.data": DataConfig,
+    "base.scaling": ScalingConfig,
+    "scheduler": SchedulerSpec,
+    "toy_dataset": ToyDatasetSpec,
+    "toy_dataset.features": ToyDataConfig,
+    "harvest": HarvestConfig,
+}
+"""Sections of a spec → the settings they are read into."""
+
+
+@given(
+    section=st.sampled_from([*SECTIONS, "space"]),
+    data=st.data(),
+)
+def test_an_unknown_key_in_any_section_is_refused_naming_it(tmp_path_factory, section, data):
+    tmp_path = tmp_path_factory.getbasetemp()
+    make = harvest_spec if section == "harvest" else toy_spec
+    if section == "space":  # a dotted run-config key whose last part is no field
+        sub = data.draw(st.sampled_from(["sae", "train", "data", "scaling"]), label="sub")
+        fields = {f.name for f in dataclasses.fields(SECTIONS[f"base.{sub}"])}
+        key = f"{sub}." + data.draw(unknown_keys(fields), label="key")
+        message = f"space key {key!r}: {key.split('.')[1]!r} is not a field of {sub}"
+        spec = misspell(make(tmp_path), "space", key, [1])
+    else:
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        key = data.draw(unknown_keys(fields), label="key")
+        message = f"{section or 'SweepSpec'}: unknown key(s) {key!r}"
+        spec = misspell(make(tmp_path), section, key)
+    with pytest.raises(ConfigError) as refused:
+        parse_sweep_spec(spec)
+    assert message in str(refused.value)

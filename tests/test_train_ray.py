@@ -17,10 +17,11 @@ import pytest
 
 from raysae import data
 from raysae.checkpoint import load_sae
-from raysae.config import ConfigError, RunConfig, ToyDataConfig, from_dict, to_dict
+from raysae.config import RunConfig, ToyDataConfig
 from raysae.data import storage
 from raysae.evaluate import evaluate
 from raysae.faults import DieOnce
+from raysae.settings import ConfigError, from_dict, to_dict
 from raysae.synthetic import ToyData
 from raysae.train import run_single_process, train_distributed
 
