@@ -74,9 +74,9 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _splice_options():
-    """`raysae eval`'s options setting raysae.splice.SpliceConfig fields, all None (not given)
+    """`raysae eval`'s options setting raysae.splice_config.SpliceConfig fields, all None (not given)
     by default: resolve_config fills those in from the manifest of --data."""
-    from raysae.splice import SpliceConfig
+    from raysae.splice_config import SpliceConfig
 
     return Options(
         SpliceConfig,

@@ -283,15 +283,16 @@ def eval_command(
 ) -> dict:
     """`raysae eval`: evaluate a checkpoint, print the report, write it as JSON to `out`.
 
-    splice: raysae.splice.SpliceConfig fields (None = from the dataset's manifest) to also
+    splice: raysae.splice_config.SpliceConfig fields (None = from the dataset's manifest) to also
     splice the SAE into its language model; None skips that part.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sae(checkpoint, device)
     if splice is not None:  # the data plane and the LM are needed only here
         from raysae import splice as splicing
+        from raysae.splice_config import resolve_config
 
-        splice_cfg, notes = splicing.resolve_config(data_spec, **splice)
+        splice_cfg, notes = resolve_config(data_spec, **splice)
         for line in notes:
             splicing.print_progress(line)
         splicing.check_model(model, splice_cfg)  # bad input fails now, not after the eval

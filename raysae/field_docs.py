@@ -87,7 +87,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'seed': 'Seed of the window and row shuffles.',
         'overwrite': 'Replace datasets already committed under ``output``.',
     },
-    'raysae.splice.SpliceConfig': {
+    'raysae.splice_config.SpliceConfig': {
         'model': 'Causal LM: hub id, local directory, .gguf file or pkg://PACKAGE/FILE (default: the model\n    --data was harvested from).',
         'layer': 'Block whose output (the residual stream after block L) the SAE replaces, 0-based\n    (default: the layer of --data).',
         'n_tokens': 'Tokens to evaluate, counted as harvest counts them (its windows for this n_tokens);\n    `raysae eval` runs the splice evaluation only when this is given.',

@@ -370,7 +370,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.Argument
 DOCUMENTED_MODULES = (
     "raysae.config",
     "raysae.harvest",
-    "raysae.splice",
+    "raysae.splice_config",
     "raysae.sweep_spec",
     "raysae.text",
 )

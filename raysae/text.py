@@ -28,10 +28,12 @@ import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: configs built on TextWindows stay light
+    import torch
 
 from raysae.settings import ConfigError, check_choices
 
@@ -262,6 +264,8 @@ def pad_windows(
     windows: list[np.ndarray], positions: list[np.ndarray]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad windows into (B, T) tensors: token ids, document positions, attention mask."""
+    import torch
+
     shape = (len(windows), max(len(w) for w in windows))
     ids, pos, attention = (
         torch.zeros(shape, dtype=torch.long),

@@ -18,7 +18,7 @@ from raysae.config import RunConfig, load_run_config
 from raysae.field_docs import FIELD_DOCS
 from raysae.harvest import HarvestConfig
 from raysae.settings import ConfigError, from_dict
-from raysae.splice import SpliceConfig
+from raysae.splice_config import SpliceConfig
 from raysae.sweep_spec import SweepSpec, expand
 
 
@@ -206,3 +206,21 @@ def test_settings_specs_and_evaluation_import_no_ray():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "--splice-tokens" in done.stdout
+
+
+@pytest.mark.parametrize("command", [["--help"], ["sweep", "--help"], ["eval", "--help"]])
+def test_help_imports_neither_torch_nor_ray(command):
+    """Every `raysae` call builds a parser first: describing options must stay cheap."""
+    code = (
+        "import sys\n"
+        "from raysae.__main__ import main\n"
+        "try:\n"
+        f"    main({command!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted({'torch', 'ray', 'pyarrow'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "usage: raysae" in done.stdout

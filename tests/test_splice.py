@@ -14,15 +14,14 @@ from raysae.config import SAEConfig
 from raysae.lm import decoder_blocks, hook_name, load_model, load_tokenizer, replaced_output
 from raysae.saes import build_sae
 from raysae.splice import (
-    SpliceConfig,
     SpliceStats,
     _replace_rows,
     evaluate_splice,
     make_batch,
     residual_mean,
-    resolve_config,
     run_splice,
 )
+from raysae.splice_config import SpliceConfig, resolve_config
 
 pytestmark = pytest.mark.timeout(300)
 
