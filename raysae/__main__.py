@@ -305,7 +305,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 
 
 def build_parser(commands: Collection[str] | None = None) -> argparse.ArgumentParser:
-    """The raysae parser. Every subcommand is listed; only those in ``commands`` (default: all)
+    """The raysae parser. Every subcommand is listed; only those in `commands` (default: all)
     get their options, so a run builds just the one it needs."""
     parser = argparse.ArgumentParser(
         prog="raysae",

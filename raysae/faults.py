@@ -24,7 +24,7 @@ correct but not what the fault test means to exercise)."""
 
 @dataclass(frozen=True)
 class DieOnce:
-    """The last rank calls os._exit(1) once the run is past ``at_tokens`` and has a checkpoint."""
+    """The last rank calls os._exit(1) once the run is past `at_tokens` and has a checkpoint."""
 
     at_tokens: int
     """Tokens after which the worker dies."""

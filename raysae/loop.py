@@ -1,5 +1,5 @@
 """The training loop: a pack of SAEs trained on one stream of batches, in one process
-(`raysae train --local`, :func:`fit`) or as one DDP worker of a Ray Train run (raysae.worker
+(`raysae train --local`, `fit`) or as one DDP worker of a Ray Train run (raysae.worker
 adapts it: context, data shard, checkpoints, `ray.train.report`).
 
     for batch in batches:                          # endless; the token budget ends the loop
@@ -117,7 +117,7 @@ class Member:
 
     @classmethod
     def of(cls, model: SparseAutoencoder, train: TrainConfig, reference_mean: Tensor) -> Member:
-        """A fresh member for ``model`` (already on its device); FVU_B is about reference_mean."""
+        """A fresh member for `model` (already on its device); FVU_B is about reference_mean."""
         return cls(
             model,
             train,
@@ -142,7 +142,7 @@ def build_pack(
     wrap: Callable[[nn.Module], nn.Module] = lambda model: model,
 ) -> tuple[list[Member], dict]:
     """The pack's members and the data progress: from the training checkpoint in
-    ``checkpoint_dir`` when given, else fresh with ``init``'s input scales and b_dec. ``wrap``
+    `checkpoint_dir` when given, else fresh with `init`'s input scales and b_dec. `wrap`
     makes each model's DDP wrapper (Ray's prepare_model)."""
     members, progress = [], new_progress()
     for i, (cfg, start) in enumerate(zip(runs, init)):
@@ -202,10 +202,10 @@ def train_pack(
     log: Optional[Callable[[str], None]] = print,
     on_step: Optional[Callable[[StepInfo], None]] = None,
 ) -> list[dict]:
-    """Train the pack on ``batches`` (this worker's share of each global batch) until the
-    budget; appends a record (see :func:`pack_metrics`) to ``history`` and returns it every
-    ``log_every_tokens``, every ``checkpoint_every`` tokens and at the end, where a checkpoint
-    is due with the report when ``checkpoint_every`` is set."""
+    """Train the pack on `batches` (this worker's share of each global batch) until the
+    budget; appends a record (see `pack_metrics`) to `history` and returns it every
+    `log_every_tokens`, every `checkpoint_every` tokens and at the end, where a checkpoint
+    is due with the report when `checkpoint_every` is set."""
     train = members[0].train
     total, d_in = train.total_tokens, members[0].model.cfg.d_in
     progress = new_progress() if progress is None else progress
@@ -332,7 +332,7 @@ def format_record(r: dict, total_tokens: int) -> str:
 
 @torch.no_grad()
 def evaluate_pack(members: list[Member], batches: Callable[[], Iterable[Tensor]], world: World):
-    """Every member's metrics on this worker's held-out ``batches`` (a fresh stream per member),
+    """Every member's metrics on this worker's held-out `batches` (a fresh stream per member),
     merged across workers. Held out, "dead" means it never fired on any held-out token."""
     per_member = []
     for m in members:
@@ -377,7 +377,7 @@ def fit(
     log: Optional[Callable[[str], None]] = print,
 ) -> list[dict]:
     """Train one SAE in this process on `batches` until cfg.total_tokens, initialised from the
-    first cfg.init_tokens rows; returns the logged records (see :func:`pack_metrics`; FVU_B is
+    first cfg.init_tokens rows; returns the logged records (see `pack_metrics`; FVU_B is
     about the initialisation sample's mean)."""
     torch.manual_seed(cfg.seed)
     stream = iter(batches)

@@ -2,8 +2,8 @@
 
 Each group of settings is a frozen dataclass (raysae.config's run configs, harvest's
 HarvestConfig, the splice evaluation's SpliceConfig, raysae.sweep_spec's specs): every field is
-documented by the string under it (sparsify's style), choices are ``Literal[...]``, and
-``__post_init__`` only validates, with the checks below. Input reaches them by one path:
+documented by the string under it (sparsify's style), choices are `Literal[...]`, and
+`__post_init__` only validates, with the checks below. Input reaches them by one path:
 
     read_yaml        a YAML file → plain data; a missing file or bad YAML names the file
     set_dotted       one dotted key ("sae.k") set in that data: `raysae train --set`, a run
@@ -13,20 +13,20 @@ documented by the string under it (sparsify's style), choices are ``Literal[...]
     to_dict          the way back (JSON, YAML, Tune's param space)
     Options          command-line options from the fields, their docstrings as help
 
-Fields typed ``Location`` are storage locations other processes read: `with_absolute_paths`
+Fields typed `Location` are storage locations other processes read: `with_absolute_paths`
 makes them absolute before a config travels to Ray workers and Tune trials, which run in other
 working directories.
 
 Python drops the field docstrings when it compiles a class, so the help texts are extracted once,
-at development time, into :mod:`raysae.field_docs` (a plain dict), and the CLI reads that table:
+at development time, into `raysae.field_docs` (a plain dict), and the CLI reads that table:
 
     python -m raysae.settings        # rewrite raysae/field_docs.py after editing a docstring
 
-``tests/test_settings.py`` fails, naming that command, when the table and the docstrings
-disagree. Nothing on a command's path parses source: ``ast.parse`` in a threaded CPython 3.11
+`tests/test_settings.py` fails, naming that command, when the table and the docstrings
+disagree. Nothing on a command's path parses source: `ast.parse` in a threaded CPython 3.11
 process can fail at random (python/cpython#106905), and reading and parsing a module on every
-``raysae`` call was a cost every command paid. Importing this module is cheap (no torch, no Ray):
-every ``raysae`` command starts with it.
+`raysae` call was a cost every command paid. Importing this module is cheap (no torch, no Ray):
+every `raysae` command starts with it.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def check_non_negative(config: Any, *names: str, where: str) -> None:
 
 
 def check_choices(config: Any, *, where: str) -> None:
-    """Every ``Literal``-typed field of `config` holds one of its values. from_dict checks input
+    """Every `Literal`-typed field of `config` holds one of its values. from_dict checks input
     from files and command lines; this also covers settings built in code."""
     for name, hint in typing.get_type_hints(type(config)).items():
         value = getattr(config, name, None)
@@ -229,8 +229,8 @@ def set_dotted(cls: type, data: dict, dotted: str, value: Any, *, what: str = "k
 
     Each part must name a field of its section, and each part but the last a section: a nested
     settings dataclass, or a free-form mapping below which any key goes. Sections missing on the
-    way are created (a run file may leave out ``train:``). `what` says where the key came from
-    ("--set", "space key") in the error, e.g. ``--set 'sae.k.x': 'k' is not a config section``.
+    way are created (a run file may leave out `train:`). `what` says where the key came from
+    ("--set", "space key") in the error, e.g. `--set 'sae.k.x': 'k' is not a config section`.
     """
     parts = dotted.split(".")
     if not all(parts):
@@ -257,7 +257,7 @@ def set_dotted(cls: type, data: dict, dotted: str, value: Any, *, what: str = "k
 
 
 def with_absolute_paths(config: T) -> T:
-    """`config` with every relative local ``Location`` made absolute, in nested settings too:
+    """`config` with every relative local `Location` made absolute, in nested settings too:
     Ray workers and Tune trials run in other working directories."""
     from raysae.data.storage import absolute
 
@@ -282,7 +282,7 @@ def _is_location(hint: Any) -> bool:
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Field name → the docstring under it in ``cls`` or a dataclass it inherits from."""
+    """Field name → the docstring under it in `cls` or a dataclass it inherits from."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         docs.update(FIELD_DOCS.get(_key(klass), {}))
@@ -309,8 +309,8 @@ def _argparse_kind(hint: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Options:
-    """Command-line options for the fields of a settings dataclass: ``--n-tokens`` for
-    ``n_tokens``, its docstring as help; `add` puts them on a parser, `values` reads them back."""
+    """Command-line options for the fields of a settings dataclass: `--n-tokens` for
+    `n_tokens`, its docstring as help; `add` puts them on a parser, `values` reads them back."""
 
     settings: type
     """The settings dataclass."""
@@ -323,7 +323,7 @@ class Options:
     what is not given (e.g. from a dataset's manifest). The help still shows the field's default."""
 
     def add(self, parser: Any) -> Any:
-        """Add the options to ``parser`` (or an argument group); returns it."""
+        """Add the options to `parser` (or an argument group); returns it."""
         cls = self.settings
         hints, docs = typing.get_type_hints(cls), field_help(cls)
         by_name = {f.name: f for f in dataclasses.fields(cls)}
@@ -346,21 +346,21 @@ class Options:
         return parser
 
     def values(self, args: argparse.Namespace) -> dict[str, Any]:
-        """Field → its option's value in parsed ``args`` (None where not given, with `unset`)."""
+        """Field → its option's value in parsed `args` (None where not given, with `unset`)."""
         names = self.fields or [f.name for f in dataclasses.fields(self.settings)]
         return {name: getattr(args, self.dest(name)) for name in names}
 
     def dest(self, name: str) -> str:
-        """The argparse destination of field ``name``'s option."""
+        """The argparse destination of field `name`'s option."""
         return self.rename.get(name, name)
 
     def flag(self, name: str) -> str:
-        """The option string of field ``name``, e.g. ``--splice-tokens``."""
+        """The option string of field `name`, e.g. `--splice-tokens`."""
         return "--" + self.dest(name).replace("_", "-")
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
-    """Add one option per field of dataclass ``cls`` (see Options); returns ``parser``."""
+    """Add one option per field of dataclass `cls` (see Options); returns `parser`."""
     return Options(cls).add(parser)
 
 
@@ -378,7 +378,7 @@ DOCUMENTED_MODULES = (
 
 
 def extract_field_docs(cls: type) -> dict[str, str]:
-    """Field name → the string literal right below its annotation in ``cls``'s own body, read
+    """Field name → the string literal right below its annotation in `cls`'s own body, read
     from source. Development time only (the table's generator and its sync test)."""
     import ast
     import inspect
@@ -419,7 +419,7 @@ def current_table() -> dict[str, dict[str, str]]:
 
 
 def render_table(table: dict[str, dict[str, str]]) -> str:
-    """Source text of raysae/field_docs.py holding ``table``."""
+    """Source text of raysae/field_docs.py holding `table`."""
     lines = [
         '"""Field help texts of raysae\'s settings dataclasses: the docstring under each field.',
         "",

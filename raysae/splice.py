@@ -24,7 +24,7 @@ Where
 
 Which positions are replaced: BOS stays clean
     The positions harvest records: every real token except special ones (BOS, EOS, padding)
-    when the dataset was harvested with ``exclude_special_tokens`` (the default). The SAE never
+    when the dataset was harvested with `exclude_special_tokens` (the default). The SAE never
     saw a BOS activation in training — harvest leaves them out because their norm is an outlier
     (the attention sink) — so reconstructing them would measure the SAE off its training
     distribution, and a broken attention sink degrades every later position of the window: one
@@ -33,8 +33,8 @@ Which positions are replaced: BOS stays clean
 
 Which positions are scored
     The predictions made at replaced positions whose next token lies inside the window (a
-    window's last token has no target here). ``n_tokens`` of the config counts tokens as
-    harvest's ``n_tokens`` does (the same windows); ``n_tokens`` of the result counts the scored
+    window's last token has no target here). `n_tokens` of the config counts tokens as
+    harvest's `n_tokens` does (the same windows); `n_tokens` of the result counts the scored
     predictions, which is fewer by about one per window.
 
 Mean ablation
@@ -42,7 +42,7 @@ Mean ablation
     (in-sample, like the baselines of raysae.evaluate), from a first pass that stops at block L.
 
 Cost: per batch, four full forward passes and one up to block L, and the four runs' logits at
-the scored positions held at once (4 · tokens · vocab float32 values: lower ``batch_size`` for a
+the scored positions held at once (4 · tokens · vocab float32 values: lower `batch_size` for a
 large vocabulary). The evaluated windows are the first of the corpus, as harvest's are: when
 the SAE was trained on activations harvested from the same corpus, these tokens are in its
 training data.
@@ -280,7 +280,7 @@ def evaluate_splice(
 ) -> SpliceStats:
     """Clean, spliced and ablated runs of `model` over `windows`, accumulated (module docstring).
 
-    `excluded`: token ids left clean and unscored (harvest's ``tokenizer.all_special_ids``).
+    `excluded`: token ids left clean and unscored (harvest's `tokenizer.all_special_ids`).
     The SAE runs in inference mode on inputs cast to its dtype; no hook outlives the call.
     """
     device = next(model.parameters()).device
@@ -361,7 +361,7 @@ def run_splice(
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Check, build the windows, load the model, evaluate; the report's ``splice`` section."""
+    """Check, build the windows, load the model, evaluate; the report's `splice` section."""
     check_model(sae, cfg)
     windows, excluded = corpus_windows(cfg, load_tokenizer(cfg.model, cfg.revision), cfg.n_tokens)
     model = load_model(cfg.model, revision=cfg.revision, dtype=cfg.model_dtype).to(device)

@@ -56,7 +56,7 @@ def resolve_config(data_spec: str | None, **given: Any) -> tuple[SpliceConfig, l
     """The SpliceConfig for `raysae eval --data DATA_SPEC`, and lines saying where values came from.
 
     `given`: SpliceConfig fields from the command line, None where not given. When DATA_SPEC is
-    a harvested dataset (not ``toy:…``), its manifest supplies the model, revision and layer,
+    a harvested dataset (not `toy:…`), its manifest supplies the model, revision and layer,
     and the FROM_HARVEST settings.
     """
     given = {k: v for k, v in given.items() if v is not None}

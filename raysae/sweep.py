@@ -40,7 +40,7 @@ SPEC_FILE = "sweep_spec.json"
 def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
     """Tune function trainable: train one pack of SAEs with Ray Train, report to Tune.
 
-    ``datasets`` (data.uri → the Dataset run_sweep opened) reaches every trial through Tune's
+    `datasets` (data.uri → the Dataset run_sweep opened) reaches every trial through Tune's
     object store (tune.with_parameters): no trial opens a dataset again."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback

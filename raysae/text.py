@@ -5,17 +5,17 @@ scores the same windows, so both read the corpus and cut it here, with the same 
 settings (harvest writes them into each dataset's manifest).
 
 Corpus
-    ``stdlib`` (the docstrings of Python's standard library, on every machine and offline), a
-    .txt/.jsonl/.parquet file or a directory of them, or a hub dataset (needs ``datasets``).
-    Documents come in a fixed order; ``doc_id`` is a document's index in it.
+    `stdlib` (the docstrings of Python's standard library, on every machine and offline), a
+    .txt/.jsonl/.parquet file or a directory of them, or a hub dataset (needs `datasets`).
+    Documents come in a fixed order; `doc_id` is a document's index in it.
 
 Windows
     Each document is tokenised without special tokens and cut into windows of
-    ``context_length`` tokens, each starting with the tokenizer's BOS token when it has one
-    (``prepend_bos``). Tokens that are special (BOS, EOS, …) are not recorded by default
-    (``exclude_special_tokens``): their activations are outliers an SAE should not spend
-    latents on. ``pos`` is a token's index within its document (−1 for a prepended BOS), so
-    (doc_id, pos) identifies a token. A budget of ``n_tokens`` counts recorded tokens exactly:
+    `context_length` tokens, each starting with the tokenizer's BOS token when it has one
+    (`prepend_bos`). Tokens that are special (BOS, EOS, …) are not recorded by default
+    (`exclude_special_tokens`): their activations are outliers an SAE should not spend
+    latents on. `pos` is a token's index within its document (−1 for a prepended BOS), so
+    (doc_id, pos) identifies a token. A budget of `n_tokens` counts recorded tokens exactly:
     the last window is cut short.
 """
 
@@ -45,9 +45,9 @@ class TextWindows:
     see the same windows."""
 
     corpus: str = "stdlib"
-    """``stdlib`` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset"""
+    """`stdlib` (standard-library docstrings), a .txt/.jsonl/.parquet file or directory, or a hub dataset"""
     corpus_config: str | None = None
-    """Hub dataset configuration name, e.g. ``wikitext-103-raw-v1``."""
+    """Hub dataset configuration name, e.g. `wikitext-103-raw-v1`."""
     corpus_split: str = "train"
     """Hub dataset split."""
     text_column: str = "text"
@@ -123,7 +123,7 @@ def _file_documents(path: Path, text_column: str) -> Iterator[str]:
 def iter_documents(
     corpus: str, *, text_column: str = "text", split: str = "train", config: str | None = None
 ) -> Iterator[str]:
-    """The documents of ``corpus`` (see TextWindows.corpus), in a fixed order."""
+    """The documents of `corpus` (see TextWindows.corpus), in a fixed order."""
     if corpus == "stdlib":
         yield from stdlib_docstrings()
         return
@@ -167,14 +167,14 @@ class Window(NamedTuple):
 
 
 def keep_mask(input_ids: np.ndarray, excluded: np.ndarray) -> np.ndarray:
-    """Which tokens of ``input_ids`` are recorded (shared by driver budget and actors)."""
+    """Which tokens of `input_ids` are recorded (shared by driver budget and actors)."""
     return ~np.isin(input_ids, excluded)
 
 
 def _document_windows(
     doc_id: int, ids: list[int], *, length: int, bos: int | None, excluded: np.ndarray
 ) -> Iterator[Window]:
-    """Cut one tokenised document into windows of ``length`` tokens, BOS included."""
+    """Cut one tokenised document into windows of `length` tokens, BOS included."""
     step = length - (bos is not None)
     for start in range(0, len(ids), step):
         body = np.asarray(ids[start : start + step], dtype=np.int32)
@@ -196,7 +196,7 @@ def build_windows(
     prepend_bos: bool,
     excluded: np.ndarray,
 ) -> list[Window]:
-    """Windows holding exactly ``n_tokens`` recorded tokens (the last one cut short)."""
+    """Windows holding exactly `n_tokens` recorded tokens (the last one cut short)."""
     bos = tokenizer.bos_token_id if prepend_bos else None
     windows, total, doc_id = [], 0, 0
     for chunk in _chunks(documents, 256):  # fast tokenizers encode a list in parallel
@@ -218,13 +218,13 @@ def build_windows(
 
 
 def _cut(window: Window, rows: int, excluded: np.ndarray) -> Window:
-    """The shortest prefix of ``window`` holding ``rows`` recorded tokens."""
+    """The shortest prefix of `window` holding `rows` recorded tokens."""
     end = int(np.searchsorted(np.cumsum(keep_mask(window.input_ids, excluded)), rows)) + 1
     return Window(window.doc_id, window.pos[:end], window.input_ids[:end], rows)
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    """Consecutive lists of `size` items (the last may be shorter)."""
     chunk: list[str] = []
     for item in items:
         chunk.append(item)
@@ -238,8 +238,8 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
 def corpus_windows(
     settings: TextWindows, tokenizer: Any, n_tokens: int
 ) -> tuple[list[Window], np.ndarray]:
-    """The first windows of the corpus holding exactly ``n_tokens`` recorded tokens, and the
-    token ids not recorded (the tokenizer's special ids with ``exclude_special_tokens``)."""
+    """The first windows of the corpus holding exactly `n_tokens` recorded tokens, and the
+    token ids not recorded (the tokenizer's special ids with `exclude_special_tokens`)."""
     excluded = np.asarray(
         tokenizer.all_special_ids if settings.exclude_special_tokens else [], dtype=np.int64
     )

@@ -72,7 +72,7 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def training_data(cfg: RunConfig, dataset: Dataset) -> tuple[Dataset, Dataset]:
-    """(training, held-out) parts of ``dataset`` (the command opened it), checked against cfg."""
+    """(training, held-out) parts of `dataset` (the command opened it), checked against cfg."""
     if dataset.d_in != cfg.sae.d_in:
         raise ConfigError(
             f"dataset {cfg.data.uri} has d_in={dataset.d_in} but sae.d_in="
@@ -109,7 +109,7 @@ def open_for_ray(runs: list[RunConfig]) -> Dataset:
 
 
 def endless_batches(dataset: Dataset, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless single-process stream over ``dataset``'s parts, a new part order each epoch."""
+    """Endless single-process stream over `dataset`'s parts, a new part order each epoch."""
     epoch = 0
     while True:
         yielded = False
@@ -261,11 +261,11 @@ def build_trainer(
     callbacks: tuple = (),
     on_step: Optional[Callable[[StepInfo], None]] = None,
 ):
-    """A TorchTrainer for a pack of runs (one for `raysae train`) on ``dataset`` (the command
+    """A TorchTrainer for a pack of runs (one for `raysae train`) on `dataset` (the command
     opened it; nothing here or in the workers opens it again), writing to OUT/NAME.
 
     Checks the dataset against every run first, so bad input fails before any worker starts.
-    ``on_step`` is a test's hook into every worker's loop (see raysae.faults).
+    `on_step` is a test's hook into every worker's loop (see raysae.faults).
     """
     import ray
     import ray.train

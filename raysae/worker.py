@@ -28,7 +28,7 @@ def train_loop_per_worker(config: dict) -> dict:
     """Train the pack; returns (on every rank) the held-out metrics, the report history since
     the run began, and the data-position counters. Ray hands rank 0's return to the driver.
 
-    ``config``: runs (RunConfig dicts), init (their input scales and b_dec), reference_mean,
+    `config`: runs (RunConfig dicts), init (their input scales and b_dec), reference_mean,
     held_out (a raysae.data.Dataset), on_step (a test's hook, or None).
     """
     import ray.train  # [ray]

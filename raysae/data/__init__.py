@@ -1,7 +1,7 @@
 """The data plane: activation datasets, the contract between harvest, readers and training.
 
-A dataset is a prefix (local directory or ``s3://bucket/prefix``) holding Parquet parts and a
-``manifest.json`` written last. The manifest's presence is the commit: parts without a
+A dataset is a prefix (local directory or `s3://bucket/prefix`) holding Parquet parts and a
+`manifest.json` written last. The manifest's presence is the commit: parts without a
 manifest are an unfinished or failed write, and readers refuse them.
 
 Layout::
@@ -10,7 +10,7 @@ Layout::
     <prefix>/part-00001-<write_id>.parquet
     <prefix>/manifest.json                   written last; lists the parts
 
-Part names carry a random ``write_id`` (as Spark's ``part-00000-<uuid>`` do) so that a new
+Part names carry a random `write_id` (as Spark's `part-00000-<uuid>` do) so that a new
 write into a prefix never touches the files of the dataset already committed there.
 
 Columns, one row per token:
@@ -29,7 +29,7 @@ Modules (lowest first)::
     dataset.py   Dataset: a committed dataset opened and validated once; the pyarrow reader
     stream.py    the same Dataset as a Ray Data stream for Ray Train workers (imports Ray)
 
-Everything but ``stream`` is importable from here: ``from raysae import data``.
+Everything but `stream` is importable from here: `from raysae import data`.
 """
 
 from raysae.data.dataset import Dataset, iter_batches, open_dataset, read_part, select_parts

@@ -1,6 +1,6 @@
-"""Reading a dataset: the :class:`Dataset` value, opened and validated once, and its reader.
+"""Reading a dataset: the `Dataset` value, opened and validated once, and its reader.
 
-A command opens each dataset once (:func:`open_dataset`: the manifest, a listing and every
+A command opens each dataset once (`open_dataset`: the manifest, a listing and every
 part's footer, O(parts)) and passes the value down: to the sweep's points, the Ray Train
 workers and their restarts, the held-out evaluation. Nothing below the command takes a URI to
 open again; across a Ray boundary the value travels as it is (URI, manifest, part list).
@@ -26,8 +26,8 @@ from raysae.data.manifest import MANIFEST_NAME, DatasetError, Manifest, Part, re
 class Dataset:
     """A committed dataset whose parts were checked against its manifest, and the parts to read.
 
-    ``parts`` is every part (from :func:`open_dataset`) or a subset (:meth:`select`,
-    :meth:`split`); readers read exactly these, in this order unless told to shuffle.
+    `parts` is every part (from `open_dataset`) or a subset (`select`,
+    `split`); readers read exactly these, in this order unless told to shuffle.
     """
 
     uri: str
@@ -49,11 +49,11 @@ class Dataset:
 
     @property
     def n_tokens(self) -> int:
-        """Rows in ``parts``."""
+        """Rows in `parts`."""
         return sum(part.rows for part in self.parts)
 
     def select(self, names: Sequence[str]) -> Dataset:
-        """The same dataset reading only the parts called ``names``, in that order."""
+        """The same dataset reading only the parts called `names`, in that order."""
         by_name = {part.name: part for part in self.manifest.parts}
         unknown = [name for name in names if name not in by_name]
         if unknown:
@@ -61,8 +61,8 @@ class Dataset:
         return dataclasses.replace(self, parts=tuple(by_name[name] for name in names))
 
     def split(self, held_out: int) -> tuple[Dataset, Dataset]:
-        """(training, held-out): the last ``held_out`` parts are held out; with 0, both are all
-        of ``parts`` (the evaluation then reads training data)."""
+        """(training, held-out): the last `held_out` parts are held out; with 0, both are all
+        of `parts` (the evaluation then reads training data)."""
         if not held_out:
             return self, self
         if len(self.parts) <= held_out:
@@ -76,13 +76,13 @@ class Dataset:
         )
 
     def shard(self, rank: int, size: int) -> Dataset:
-        """Worker ``rank``'s share of ``parts`` among ``size`` workers: every size-th part."""
+        """Worker `rank`'s share of `parts` among `size` workers: every size-th part."""
         return dataclasses.replace(self, parts=self.parts[rank::size])
 
     def read_part(
         self, part: Part, *, columns: Sequence[str], batch_size: int | None = None
     ) -> Iterator[pa.Table]:
-        """One part's rows as Arrow tables (see :func:`read_part`)."""
+        """One part's rows as Arrow tables (see `read_part`)."""
         return read_part(
             self.uri, part, d_in=self.d_in, dtype=self.dtype, columns=columns, batch_size=batch_size
         )
@@ -96,10 +96,10 @@ class Dataset:
         drop_last: bool = False,
         seed: int | None = None,
     ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
-        """Read ``parts`` in this process with pyarrow: tensors (B, d_in) in ``dtype``.
+        """Read `parts` in this process with pyarrow: tensors (B, d_in) in `dtype`.
 
-        In order, or shuffled by ``seed`` when given. Yields the act tensor, or a dict of
-        tensors if ``columns`` names more than ``act`` (see :func:`collate`). The
+        In order, or shuffled by `seed` when given. Yields the act tensor, or a dict of
+        tensors if `columns` names more than `act` (see `collate`). The
         single-process trainer's reader, the held-out evaluation's and the ingest baseline.
         """
         parts = list(self.parts)
@@ -120,7 +120,7 @@ class Dataset:
         )
 
     def verify(self) -> None:
-        """Read every row of ``parts`` and reject NaN/Inf, naming the part and row (slow: one
+        """Read every row of `parts` and reject NaN/Inf, naming the part and row (slow: one
         full pass over the data)."""
         for part in self.parts:
             first_row = 0
@@ -131,10 +131,10 @@ class Dataset:
 
 
 def open_dataset(uri: str, *, verify: bool = False) -> Dataset:
-    """Open the dataset at ``uri``: read its manifest and check every part against it.
+    """Open the dataset at `uri`: read its manifest and check every part against it.
 
     Always: every part exists with the listed size and its Parquet footer has the listed rows
-    and act width. With ``verify``: additionally read every row and reject NaN/Inf.
+    and act width. With `verify`: additionally read every row and reject NaN/Inf.
     """
     manifest = read_manifest(uri)
     present = storage.list_files(uri)
@@ -211,9 +211,9 @@ def read_part(
     columns: Sequence[str],
     batch_size: int | None = None,
 ) -> Iterator[pa.Table]:
-    """One part's rows as tables of ``batch_size`` rows (default: the whole part at once).
+    """One part's rows as tables of `batch_size` rows (default: the whole part at once).
 
-    Checks the act type against ``d_in`` / ``dtype``; read errors name the part. Shared by the
+    Checks the act type against `d_in` / `dtype`; read errors name the part. Shared by the
     plain reader and the Ray Data read tasks (raysae.data.stream).
     """
     with _open_part(uri, part) as parquet:
@@ -233,7 +233,7 @@ def read_part(
 
 
 def select_parts(source: Dataset, names: Sequence[str] | None) -> list[Part]:
-    """The parts called ``names`` in that order (all of ``source``'s parts if None)."""
+    """The parts called `names` in that order (all of `source`'s parts if None)."""
     return list(source.parts if names is None else source.select(names).parts)
 
 
@@ -247,8 +247,8 @@ def iter_batches(
     drop_last: bool = False,
     seed: int | None = None,
 ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
-    """:meth:`Dataset.batches` of ``source`` (a Dataset, or a URI opened here), reading the
-    parts named ``parts`` (default: all of the source's)."""
+    """`Dataset.batches` of `source` (a Dataset, or a URI opened here), reading the
+    parts named `parts` (default: all of the source's)."""
     dataset = open_dataset(source) if isinstance(source, str) else source
     if parts is not None:
         dataset = dataset.select(parts)

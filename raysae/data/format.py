@@ -7,9 +7,9 @@ Columns, one row per token:
     doc_id    int64                               source document
     pos       int32                               token index within its document
 
-``act`` typing — chosen by measurement
+`act` typing — chosen by measurement
 ---------------------------------------
-``act`` is a plain, uncompressed ``fixed_size_binary`` column without dictionary pages or
+`act` is a plain, uncompressed `fixed_size_binary` column without dictionary pages or
 statistics: a list column stores one repetition level per value and is decoded value by value,
 while a fixed-size binary column is one memcpy per page (BENCHMARKS.md, "Parquet typing of
 act": several times faster than the best list typing, and far faster than pyarrow's default).
@@ -42,7 +42,7 @@ STORAGE_DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
 """Stored dtype name → (torch dtype, numpy dtype of the stored bytes)."""
 
 DTYPE_KEY = "raysae.dtype"
-"""Arrow field-metadata key on ``act`` recording the stored dtype (bfloat16 and float16 bits
+"""Arrow field-metadata key on `act` recording the stored dtype (bfloat16 and float16 bits
 are both 2-byte values, so the width alone cannot tell them apart)."""
 
 _NOT_WRITABLE = "The given NumPy array is not writable"
@@ -65,10 +65,10 @@ def default_rows_per_part(d_in: int, dtype: str) -> int:
 def encode_act(
     acts: torch.Tensor | np.ndarray, dtype: str, *, copy: bool = False
 ) -> pa.FixedSizeBinaryArray:
-    """Activations (N, d_in) → ``act`` column in the stored ``dtype``.
+    """Activations (N, d_in) → `act` column in the stored `dtype`.
 
-    Shares memory with ``acts`` when they are already contiguous in that dtype on the CPU,
-    unless ``copy``.
+    Shares memory with `acts` when they are already contiguous in that dtype on the CPU,
+    unless `copy`.
     """
     torch_dtype, numpy_dtype = STORAGE_DTYPES[dtype]
     tensor = torch.as_tensor(acts).to(device="cpu", dtype=torch_dtype, copy=copy).contiguous()
@@ -83,7 +83,7 @@ def encode_act(
 
 
 def act_width(act_type: pa.DataType, dtype: str) -> int | None:
-    """Values per row that an ``act`` column of ``act_type`` holds, or None if it is no act type."""
+    """Values per row that an `act` column of `act_type` holds, or None if it is no act type."""
     if pa.types.is_fixed_size_binary(act_type):
         return act_type.byte_width // row_bytes(1, dtype)
     if pa.types.is_fixed_size_list(act_type):
@@ -92,7 +92,7 @@ def act_width(act_type: pa.DataType, dtype: str) -> int | None:
 
 
 def check_act_type(act_type: pa.DataType, *, d_in: int, dtype: str, where: str) -> None:
-    """Raise DatasetError unless ``act_type`` is the fixed_size_binary this dataset expects."""
+    """Raise DatasetError unless `act_type` is the fixed_size_binary this dataset expects."""
     expected = pa.binary(row_bytes(d_in, dtype))
     if act_type == expected:
         return
@@ -105,7 +105,7 @@ def check_act_type(act_type: pa.DataType, *, d_in: int, dtype: str, where: str) 
 
 
 def _as_tensor(values: np.ndarray) -> torch.Tensor:
-    """``torch.from_numpy`` for arrays over Arrow memory, which is immutable and so read-only."""
+    """`torch.from_numpy` for arrays over Arrow memory, which is immutable and so read-only."""
     with warnings.catch_warnings():
         # Callers get a read-only view or a fresh copy (see decode_act); the warning adds nothing.
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE)
@@ -134,7 +134,7 @@ def decode_act(
     dtype: str,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``act`` column → tensor (N, d_in) in ``out_dtype`` (default: the stored ``dtype``).
+    """`act` column → tensor (N, d_in) in `out_dtype` (default: the stored `dtype`).
 
     One chunk in its stored dtype is returned as a zero-copy view of Arrow memory: read it, do
     not write it. Otherwise the result is built with exactly one copy (cast and concatenation
@@ -162,11 +162,11 @@ def collate(
     columns: Sequence[str] = ("act",),
     dtype: str | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Arrow batch → the act tensor (B, d_in) if ``columns`` is ``("act",)``, else a dict of tensors.
+    """Arrow batch → the act tensor (B, d_in) if `columns` is `("act",)`, else a dict of tensors.
 
-    ``dtype`` is the stored dtype, by default read from the batch's schema (see
-    :func:`stored_dtype`). Shared by the plain reader (:func:`iter_batches`) and the Ray Data
-    reader (``raysae.data.stream``).
+    `dtype` is the stored dtype, by default read from the batch's schema (see
+    `stored_dtype`). Shared by the plain reader (`iter_batches`) and the Ray Data
+    reader (`raysae.data.stream`).
     """
     batch = {}
     for name in columns:
@@ -181,7 +181,7 @@ def collate(
 
 
 def check_finite(acts: torch.Tensor, *, where: str, first_row: int = 0) -> None:
-    """Raise DatasetError naming the first row of ``acts`` that holds a NaN or ±Inf."""
+    """Raise DatasetError naming the first row of `acts` that holds a NaN or ±Inf."""
     bad = ~torch.isfinite(acts).all(dim=1)
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
@@ -202,7 +202,7 @@ def shard_table(
     copy: bool = False,
 ) -> pa.Table:
     """One part's rows as an Arrow table in the shard schema (sharing the inputs' memory where
-    the types already match, unless ``copy``)."""
+    the types already match, unless `copy`)."""
     act = encode_act(acts, dtype, copy=copy)
     arrays = [act]
     for name, values, arrow_type in (
@@ -223,7 +223,7 @@ def shard_table(
 
 
 def shard_schema(d_in: int, dtype: str) -> pa.Schema:
-    """Arrow schema of a part; ``act`` carries its stored dtype so a part describes itself."""
+    """Arrow schema of a part; `act` carries its stored dtype so a part describes itself."""
     act = pa.field(
         "act",
         pa.binary(row_bytes(d_in, dtype)),
@@ -241,7 +241,7 @@ def shard_schema(d_in: int, dtype: str) -> pa.Schema:
 
 
 def stored_dtype(schema: pa.Schema) -> str:
-    """The stored dtype recorded on a part's ``act`` field."""
+    """The stored dtype recorded on a part's `act` field."""
     metadata = schema.field("act").metadata or {}
     if DTYPE_KEY.encode() not in metadata:
         raise DatasetError(f"act field has no {DTYPE_KEY} metadata; it was not written by raysae")
@@ -249,7 +249,7 @@ def stored_dtype(schema: pa.Schema) -> str:
 
 
 class Rebatcher:
-    """Regroups a stream of Arrow tables into tables of exactly ``rows`` rows (zero-copy slices)."""
+    """Regroups a stream of Arrow tables into tables of exactly `rows` rows (zero-copy slices)."""
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
@@ -257,7 +257,7 @@ class Rebatcher:
         self._pending_rows = 0
 
     def push(self, table: pa.Table) -> Iterator[pa.Table]:
-        """Add ``table``; yield every full group now available."""
+        """Add `table`; yield every full group now available."""
         self._pending.append(table)
         self._pending_rows += len(table)
         while self._pending_rows >= self.rows:
@@ -267,7 +267,7 @@ class Rebatcher:
             yield buffered.slice(0, self.rows)
 
     def rest(self) -> pa.Table | None:
-        """The rows left over (fewer than ``rows``), or None; empties the buffer."""
+        """The rows left over (fewer than `rows`), or None; empties the buffer."""
         if not self._pending_rows:
             return None
         table = pa.concat_tables(self._pending)

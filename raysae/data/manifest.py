@@ -3,7 +3,7 @@
 Statistics
 ----------
 The manifest keeps float64 *sums* (count, per-dimension sum, sum of squared norms) rather than
-means, so statistics of parts, workers or datasets merge by addition; :class:`ActStats` derives
+means, so statistics of parts, workers or datasets merge by addition; `ActStats` derives
 the per-dimension mean and mean squared norm used for input scaling and b_dec initialisation.
 """
 
@@ -57,7 +57,7 @@ class ActStats:
 
     @classmethod
     def of(cls, acts: torch.Tensor, chunk_rows: int = 8192) -> ActStats:
-        """Statistics of ``acts`` (N, d_in), summed in float64 chunk by chunk to bound memory."""
+        """Statistics of `acts` (N, d_in), summed in float64 chunk by chunk to bound memory."""
         total = torch.zeros(acts.shape[1], dtype=torch.float64)
         squared = 0.0
         for chunk in acts.split(chunk_rows):
@@ -98,7 +98,7 @@ class ActStats:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ActStats:
-        """Inverse of :meth:`to_dict`; unknown or missing keys are an error."""
+        """Inverse of `to_dict`; unknown or missing keys are an error."""
         _check_keys("stats", data, {"count", "sum", "squared_norm_sum"})
         return cls(
             int(data["count"]),
@@ -121,14 +121,14 @@ class Part:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a dataset holds; validated on construction, serialised as ``manifest.json``."""
+    """What a dataset holds; validated on construction, serialised as `manifest.json`."""
 
     model: str
     """Model the activations came from (hub id or local path), or a label for toy data."""
     revision: str | None
     """Model revision (hub commit or tag); None for local files."""
     hook: str
-    """Where in the model: TransformerLens-style name, e.g. ``blocks.3.hook_resid_post``."""
+    """Where in the model: TransformerLens-style name, e.g. `blocks.3.hook_resid_post`."""
     layer: int | None
     """Block index the activations follow, or None for data not taken from a model."""
     d_in: int
@@ -136,7 +136,7 @@ class Manifest:
     dtype: str
     """Stored dtype: float16, bfloat16 or float32."""
     n_tokens: int
-    """Total rows; equals the sum of ``parts[*].rows``."""
+    """Total rows; equals the sum of `parts[*].rows`."""
     parts: tuple[Part, ...]
     """The Parquet files, in write order."""
     stats: ActStats
@@ -198,7 +198,7 @@ class Manifest:
 
 
 def _check_keys(what: str, data: Any, expected: set[str]) -> None:
-    """Raise DatasetError unless ``data`` is a dict with exactly the ``expected`` keys."""
+    """Raise DatasetError unless `data` is a dict with exactly the `expected` keys."""
     if not isinstance(data, dict):
         raise DatasetError(f"{what} must be a JSON object, got {type(data).__name__}")
     unknown, missing = set(data) - expected, expected - set(data)
@@ -209,7 +209,7 @@ def _check_keys(what: str, data: Any, expected: set[str]) -> None:
 
 
 def read_manifest(uri: str) -> Manifest:
-    """The manifest of the dataset at ``uri``, parsed and validated (parts are not checked)."""
+    """The manifest of the dataset at `uri`, parsed and validated (parts are not checked)."""
     path = storage.join(uri, MANIFEST_NAME)
     try:
         text = storage.read_bytes(path).decode()

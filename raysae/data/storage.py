@@ -1,19 +1,19 @@
-"""Storage URIs: one code path for local directories and ``s3://bucket/prefix``.
+"""Storage URIs: one code path for local directories and `s3://bucket/prefix`.
 
-Every read and write of a dataset goes through :func:`filesystem_and_path`, which maps a URI
-to a ``pyarrow.fs.FileSystem`` and a path inside it, so local and S3 datasets share all code.
+Every read and write of a dataset goes through `filesystem_and_path`, which maps a URI
+to a `pyarrow.fs.FileSystem` and a path inside it, so local and S3 datasets share all code.
 
 S3 settings
 -----------
-- Endpoint: the ``endpoint`` argument, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``,
-  else AWS itself. A value such as ``http://127.0.0.1:9000`` selects scheme and host.
+- Endpoint: the `endpoint` argument, else `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`,
+  else AWS itself. A value such as `http://127.0.0.1:9000` selects scheme and host.
 - Credentials: never taken as arguments. pyarrow's S3 client resolves them from the standard
-  AWS chain (environment, ``~/.aws``, instance metadata) in every process that opens a file,
+  AWS chain (environment, `~/.aws`, instance metadata) in every process that opens a file,
   so they are never pickled into Ray tasks, logged, or written into manifests.
-- Retries: pyarrow's ``AwsStandardS3RetryStrategy`` (the SDK's capped exponential backoff);
+- Retries: pyarrow's `AwsStandardS3RetryStrategy` (the SDK's capped exponential backoff);
   there are no hand-written retry loops here.
 - Fail fast: a short connect timeout, so an unreachable endpoint raises
-  :class:`StorageError` naming the endpoint within seconds instead of hanging.
+  `StorageError` naming the endpoint within seconds instead of hanging.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ class Location:
     filesystem: pafs.FileSystem
     """The pyarrow filesystem serving the URI."""
     path: str
-    """The path inside ``filesystem`` (``bucket/key`` for S3, an absolute path locally)."""
+    """The path inside `filesystem` (`bucket/key` for S3, an absolute path locally)."""
     endpoint: str
-    """``local`` or the S3 endpoint URL, for error messages."""
+    """`local` or the S3 endpoint URL, for error messages."""
 
 
 def s3_endpoint(endpoint: str | None = None) -> str | None:
@@ -59,12 +59,12 @@ def s3_endpoint(endpoint: str | None = None) -> str | None:
 
 
 def is_s3(uri: str) -> bool:
-    """Whether ``uri`` names an object in S3 (``s3://bucket/key``)."""
+    """Whether `uri` names an object in S3 (`s3://bucket/key`)."""
     return uri.startswith("s3://")
 
 
 def absolute(uri: str) -> str:
-    """``uri`` with a relative local path made absolute (Ray and Tune processes run in other
+    """`uri` with a relative local path made absolute (Ray and Tune processes run in other
     working directories); s3:// and file:// URIs are returned unchanged."""
     if is_s3(uri) or "://" in uri:
         return uri
@@ -72,7 +72,7 @@ def absolute(uri: str) -> str:
 
 
 def locate(uri: str, *, endpoint: str | None = None) -> Location:
-    """Resolve ``uri`` (local path, ``file://`` URI or ``s3://bucket/key``) to a :class:`Location`."""
+    """Resolve `uri` (local path, `file://` URI or `s3://bucket/key`) to a `Location`."""
     if is_s3(uri):
         return _locate_s3(uri, s3_endpoint(endpoint))
     if uri.startswith("file://"):
@@ -85,7 +85,7 @@ def locate(uri: str, *, endpoint: str | None = None) -> Location:
 
 
 def _locate_s3(uri: str, endpoint: str | None) -> Location:
-    """The S3 location of ``uri``; the region stays unset for AWS so no lookup call is made."""
+    """The S3 location of `uri`; the region stays unset for AWS so no lookup call is made."""
     path = uri[len("s3://") :].strip("/")
     if not path:
         raise StorageError(f"S3 URI {uri!r} names no bucket: use s3://bucket/prefix")
@@ -113,13 +113,13 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
 
 
 def filesystem_and_path(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and in-filesystem path for ``uri`` (see :func:`locate`)."""
+    """The pyarrow filesystem and in-filesystem path for `uri` (see `locate`)."""
     location = locate(uri, endpoint=endpoint)
     return location.filesystem, location.path
 
 
 def join(uri: str, *names: str) -> str:
-    """``uri`` with ``names`` appended as path components (works for local paths and s3://)."""
+    """`uri` with `names` appended as path components (works for local paths and s3://)."""
     return "/".join([uri.rstrip("/"), *(name.strip("/") for name in names)])
 
 
@@ -130,7 +130,7 @@ def _fail(location: Location, action: str, uri: str, err: OSError) -> StorageErr
 
 
 def exists(uri: str, *, endpoint: str | None = None) -> bool:
-    """Whether a file exists at ``uri``."""
+    """Whether a file exists at `uri`."""
     location = locate(uri, endpoint=endpoint)
     try:
         info = location.filesystem.get_file_info(location.path)
@@ -140,7 +140,7 @@ def exists(uri: str, *, endpoint: str | None = None) -> bool:
 
 
 def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
-    """The whole content of the file at ``uri``; FileNotFoundError if there is none."""
+    """The whole content of the file at `uri`; FileNotFoundError if there is none."""
     location = locate(uri, endpoint=endpoint)
     try:
         with location.filesystem.open_input_stream(location.path) as stream:
@@ -152,7 +152,7 @@ def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
-    """Write ``data`` to ``uri``, replacing any file there, so readers never see half of it.
+    """Write `data` to `uri`, replacing any file there, so readers never see half of it.
 
     Locally the data goes to a temporary sibling that is then renamed over the target (rename
     is atomic on POSIX). An S3 PUT is atomic by itself: the object appears only when complete.
@@ -178,7 +178,7 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
 
 
 def list_files(uri: str, *, endpoint: str | None = None) -> dict[str, int]:
-    """Names and byte sizes of the files directly under the prefix ``uri`` ({} if none)."""
+    """Names and byte sizes of the files directly under the prefix `uri` ({} if none)."""
     location = locate(uri, endpoint=endpoint)
     selector = pafs.FileSelector(location.path, allow_not_found=True, recursive=False)
     try:
@@ -189,7 +189,7 @@ def list_files(uri: str, *, endpoint: str | None = None) -> dict[str, int]:
 
 
 def delete(uri: str, *, endpoint: str | None = None) -> None:
-    """Delete the file at ``uri``; deleting a file that does not exist is not an error."""
+    """Delete the file at `uri`; deleting a file that does not exist is not an error."""
     location = locate(uri, endpoint=endpoint)
     try:
         location.filesystem.delete_file(location.path)
@@ -200,12 +200,12 @@ def delete(uri: str, *, endpoint: str | None = None) -> None:
 
 
 def upload_dir(local_dir: str | os.PathLike, uri: str, *, endpoint: str | None = None) -> None:
-    """Copy every file under ``local_dir`` to the prefix ``uri``, keeping relative paths."""
+    """Copy every file under `local_dir` to the prefix `uri`, keeping relative paths."""
     _copy_tree(locate(os.fspath(local_dir)), locate(uri, endpoint=endpoint), uri)
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike, *, endpoint: str | None = None) -> None:
-    """Copy every file under the prefix ``uri`` into ``local_dir``, keeping relative paths."""
+    """Copy every file under the prefix `uri` into `local_dir`, keeping relative paths."""
     _copy_tree(locate(uri, endpoint=endpoint), locate(os.fspath(local_dir)), uri)
 
 

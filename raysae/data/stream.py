@@ -11,23 +11,23 @@
             ...                                                      # x: (4096, 576) float32
 
 Reading: one Ray read task per part, from the manifest
-    The manifest already lists every part with its rows and bytes, and ``open_dataset`` has
-    checked their footers, so the dataset is read by :class:`PartsDatasource`: one read task
-    per part (parts are sized for it, see ``data.PART_BYTES``), each returning the part as
-    one Arrow block through ``data.read_part``. ``ray.data.read_parquet`` was the first
+    The manifest already lists every part with its rows and bytes, and `open_dataset` has
+    checked their footers, so the dataset is read by `PartsDatasource`: one read task
+    per part (parts are sized for it, see `data.PART_BYTES`), each returning the part as
+    one Arrow block through `data.read_part`. `ray.data.read_parquet` was the first
     choice, but in Ray 2.60 (Parquet datasource V2) each execution — every epoch — first lists
-    the files and reads every footer on a pool of 32 ``FooterReader`` actors, which made the
+    the files and reads every footer on a pool of 32 `FooterReader` actors, which made the
     first batch several times slower (BENCHMARKS.md, "Ingest").
 
 Mixing documents
     Harvest already shuffles tokens across many documents inside each part. Here the part
     order is shuffled again at every execution (a new, seed-reproducible order each epoch,
-    like Ray's ``FileShuffleConfig``), and ``local_shuffle_buffer_size`` optionally mixes rows
+    like Ray's `FileShuffleConfig`), and `local_shuffle_buffer_size` optionally mixes rows
     of several parts.
 
-Decoding is :func:`raysae.data.collate`, shared with the single-process reader: the ``act``
+Decoding is `raysae.data.collate`, shared with the single-process reader: the `act`
 bytes are viewed as a tensor and cast once into the training dtype — no per-row copies.
-Column selection (``columns=`` or ``Dataset.select_columns``) is pushed down into the read.
+Column selection (`columns=` or `Dataset.select_columns`) is pushed down into the read.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class PartsDatasource(ray.data.Datasource):
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
     ) -> list:
-        """One task per part. Ray passes ``data_context`` when it executes the dataset; only
+        """One task per part. Ray passes `data_context` when it executes the dataset; only
         those calls advance the shuffle, so execution k reads in the order of rng([seed, k])."""
         parts = self.parts
         if self.shuffle and data_context is not None:
@@ -107,11 +107,11 @@ def build_dataset(
     parts: Sequence[str] | None = None,
     read_cpus: float = 1.0,
 ) -> ray.data.Dataset:
-    """A lazy Ray Dataset over ``source``: a :class:`raysae.data.Dataset` (as opened by the
+    """A lazy Ray Dataset over `source`: a `raysae.data.Dataset` (as opened by the
     command, never reopened here) or a URI, opened and validated first.
 
-    Reads the parts named ``parts`` (default: all of the source's), in a shuffled order per execution when
-    ``shuffle_files`` (reproducible from ``seed``), and only ``columns``. ``read_cpus`` is what
+    Reads the parts named `parts` (default: all of the source's), in a shuffled order per execution when
+    `shuffle_files` (reproducible from `seed`), and only `columns`. `read_cpus` is what
     each read task reserves: below 1 lets reads run beside fractional-CPU Train workers on a
     small machine. There is no separate listing step (the manifest lists the parts), so reads
     need no CPU beyond their own reservation.
@@ -150,11 +150,11 @@ def iter_torch_batches(
     device: str | torch.device | None = None,
     prefetch_batches: int = 2,
 ) -> Iterable[torch.Tensor | dict[str, torch.Tensor]]:
-    """Batches (B, d_in) in ``dtype`` from a Dataset or a Train worker's dataset shard.
+    """Batches (B, d_in) in `dtype` from a Dataset or a Train worker's dataset shard.
 
-    ``columns`` beyond ``("act",)`` yields dicts of tensors (the dataset must hold them:
-    ``build_dataset(columns=...)``). ``local_shuffle_buffer_size`` rows are buffered and
-    sampled at random (costs one copy per batch). ``device`` None lets Ray choose (the Train
+    `columns` beyond `("act",)` yields dicts of tensors (the dataset must hold them:
+    `build_dataset(columns=...)`). `local_shuffle_buffer_size` rows are buffered and
+    sampled at random (costs one copy per batch). `device` None lets Ray choose (the Train
     worker's device, else CPU). A batch in the stored dtype shares memory with Ray's buffers
     when no copy was needed: do not modify it in place.
     """

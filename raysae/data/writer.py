@@ -1,6 +1,6 @@
 """Writing a dataset: parts first, under names no other write uses, then the manifest (the commit).
 
-Part names carry a random ``write_id`` (as Spark's ``part-00000-<uuid>`` do) so that a new
+Part names carry a random `write_id` (as Spark's `part-00000-<uuid>` do) so that a new
 write into a prefix never touches the files of the dataset already committed there.
 """
 
@@ -41,7 +41,7 @@ _PARQUET_OPTIONS = {
 
 
 def part_name(index: int, write_id: str) -> str:
-    """Name of part ``index`` of the write ``write_id``."""
+    """Name of part `index` of the write `write_id`."""
     return f"part-{index:05d}-{write_id}.parquet"
 
 
@@ -51,7 +51,7 @@ def new_write_id() -> str:
 
 
 def write_part(uri: str, name: str, table: pa.Table) -> Part:
-    """Write ``table`` (shard schema, rows :func:`check_finite`-ed by the caller) as part ``name``."""
+    """Write `table` (shard schema, rows `check_finite`-ed by the caller) as part `name`."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=max(len(table), 1), **_PARQUET_OPTIONS)
     data = sink.getvalue()
@@ -60,10 +60,10 @@ def write_part(uri: str, name: str, table: pa.Table) -> Part:
 
 
 def prepare_prefix(uri: str, *, overwrite: bool) -> None:
-    """Check that a new dataset may be written at ``uri``.
+    """Check that a new dataset may be written at `uri`.
 
-    Refuses a committed dataset unless ``overwrite`` and any file raysae did not write (so a
-    mistyped prefix never has a user's files deleted by the cleanup in :func:`commit_dataset`).
+    Refuses a committed dataset unless `overwrite` and any file raysae did not write (so a
+    mistyped prefix never has a user's files deleted by the cleanup in `commit_dataset`).
     """
     present = storage.list_files(uri)
     if MANIFEST_NAME in present and not overwrite:
@@ -79,14 +79,14 @@ def prepare_prefix(uri: str, *, overwrite: bool) -> None:
 
 
 def _is_ours(name: str) -> bool:
-    """Whether ``name`` is a part or a temporary file raysae writes."""
+    """Whether `name` is a part or a temporary file raysae writes."""
     return bool(_PART_PATTERN.match(name)) or ".tmp-" in name
 
 
 def commit_dataset(uri: str, manifest: Manifest, *, overwrite: bool) -> None:
-    """Commit: write ``manifest.json`` (atomically), then delete parts it does not list.
+    """Commit: write `manifest.json` (atomically), then delete parts it does not list.
 
-    Before this call an older manifest at ``uri`` stays valid and its parts untouched, because
+    Before this call an older manifest at `uri` stays valid and its parts untouched, because
     new parts have new names. Afterwards the older parts (and parts of failed writes) are
     deleted, so a reader still streaming the *old* dataset at that moment loses its files.
     """
@@ -110,7 +110,7 @@ def commit_dataset(uri: str, manifest: Manifest, *, overwrite: bool) -> None:
 
 
 class DatasetWriter:
-    """Write a dataset part by part; :meth:`commit` makes it visible, anything else leaves none.
+    """Write a dataset part by part; `commit` makes it visible, anything else leaves none.
 
     ::
 
@@ -118,10 +118,10 @@ class DatasetWriter:
             writer.write(acts, token_id, doc_id, pos)   # any number of times
             writer.commit(model="toy", hook="synthetic")
 
-    Rows are buffered into parts of ``rows_per_part`` and the float64 statistics accumulate as
-    they arrive. Leaving the ``with`` block by an exception aborts (deletes the parts written so
+    Rows are buffered into parts of `rows_per_part` and the float64 statistics accumulate as
+    they arrive. Leaving the `with` block by an exception aborts (deletes the parts written so
     far; a crash may leave some, which the next commit into the prefix deletes). With
-    ``overwrite=True`` an existing dataset stays readable until the commit replaces it.
+    `overwrite=True` an existing dataset stays readable until the commit replaces it.
     """
 
     def __init__(
@@ -152,7 +152,7 @@ class DatasetWriter:
         doc_id: np.ndarray | torch.Tensor | None = None,
         pos: np.ndarray | torch.Tensor | None = None,
     ) -> None:
-        """Append rows: ``acts`` (N, d_in); token_id / doc_id / pos (N,) default to -1 / row index / 0."""
+        """Append rows: `acts` (N, d_in); token_id / doc_id / pos (N,) default to -1 / row index / 0."""
         if self._closed:
             raise RuntimeError(f"DatasetWriter for {self.uri} is already committed or aborted")
         n = int(acts.shape[0])
@@ -174,7 +174,7 @@ class DatasetWriter:
             self._write(part)
 
     def _write(self, table: pa.Table) -> None:
-        """Write ``table`` as the next part."""
+        """Write `table` as the next part."""
         self._parts.append(write_part(self.uri, part_name(len(self._parts), self._write_id), table))
 
     def commit(

@@ -147,7 +147,7 @@ class SparseAutoencoder(nn.Module):
 
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[SparseAutoencoder]:
-        """The SAE in inference mode (``eval()``) inside the block; its mode restored after."""
+        """The SAE in inference mode (`eval()`) inside the block; its mode restored after."""
         was_training = self.training
         self.eval()
         try:
@@ -172,12 +172,12 @@ class SparseAutoencoder(nn.Module):
 
 @torch.no_grad()
 def initial_values(x: Tensor, cfg: SAEConfig) -> tuple[float, Tensor]:
-    """(input scale, b_dec) of an SAE with config ``cfg`` for a (N, d_in) sample ``x`` of its
+    """(input scale, b_dec) of an SAE with config `cfg` for a (N, d_in) sample `x` of its
     training activations. A function of the sample and the config alone, so a driver computes
     it without building the SAE (gigabytes at n_latents=131072, d_in=2304).
 
-    The scale makes E‖s·x‖² = d_in (1 when ``cfg.normalize_inputs`` is off); b_dec is the
-    geometric median or the mean of the scaled sample, or zero (``cfg.b_dec_init``). The scale
+    The scale makes E‖s·x‖² = d_in (1 when `cfg.normalize_inputs` is off); b_dec is the
+    geometric median or the mean of the scaled sample, or zero (`cfg.b_dec_init`). The scale
     is rounded to float32, the dtype of the buffer holding it, before b_dec is computed.
     """
     if x.ndim != 2 or x.shape[-1] != cfg.d_in:
