@@ -155,7 +155,7 @@ def build_pack(
         if checkpoint_dir is not None:
             s = member.state
             s.tokens, s.step, s.tokens_since_fired, progress = load_training_checkpoint(
-                Path(checkpoint_dir) / f"m{i}", model, member.optimizer
+                Path(checkpoint_dir) / member_key(i), model, member.optimizer
             )
         member.ddp = wrap(model)
         members.append(member)
@@ -299,19 +299,24 @@ def pack_metrics(members: list[Member], world: World) -> dict:
     return best_and_members(per_member)
 
 
+def member_key(i: int) -> str:
+    """Member i of a pack: its folder in training checkpoints and results, its metrics' prefix."""
+    return f"m{i}"
+
+
 def best_and_members(per_member: list[dict]) -> dict:
     """The member with the lowest FVU unprefixed, and every member's under "m<i>/"."""
     best = min(per_member, key=lambda d: d["fvu"] if d["fvu"] == d["fvu"] else float("inf"))
     merged = dict(best)
     for i, metrics in enumerate(per_member):
-        merged.update({f"m{i}/{k}": v for k, v in metrics.items()})
+        merged.update({f"{member_key(i)}/{k}": v for k, v in metrics.items()})
     return merged
 
 
 def member_view(record: dict, i: int, keep_unprefixed: bool = True) -> dict:
     """Member i's metrics from a pack record: its "m<i>/" keys with the prefix stripped (plus
     the shared, slash-free keys such as tokens, when keep_unprefixed)."""
-    prefix = f"m{i}/"
+    prefix = f"{member_key(i)}/"
     view = {k: v for k, v in record.items() if "/" not in k} if keep_unprefixed else {}
     view.update({k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)})
     return view

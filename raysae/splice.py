@@ -294,8 +294,6 @@ def evaluate_splice(
         if progress:
             progress(f"splice: mean of block {layer}'s output (a pass up to block {layer})")
         mean = residual_mean(model, layer, batches)
-    was_training = sae.training
-    sae.eval()
     stats = SpliceStats(mean_ablation)
     replacements: dict[str, Callable[[Tensor], Tensor]] = {
         "spliced": lambda x: sae(x.to(sae.W_enc.dtype)).x_hat,
@@ -304,7 +302,7 @@ def evaluate_splice(
     if mean is not None:
         replacements["mean_ablated"] = lambda x: mean.to(x).expand_as(x)
     start = last_report = time.monotonic()
-    try:
+    with sae.evaluating():
         for i, batch in enumerate(batches):
             runs = {"clean": _logits(model, batch)}
             for name, rows in replacements.items():
@@ -318,8 +316,6 @@ def evaluate_splice(
                     f"splice: batch {i + 1}/{len(batches)}, {stats.n:,} tokens scored, "
                     f"{stats.n / max(now - start, 1e-9):,.0f} tokens/s"
                 )
-    finally:
-        sae.train(was_training)
     return stats
 
 

@@ -43,7 +43,7 @@ from raysae.checkpoint import load_sae, save_sae
 from raysae.config import RunConfig
 from raysae.data import Dataset, storage
 from raysae.evaluate import data_mean, evaluate
-from raysae.loop import StepInfo, fit, member_view, take_init_sample
+from raysae.loop import StepInfo, fit, member_key, member_view, take_init_sample
 from raysae.metrics import scalars
 from raysae.saes import build_sae, initial_values
 from raysae.settings import ConfigError, to_dict, with_absolute_paths
@@ -197,7 +197,7 @@ def finish(
 def member_dirs(out: str, n: int) -> list[str]:
     """Where each of a pack's n SAEs writes its results: OUT itself for one, OUT/m<i> for more
     (the same m<i> names as its folders in the training checkpoints and its metric prefixes)."""
-    return [out] if n == 1 else [storage.join(out, f"m{i}") for i in range(n)]
+    return [out] if n == 1 else [storage.join(out, member_key(i)) for i in range(n)]
 
 
 def summary(result: dict) -> str:
@@ -375,7 +375,7 @@ def finish_run(
         held_out = member_view(final["eval"], i, keep_unprefixed=False)
         history = [member_view(r, i) for r in final["history"]]
         with result.checkpoint.as_directory() as ckpt_dir:
-            model = load_sae(Path(ckpt_dir) / f"m{i}")
+            model = load_sae(Path(ckpt_dir) / member_key(i))
         extra = {k: progress[k] for k in ("replayed_tokens", "restarts", "nodes", "rows_read")}
         extra.update(run_dir=member_out, checkpoint=result.checkpoint.path)
         results.append(

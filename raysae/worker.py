@@ -20,7 +20,7 @@ import torch
 
 from raysae.checkpoint import save_training_checkpoint
 from raysae.config import RunConfig
-from raysae.loop import World, build_pack, evaluate_pack, train_pack
+from raysae.loop import World, build_pack, evaluate_pack, member_key, train_pack
 from raysae.settings import from_dict
 
 
@@ -61,7 +61,7 @@ def train_loop_per_worker(config: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             for i, m in enumerate(members):
                 save_training_checkpoint(
-                    Path(tmp) / f"m{i}", m.model, m.optimizer, m.state, dict(progress)
+                    Path(tmp) / member_key(i), m.model, m.optimizer, m.state, dict(progress)
                 )
             (Path(tmp) / "history.json").write_text(json.dumps(history))
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [ray]
