@@ -125,6 +125,12 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from raysae.verify import verify_dataset
+
+    return 1 if verify_dataset(args.dataset, threads=args.threads) else 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text.replace("_", ""))
@@ -294,12 +300,27 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
     ev.set_defaults(func=_eval)
 
 
+def _verify_options(verify: argparse.ArgumentParser) -> None:
+    verify.description = (
+        "Read every part of a dataset and check it against manifest.json: present, the "
+        "listed size and SHA-256 (where recorded), footer, every Parquet page checksum, "
+        "rows, and no NaN/Inf. Prints one line per bad part and exits 1 if there is any; "
+        "progress goes to stderr. Imports no Ray."
+    )
+    verify.add_argument("dataset", help="a raysae dataset: a local directory or s3://bucket/prefix")
+    verify.add_argument(
+        "--threads", type=_positive_int, default=4, help="parts read at once (default 4)"
+    )
+    verify.set_defaults(func=_verify)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "train": ("train one SAE from a run config (YAML)", _train_options),
     "sweep": ("run a sweep of SAEs from a spec (YAML) with Ray Tune", _sweep_options),
     "submit": ("submit a sweep to a running Ray cluster as a Ray Job", _submit_options),
     "harvest": ("record a transformers model's activations as Parquet shards", _harvest_options),
     "eval": ("evaluate a trained SAE against baselines on activations", _eval_options),
+    "verify": ("check every byte of a dataset against its manifest", _verify_options),
 }
 """Subcommand → (one-line help, the function adding its description and options)."""
 

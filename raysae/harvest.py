@@ -218,6 +218,7 @@ class PartHarvester:
                     "name": name,
                     "rows": written.rows,
                     "bytes": written.bytes,
+                    "sha256": written.sha256,
                     "sum": stats.sum.tolist(),
                     "squared_norm_sum": stats.squared_norm_sum,
                 }
@@ -407,7 +408,7 @@ def _commit(
         d_in=d_model,
         dtype=cfg.dtype,
         n_tokens=stats.count,
-        parts=tuple(data.Part(r["name"], r["rows"], r["bytes"]) for r in mine),
+        parts=tuple(data.Part(r["name"], r["rows"], r["bytes"], r["sha256"]) for r in mine),
         stats=stats,
         harvest=settings,
     )

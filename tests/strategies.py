@@ -156,3 +156,49 @@ def unknown_keys(draw, known: Collection[str]) -> str:
         }[edit]
     assume(choice and choice not in known)
     return choice
+
+
+MANIFEST_FIELDS = (
+    ("model",),
+    ("revision",),
+    ("hook",),
+    ("layer",),
+    ("d_in",),
+    ("dtype",),
+    ("n_tokens",),
+    ("parts",),
+    ("harvest",),
+    ("format_version",),
+    ("stats",),
+    ("stats", "count"),
+    ("stats", "sum"),
+    ("stats", "squared_norm_sum"),
+    *((("parts", i, key) for i in range(3) for key in ("name", "rows", "bytes", "sha256"))),
+)
+"""Paths into the manifest JSON of a 3-part dataset, for `dataset_mutations`."""
+
+
+@st.composite
+def dataset_mutations(draw, *, n_parts: int = 3) -> tuple:
+    """One corruption of a committed dataset of `n_parts` parts, as a tuple to apply:
+
+    ("flip", part, where, position, mask)   XOR one byte of a part with `mask` (1..255) at
+                                            `position` (modulo the size) of the whole file, or
+                                            of its act column chunk (`where` = "act")
+    ("truncate", keep)                      manifest.json cut to `keep` bytes (modulo its size)
+    ("field", path, edit)                   a manifest field deleted, retyped, negated, or a
+                                            key added beside it (see MANIFEST_FIELDS)
+    """
+    kind = draw(st.sampled_from(["flip", "truncate", "field"]))
+    if kind == "flip":
+        return (
+            "flip",
+            draw(st.integers(0, n_parts - 1)),
+            draw(st.sampled_from(["file", "act"])),
+            draw(st.integers(0, 2**20)),
+            draw(st.integers(1, 255)),
+        )
+    if kind == "truncate":
+        return ("truncate", draw(st.integers(0, 2**20)))
+    path = draw(st.sampled_from([p for p in MANIFEST_FIELDS if len(p) < 3 or p[1] < n_parts]))
+    return ("field", path, draw(st.sampled_from(["delete", "retype", "negate", "add"])))

@@ -32,7 +32,14 @@ Modules (lowest first)::
 Everything but `stream` is importable from here: `from raysae import data`.
 """
 
-from raysae.data.dataset import Dataset, iter_batches, open_dataset, read_part, select_parts
+from raysae.data.dataset import (
+    Dataset,
+    iter_batches,
+    open_dataset,
+    read_part,
+    select_parts,
+    verify_part,
+)
 from raysae.data.format import (
     COLUMNS,
     DTYPE_KEY,
@@ -102,6 +109,7 @@ __all__ = [
     "shard_schema",
     "shard_table",
     "stored_dtype",
+    "verify_part",
     "write_dataset",
     "write_part",
 ]

@@ -9,6 +9,7 @@ open again; across a Ray boundary the value travels as it is (URI, manifest, par
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -120,21 +121,19 @@ class Dataset:
         )
 
     def verify(self) -> None:
-        """Read every row of `parts` and reject NaN/Inf, naming the part and row (slow: one
-        full pass over the data)."""
+        """Read every byte of `parts` and check it (`verify_part`: size, SHA-256 where
+        recorded, page checksums, rows, NaN/Inf), naming the first bad part (slow: one full pass
+        over the data)."""
         for part in self.parts:
-            first_row = 0
-            for batch in self.read_part(part, columns=["act"], batch_size=65536):
-                acts = decode_act(batch.column("act"), d_in=self.d_in, dtype=self.dtype)
-                check_finite(acts, where=f"{self.uri}: part {part.name}", first_row=first_row)
-                first_row += len(acts)
+            verify_part(self.uri, self.manifest, part)
 
 
 def open_dataset(uri: str, *, verify: bool = False) -> Dataset:
     """Open the dataset at `uri`: read its manifest and check every part against it.
 
     Always: every part exists with the listed size and its Parquet footer has the listed rows
-    and act width. With `verify`: additionally read every row and reject NaN/Inf.
+    and act width. With `verify`: additionally read every byte (`Dataset.verify`). Page
+    checksums are checked whenever rows are read (`read_part`).
     """
     manifest = read_manifest(uri)
     present = storage.list_files(uri)
@@ -157,14 +156,29 @@ def open_dataset(uri: str, *, verify: bool = False) -> Dataset:
     return dataset
 
 
-def _open_part(uri: str, part: Part) -> pq.ParquetFile:
-    """Open one part (close it after use), naming it if its footer cannot be read."""
-    fs, path = storage.filesystem_and_path(storage.join(uri, part.name))
+_UNREADABLE = (pa.ArrowException, OSError)
+"""What pyarrow raises on a corrupt file: OSError (a page checksum, a short read),
+ArrowInvalid (a bad page header or footer), ArrowNotImplementedError (a garbled encoding)."""
+
+
+def _fix(uri: str) -> str:
+    """What to do about a bad part of the dataset at `uri`."""
+    return f"re-harvest, or run `raysae verify {uri}` to list every bad part"
+
+
+def _open_part(uri: str, part: Part, source: str | pa.NativeFile | None = None) -> pq.ParquetFile:
+    """Open one part (close it after use) with page checksums verified on every read, naming
+    it if its footer cannot be read. `source` is the part's bytes if already in memory."""
+    if source is None:
+        fs, path = storage.filesystem_and_path(storage.join(uri, part.name))
+    else:
+        fs, path = None, source
     try:
-        return pq.ParquetFile(path, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as err:
+        return pq.ParquetFile(path, filesystem=fs, page_checksum_verification=True)
+    except _UNREADABLE as err:
         raise DatasetError(
-            f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); re-harvest"
+            f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); "
+            + _fix(uri)
         ) from err
 
 
@@ -178,22 +192,25 @@ def _read_footer(uri: str, part: Part) -> tuple[int, pa.Schema]:
     fragment = pads.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=part.bytes)
     try:
         return fragment.metadata.num_rows, fragment.physical_schema
-    except (pa.ArrowInvalid, OSError) as err:
+    except _UNREADABLE as err:
         raise DatasetError(
-            f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); re-harvest"
+            f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); "
+            + _fix(uri)
         ) from err
 
 
-def _check_footer(uri: str, manifest: Manifest, part: Part) -> None:
-    """Check one part's row count and act type from its footer alone."""
-    rows, schema = _read_footer(uri, part)
+def _check_footer(
+    uri: str, manifest: Manifest, part: Part, footer: tuple[int, pa.Schema] | None = None
+) -> None:
+    """Check one part's row count and act type from its footer alone (read here unless given)."""
+    rows, schema = footer or _read_footer(uri, part)
     if rows != part.rows:
         raise DatasetError(
             f"{uri}: part {part.name} has {rows} rows, {MANIFEST_NAME} says {part.rows}; re-harvest"
         )
     missing = [name for name in COLUMNS if name not in schema.names]
     if missing:
-        raise DatasetError(f"{uri}: part {part.name} lacks columns {missing}")
+        raise DatasetError(f"{uri}: part {part.name} lacks columns {missing}; " + _fix(uri))
     check_act_type(
         schema.field("act").type,
         d_in=manifest.d_in,
@@ -213,23 +230,87 @@ def read_part(
 ) -> Iterator[pa.Table]:
     """One part's rows as tables of `batch_size` rows (default: the whole part at once).
 
-    Checks the act type against `d_in` / `dtype`; read errors name the part. Shared by the
-    plain reader and the Ray Data read tasks (raysae.data.stream).
+    Checks the act type against `d_in` / `dtype`, every page's CRC-32 (parts written before
+    raysae wrote page checksums have none to check) and the rows read against the manifest's;
+    read errors name the part. Shared by the plain reader and the Ray Data read tasks
+    (raysae.data.stream).
     """
     with _open_part(uri, part) as parquet:
-        check_act_type(
-            parquet.schema_arrow.field("act").type,
-            d_in=d_in,
-            dtype=dtype,
-            where=f"{uri}: part {part.name}",
+        yield from _read_rows(
+            uri, part, parquet, d_in=d_in, dtype=dtype, columns=columns, batch_size=batch_size
         )
-        try:
-            for batch in parquet.iter_batches(
-                batch_size=batch_size or max(part.rows, 1), columns=list(columns), use_threads=False
-            ):
-                yield pa.Table.from_batches([batch])
-        except (pa.ArrowInvalid, OSError) as err:
-            raise DatasetError(f"{uri}: part {part.name} is corrupt ({err}); re-harvest") from err
+
+
+def _read_rows(
+    uri: str,
+    part: Part,
+    parquet: pq.ParquetFile,
+    *,
+    d_in: int,
+    dtype: str,
+    columns: Sequence[str],
+    batch_size: int | None,
+) -> Iterator[pa.Table]:
+    """The rows of an opened part (see `read_part`)."""
+    where = f"{uri}: part {part.name}"
+    schema = parquet.schema_arrow
+    missing = [name for name in columns if name not in schema.names]
+    if missing:
+        raise DatasetError(f"{where} lacks columns {missing}; " + _fix(uri))
+    check_act_type(schema.field("act").type, d_in=d_in, dtype=dtype, where=where)
+    rows = 0
+    try:
+        for batch in parquet.iter_batches(
+            batch_size=batch_size or max(part.rows, 1), columns=list(columns), use_threads=False
+        ):
+            rows += len(batch)
+            if rows > part.rows:
+                break
+            yield pa.Table.from_batches([batch])
+    except _UNREADABLE as err:
+        raise DatasetError(f"{where} is corrupt ({err}); " + _fix(uri)) from err
+    if rows != part.rows:
+        # A page header or the footer (which Parquet does not checksum) miscounts the values.
+        raise DatasetError(
+            f"{where}: read {'more than ' if rows > part.rows else ''}{rows} rows, "
+            f"{MANIFEST_NAME} says {part.rows} (corrupt); " + _fix(uri)
+        )
+
+
+def verify_part(uri: str, manifest: Manifest, part: Part) -> None:
+    """Every check of one part, raising DatasetError for the first it fails: it exists, has
+    the listed size and (where recorded) SHA-256, its footer matches the manifest, every page's
+    checksum holds, it has the listed rows and no NaN/Inf. One read of the whole file."""
+    where = f"{uri}: part {part.name}"
+    try:
+        content = storage.read_bytes(storage.join(uri, part.name))
+    except FileNotFoundError:
+        raise DatasetError(f"{where} listed in {MANIFEST_NAME} is missing; re-harvest") from None
+    if len(content) != part.bytes:
+        raise DatasetError(
+            f"{where} is {len(content)} bytes, {MANIFEST_NAME} says {part.bytes} "
+            "(truncated or replaced); re-harvest"
+        )
+    if part.sha256 is not None and hashlib.sha256(content).hexdigest() != part.sha256:
+        raise DatasetError(
+            f"{where}: its SHA-256 differs from the one in {MANIFEST_NAME} (corrupt or replaced); "
+            "re-harvest"
+        )
+    with _open_part(uri, part, pa.BufferReader(content)) as parquet:
+        _check_footer(uri, manifest, part, (parquet.metadata.num_rows, parquet.schema_arrow))
+        first_row = 0
+        for batch in _read_rows(
+            uri,
+            part,
+            parquet,
+            d_in=manifest.d_in,
+            dtype=manifest.dtype,
+            columns=COLUMNS,
+            batch_size=65536,
+        ):
+            acts = decode_act(batch.column("act"), d_in=manifest.d_in, dtype=manifest.dtype)
+            check_finite(acts, where=where, first_row=first_row)
+            first_row += len(acts)
 
 
 def select_parts(source: Dataset, names: Sequence[str] | None) -> list[Part]:

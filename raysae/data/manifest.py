@@ -27,6 +27,7 @@ MANIFEST_NAME = "manifest.json"
 """File whose presence commits a dataset."""
 
 _PART_PATTERN = re.compile(r"^part-\d{5,}(-[0-9a-f]+)?\.parquet$")
+_SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,6 +118,27 @@ class Part:
     """Rows (tokens) in the file."""
     bytes: int
     """File size in bytes; a mismatch means a truncated or replaced file."""
+    sha256: str | None = None
+    """SHA-256 of the file's bytes (hex, as `sha256sum` prints it), computed by the writer from
+    the bytes it uploaded. Checked by `raysae verify` (and `open_dataset(verify=True)`), which
+    read whole parts; every other read relies on the parts' Parquet page checksums. None in
+    manifests written before raysae recorded hashes (the key is absent): verify then checks the
+    size, footer, page checksums (where the part has them) and values, but cannot detect a
+    changed byte that Parquet does not checksum (page headers, footer) nor a part replaced by
+    another valid file of the same size and row count."""
+
+    def __post_init__(self) -> None:
+        _check_type("manifest part name", self.name, str)
+        for what, value in (("rows", self.rows), ("bytes", self.bytes)):
+            _check_type(f"manifest part {self.name} {what}", value, int)
+            if value < 0:
+                raise DatasetError(f"manifest part {self.name} {what}={value}: must be >= 0")
+        if self.sha256 is not None and not (
+            isinstance(self.sha256, str) and _SHA256_PATTERN.match(self.sha256)
+        ):
+            raise DatasetError(
+                f"manifest part {self.name} sha256={self.sha256!r}: expected 64 hex digits"
+            )
 
 
 @dataclass(frozen=True)
@@ -147,6 +169,8 @@ class Manifest:
     """Layout version (see FORMAT_VERSION)."""
 
     def __post_init__(self) -> None:
+        for name, types in _MANIFEST_TYPES.items():
+            _check_type(f"manifest {name}", getattr(self, name), types)
         if self.format_version != FORMAT_VERSION:
             raise DatasetError(
                 f"manifest format_version={self.format_version}, this raysae reads {FORMAT_VERSION}: "
@@ -191,17 +215,46 @@ class Manifest:
         data = json.loads(text)
         _check_keys("manifest", data, {f.name for f in fields(cls)})
         parts = []
+        if not isinstance(data["parts"], list):
+            raise DatasetError(f"manifest parts must be a list, got {type(data['parts']).__name__}")
         for part in data["parts"]:
-            _check_keys("manifest part", part, {"name", "rows", "bytes"})
+            _check_keys("manifest part", part, {"name", "rows", "bytes"}, optional={"sha256"})
             parts.append(Part(**part))
         return cls(**{**data, "parts": tuple(parts), "stats": ActStats.from_dict(data["stats"])})
 
 
-def _check_keys(what: str, data: Any, expected: set[str]) -> None:
-    """Raise DatasetError unless `data` is a dict with exactly the `expected` keys."""
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str,
+    "revision": (str, type(None)),
+    "hook": str,
+    "layer": (int, type(None)),
+    "d_in": int,
+    "dtype": str,
+    "n_tokens": int,
+    "parts": tuple,
+    "harvest": dict,
+    "format_version": int,
+}
+"""The JSON types of the manifest's scalar fields (`stats` is checked by ActStats.from_dict)."""
+
+
+def _check_type(what: str, value: Any, types: type | tuple[type, ...]) -> None:
+    """Raise DatasetError unless `value` is of `types` (a bool is no int here: JSON tells them
+    apart, and `true` for a row count is a corrupt manifest, not 1)."""
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise DatasetError(f"{what} is {value!r}, expected {expected}")
+
+
+def _check_keys(
+    what: str, data: Any, expected: set[str], *, optional: frozenset[str] | set[str] = frozenset()
+) -> None:
+    """Raise DatasetError unless `data` is a dict with the `expected` keys, and perhaps some of
+    the `optional` ones, and no others."""
     if not isinstance(data, dict):
         raise DatasetError(f"{what} must be a JSON object, got {type(data).__name__}")
-    unknown, missing = set(data) - expected, expected - set(data)
+    unknown, missing = set(data) - expected - set(optional), expected - set(data)
     if unknown or missing:
         raise DatasetError(
             f"{what}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}"
@@ -212,12 +265,14 @@ def read_manifest(uri: str) -> Manifest:
     """The manifest of the dataset at `uri`, parsed and validated (parts are not checked)."""
     path = storage.join(uri, MANIFEST_NAME)
     try:
-        text = storage.read_bytes(path).decode()
+        content = storage.read_bytes(path)
     except FileNotFoundError:
         raise DatasetError(
             f"no {MANIFEST_NAME} at {uri}: not a raysae dataset, or its harvest did not finish"
         ) from None
     try:
-        return Manifest.from_json(text)
-    except (json.JSONDecodeError, TypeError, DatasetError) as err:
+        return Manifest.from_json(content.decode())
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{path}: not UTF-8 text ({err}); the manifest is corrupt") from err
+    except (ValueError, TypeError) as err:  # JSON syntax, field types, DatasetError
         raise DatasetError(f"{path}: {err}") from err

@@ -1,0 +1,261 @@
+"""Integrity from the bytes up: page checksums on every read, part hashes, `raysae verify`, and
+a fuzz of corrupted datasets (every one either reads back bit-identical or is refused, named)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hypothesis import event, given, settings
+from strategies import dataset_mutations
+
+from raysae import data
+from raysae.__main__ import main
+from raysae.data import storage
+
+ROWS, D_IN, ROWS_PER_PART = 72, 16, 24
+
+
+def small_dataset(uri: str) -> dict[str, torch.Tensor]:
+    """Write 3 parts of 24 rows × d_in 16 (float16); every column as written, in part order."""
+    g = torch.Generator().manual_seed(0)
+    columns = {
+        "act": torch.randn(ROWS, D_IN, generator=g).half(),
+        "token_id": torch.randint(0, 1000, (ROWS,), generator=g, dtype=torch.int32),
+        "doc_id": torch.arange(ROWS, dtype=torch.int64) // 5,
+        "pos": torch.arange(ROWS, dtype=torch.int32) % 5,
+    }
+    data.write_dataset(
+        uri,
+        columns["act"],
+        dtype="float16",
+        token_id=columns["token_id"],
+        doc_id=columns["doc_id"],
+        pos=columns["pos"],
+        rows_per_part=ROWS_PER_PART,
+    )
+    return columns
+
+
+def read_back(uri: str) -> dict[str, torch.Tensor]:
+    """Every column of every part through open_dataset and the plain reader."""
+    batches = list(data.open_dataset(uri).batches(1000, dtype=torch.float16, columns=data.COLUMNS))
+    return {name: torch.cat([batch[name] for batch in batches]) for name in data.COLUMNS}
+
+
+def flip(path: str, position: int, mask: int = 0x01) -> None:
+    """XOR the byte at `position` of the file at `path` with `mask`."""
+    with open(path, "r+b") as file:
+        file.seek(position)
+        byte = file.read(1)[0]
+        file.seek(position)
+        file.write(bytes([byte ^ mask]))
+
+
+def act_chunk(path: str) -> tuple[int, int]:
+    """(offset, bytes) of the act column chunk (its page header and data page) in a part."""
+    column = pq.ParquetFile(path).metadata.row_group(0).column(0)
+    assert column.path_in_schema == "act"
+    return column.data_page_offset, column.total_compressed_size
+
+
+def verify(uri: str, capsys) -> tuple[int, str, str]:
+    """`raysae verify URI`: (exit code, stdout, stderr)."""
+    code = main(["verify", uri])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------- page checksums on read
+
+
+def test_flipped_byte_in_a_data_page_fails_the_read_naming_the_part(tmp_path) -> None:
+    uri = str(tmp_path)
+    small_dataset(uri)
+    name = data.read_manifest(uri).parts[1].name
+    offset, size = act_chunk(str(tmp_path / name))
+    flip(str(tmp_path / name), offset + size - 10)  # inside the values, past the page header
+    dataset = data.open_dataset(uri)  # the footer is intact: opening cannot tell
+    with pytest.raises(
+        data.DatasetError,
+        match=f"{uri}: part {name} is corrupt .*CRC checksum verification failed.*"
+        f"re-harvest, or run `raysae verify {uri}`",
+    ):
+        list(dataset.batches(10))
+
+
+def test_every_flip_in_the_act_page_header_is_refused_or_harmless(tmp_path) -> None:
+    """Parquet checksums page data, not page headers; a header flip that still parses may
+    miscount the values, which the row check against the manifest catches."""
+    uri = str(tmp_path / "good")
+    written = small_dataset(uri)
+    name = data.read_manifest(uri).parts[0].name
+    offset, _ = act_chunk(os.path.join(uri, name))
+    outcomes = {"identical": 0, "refused": 0}
+    for position in range(offset, offset + 24):  # the page header is ~20 bytes
+        for mask in (0x01, 0x10, 0x80):
+            with open(os.path.join(uri, name), "rb") as file:
+                original = file.read()
+            flip(os.path.join(uri, name), position, mask)
+            try:
+                got = read_back(uri)
+            except data.DatasetError as err:
+                assert name in str(err)
+                outcomes["refused"] += 1
+            else:
+                assert all(torch.equal(got[k], written[k]) for k in written), (position, mask)
+                outcomes["identical"] += 1
+            with open(os.path.join(uri, name), "wb") as file:
+                file.write(original)
+    assert outcomes["refused"] > 0
+
+
+def test_writer_records_the_sha256_of_the_uploaded_bytes(tmp_path) -> None:
+    import hashlib
+
+    small_dataset(str(tmp_path))
+    for part in data.read_manifest(str(tmp_path)).parts:
+        assert part.sha256 == hashlib.sha256((tmp_path / part.name).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- raysae verify
+
+
+def test_verify_a_good_dataset(tmp_path, capsys) -> None:
+    small_dataset(str(tmp_path))
+    code, out, err = verify(str(tmp_path), capsys)
+    assert code == 0
+    assert out.strip() == f"{tmp_path}: 3 parts, 72 rows: all good"
+    assert "verify: 3/3 parts" in err
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        ("flip", "its SHA-256 differs from the one in manifest.json"),
+        ("truncate", "is 1000 bytes, manifest.json says .* \\(truncated or replaced\\)"),
+        ("missing", "listed in manifest.json is missing"),
+    ],
+)
+def test_verify_names_each_bad_part(tmp_path, capsys, damage: str, problem: str) -> None:
+    uri = str(tmp_path)
+    small_dataset(uri)
+    parts = data.read_manifest(uri).parts
+    for part in parts[::2]:  # parts 0 and 2; part 1 stays good
+        path = str(tmp_path / part.name)
+        if damage == "flip":
+            offset, size = act_chunk(path)
+            flip(path, offset + size // 2)
+        elif damage == "truncate":
+            os.truncate(path, 1000)
+        else:
+            os.remove(path)
+    code, out, err = verify(uri, capsys)
+    assert code == 1, err
+    lines = out.splitlines()
+    for line, part in zip(lines, parts[::2]):
+        assert line.startswith(f"BAD {uri}: part {part.name}")
+        assert re.search(problem, line), line
+    assert parts[1].name not in out
+    assert lines[-1] == f"{uri}: 3 parts, 72 rows: 2 bad; re-harvest the dataset"
+
+
+def test_verify_without_a_manifest_is_an_error(tmp_path, capsys) -> None:
+    code, _, err = verify(str(tmp_path), capsys)
+    assert code == 2 and f"raysae verify: error: no manifest.json at {tmp_path}" in err
+
+
+def test_old_manifest_without_hashes_reads_and_verify_says_so(tmp_path, capsys) -> None:
+    uri = str(tmp_path)
+    written = small_dataset(uri)
+    manifest = json.loads((tmp_path / data.MANIFEST_NAME).read_text())
+    for part in manifest["parts"]:
+        del part["sha256"]  # as raysae wrote manifests before it recorded hashes
+    (tmp_path / data.MANIFEST_NAME).write_text(json.dumps(manifest))
+    got = read_back(uri)
+    assert all(torch.equal(got[k], written[k]) for k in written)
+    code, out, _ = verify(uri, capsys)
+    assert code == 0
+    assert "3 of 3 parts have no SHA-256 in manifest.json" in out
+    assert "hashes were not recorded" in out and out.splitlines()[-1].endswith("all good")
+
+
+def test_verify_imports_no_ray(tmp_path) -> None:
+    small_dataset(str(tmp_path))
+    check = (
+        "import sys; from raysae.__main__ import main; code = main(['verify', sys.argv[1]]); "
+        "assert 'ray' not in sys.modules, 'ray imported'; sys.exit(code)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+
+
+# ---------------------------------------------------------------- fuzz
+
+
+def mutate(uri: str, mutation: tuple) -> str:
+    """Apply a `strategies.dataset_mutations` corruption; the name of the file it changed."""
+    manifest_path = os.path.join(uri, data.MANIFEST_NAME)
+    if mutation[0] == "flip":
+        _, index, where, position, mask = mutation
+        name = data.read_manifest(uri).parts[index].name
+        path = os.path.join(uri, name)
+        start, size = act_chunk(path) if where == "act" else (0, os.path.getsize(path))
+        flip(path, start + position % size, mask)
+        return name
+    text = storage.read_bytes(manifest_path)
+    if mutation[0] == "truncate":
+        storage.write_bytes(manifest_path, text[: mutation[1] % len(text)])
+        return data.MANIFEST_NAME
+    _, path, edit = mutation
+    fields = json.loads(text)
+    parent = fields
+    for key in path[:-1]:
+        parent = parent[key]
+    key = path[-1]
+    if edit == "delete":
+        del parent[key]
+    elif edit == "add":
+        parent["extra"] = 1
+    elif edit == "negate" and isinstance(parent[key], (int, float)):
+        parent[key] = -parent[key]
+    elif edit == "negate" and isinstance(parent[key], list) and key == "sum":
+        parent[key] = [-value for value in parent[key]]
+    else:  # retype (and negate of what has no sign)
+        value = parent[key]
+        parent[key] = {str: 7, int: str(value), float: str(value), type(None): 0, list: {}}.get(
+            type(value), []
+        )
+    storage.write_bytes(manifest_path, json.dumps(fields).encode())
+    return data.MANIFEST_NAME
+
+
+def outcome(uri: str, written: dict[str, torch.Tensor], changed: str) -> str:
+    """ "identical" if the dataset at `uri` reads back exactly as `written`, "refused" if it is
+    refused with a DatasetError naming a file; fails on anything else."""
+    try:
+        got = read_back(uri)
+    except data.DatasetError as err:
+        names = [changed, data.MANIFEST_NAME]
+        assert any(name in str(err) for name in names), f"names no file: {err}"
+        return "refused"
+    for name, column in written.items():
+        assert torch.equal(got[name], column), f"accepted with a changed {name} column"
+    return "identical"
+
+
+@settings(max_examples=60, deadline=None)
+@given(mutation=dataset_mutations())
+def test_corrupted_dataset_reads_identical_or_is_refused(tmp_path_factory, mutation) -> None:
+    uri = str(tmp_path_factory.mktemp("ds"))
+    written = small_dataset(uri)
+    changed = mutate(uri, mutation)
+    event(f"{mutation[0]}: {outcome(uri, written, changed)}")
