@@ -87,6 +87,37 @@ def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: i
         print(f"{label:<6} ratio (b)/(a), {what:<12} {statistics.median(ratios):.2f}  ({spread})")
 
 
+def without_page_checksums(uri: str, out: str) -> str:
+    """A copy of the local dataset `uri` at `out` whose parts have no page CRCs, as raysae wrote
+    them before it checksummed pages: reading it costs what reading did without verification
+    (pyarrow verifies only pages that carry a CRC)."""
+    import dataclasses
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from raysae import data
+    from raysae.data import storage
+    from raysae.data.writer import _PARQUET_OPTIONS
+
+    manifest, parts = data.read_manifest(uri), []
+    os.makedirs(out)
+    for part in manifest.parts:
+        table = pq.read_table(os.path.join(uri, part.name))
+        path = os.path.join(out, part.name)
+        options = {**_PARQUET_OPTIONS, "write_page_checksum": False}
+        pq.write_table(table, path, row_group_size=len(table), **options)
+        content = open(path, "rb").read()
+        parts.append(
+            dataclasses.replace(
+                part, bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
+            )
+        )
+    manifest = dataclasses.replace(manifest, parts=tuple(parts))
+    storage.write_bytes(os.path.join(out, data.MANIFEST_NAME), manifest.to_json().encode())
+    return out
+
+
 def serve_s3(port: int) -> None:
     """Child process: a moto S3 server on 127.0.0.1:port until terminated."""
     import logging
@@ -139,6 +170,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", choices=["local", "s3"], help="run one of the two cases")
+    parser.add_argument(
+        "--checksum-cost",
+        action="store_true",
+        help="also read a copy of the local dataset without page CRCs (label nocrc): "
+        "the cost of verifying them is the difference",
+    )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     server = (
@@ -171,9 +208,17 @@ def main() -> None:
                 f"{label:<6} {rows:,} rows × d_in={args.d_in} float16 = {rows * row_bytes / 1e6:,.0f} MB "
                 f"in {len(manifest.parts)} parts; batches of {args.batch_size} float32; {os.cpu_count()} CPUs"
             )
-            compare(
-                label, uri, batch_size=args.batch_size, repeats=args.repeats, row_bytes=row_bytes
-            )
+            uris = [(label, uri)]
+            if label == "local" and args.checksum_cost:
+                uris.append(("nocrc", without_page_checksums(uri, os.path.join(tmp, "nocrc"))))
+            for case, case_uri in uris:
+                compare(
+                    case,
+                    case_uri,
+                    batch_size=args.batch_size,
+                    repeats=args.repeats,
+                    row_bytes=row_bytes,
+                )
     ray.shutdown()
     if server is not None:
         server.terminate()
