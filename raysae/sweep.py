@@ -222,12 +222,8 @@ def ensure_dataset(
         log(f"{uri} has no dataset yet: writing {toy.n_tokens:,} toy tokens")
         write_toy_dataset(uri, toy.features, spec.base.sae.d_in, toy.n_tokens, toy.rows_per_part)
         return
-    if spec.harvest is None:
-        raise ConfigError(
-            f"base.data.uri={uri} holds no dataset (no {data.MANIFEST_NAME}) and the spec says "
-            "not how to make one: harvest it first (raysae harvest), or add a harvest or "
-            "toy_dataset section"
-        )
+    if spec.harvest is None:  # the points may read other datasets: open_for_ray checks them
+        return
     import ray
 
     from raysae.harvest import harvest

@@ -201,7 +201,7 @@ def _other_d_in(spec: dict) -> dict:
 
 
 PREFLIGHT_FAILURES = {
-    "no dataset, nothing to make it": (_no_toy, "holds no dataset"),
+    "no dataset, nothing to make it": (_no_toy, "no manifest.json at"),
     "dataset d_in differs": (_other_d_in, "has d_in=8 but sae.d_in=16"),
     "toy parts all held out": (
         lambda spec: {**spec, "toy_dataset": {**spec["toy_dataset"], "rows_per_part": 10**6}},
