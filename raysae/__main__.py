@@ -33,10 +33,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.local or cfg.data.toy is not None:
         run_single_process(cfg, args.out, overwrite=args.overwrite)
         return 0
-    import ray
-
-    ray.init(address=args.address, log_to_driver=True)
-    train_distributed(cfg, args.out, name=args.name, overwrite=args.overwrite)
+    # Ray starts once the output and the dataset are checked.
+    train_distributed(cfg, args.out, name=args.name, overwrite=args.overwrite, address=args.address)
     return 0
 
 
@@ -44,13 +42,12 @@ def _sweep(args: argparse.Namespace) -> int:
     from raysae.sweep_spec import load_sweep_spec
 
     spec = load_sweep_spec(args.spec)  # a bad spec fails before Ray is even imported
-    import ray
+    from raysae.sweep import SweepFailedError, run_sweep
 
-    from raysae.sweep import run_sweep
-
-    if not ray.is_initialized():
-        ray.init(address=args.address)
-    run_sweep(spec, resume=args.resume)
+    try:
+        run_sweep(spec, resume=args.resume, address=args.address)  # Ray starts after pre-flight
+    except SweepFailedError as e:  # it ran, and every trial failed: their errors in one message
+        return _error(args, e, code=1)
     return 0
 
 
@@ -349,10 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, OSError, ValueError) as e:  # bad input: named in the message
-        if os.environ.get("RAYSAE_TRACEBACK"):
-            traceback.print_exc()
-        print(f"raysae {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return _error(args, e, code=2)
+
+
+def _error(args: argparse.Namespace, e: BaseException, code: int) -> int:
+    """Tell the user what went wrong in one message (RAYSAE_TRACEBACK=1: the traceback too)."""
+    if os.environ.get("RAYSAE_TRACEBACK"):
+        traceback.print_exception(e)
+    print(f"raysae {args.command}: error: {e}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

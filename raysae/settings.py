@@ -152,9 +152,11 @@ def _number(tp: type, value: Any, key: str):
             value = float(value.replace("_", ""))
         except ValueError:
             raise ConfigError(f"{key}={value!r}: expected a number") from None
-    if not isinstance(value, (int, float)) or math.isnan(value):
-        raise ConfigError(f"{key}={value!r}: expected a number")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: expected a finite number")
     if tp is int:
+        if isinstance(value, int):
+            return value
         if float(value) != int(value):
             raise ConfigError(f"{key}={value!r}: expected a whole number")
         return int(value)
@@ -232,7 +234,7 @@ def set_dotted(cls: type, data: dict, dotted: str, value: Any, *, what: str = "k
     way are created (a run file may leave out `train:`). `what` says where the key came from
     ("--set", "space key") in the error, e.g. `--set 'sae.k.x': 'k' is not a config section`.
     """
-    parts = dotted.split(".")
+    parts = dotted.split(".") if isinstance(dotted, str) else [""]
     if not all(parts):
         raise ConfigError(f"{what} {dotted!r}: expected dot-separated field names, e.g. sae.k")
     node, tp = data, cls

@@ -34,7 +34,15 @@ from raysae.train import (
 )
 
 SPEC_FILE = "sweep_spec.json"
-"""Written first into OUTPUT/NAME: marks the folder as a sweep's and records what ran."""
+"""Written into OUTPUT/NAME once the pre-flight checks pass: marks the folder as a sweep's and
+records what ran."""
+TUNE_STATE = "tuner.pkl"
+"""What Tune writes into OUTPUT/NAME when it sets the sweep up (tune.Tuner), before any trial;
+`--resume` (Tuner.restore) reads it."""
+
+
+class SweepFailedError(RuntimeError):
+    """Every trial of a sweep failed; the message has each trial's error."""
 
 
 def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
@@ -75,9 +83,15 @@ def _finished_metrics(trial_dir: str, n: int) -> list[dict]:
 
 
 def run_sweep(
-    spec: SweepSpec, resume: bool = False, log: Callable[[str], None] = print
+    spec: SweepSpec,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+    address: str | None = None,
 ) -> pd.DataFrame:
-    """Run (or with `resume`, continue) the sweep; write and return the results table."""
+    """Run (or with `resume`, continue) the sweep; write and return the results table.
+
+    Ray is started (or the cluster at `address` joined) only once the pre-flight checks pass,
+    unless the dataset has to be harvested first."""
     import ray
     from ray import tune
 
@@ -85,13 +99,9 @@ def run_sweep(
     sweep_dir = storage.join(spec.output, spec.name)
     points = expand(spec)
     groups = packs(points, spec.pack)
-    _prepare_output(spec, sweep_dir, resume)
-    ensure_dataset(spec, log)
-    # Each dataset opened once, and checked against every point: bad data fails here.
-    uris = sorted({cfg.data.uri for cfg in points}, key=str)
-    datasets = {uri: open_for_ray([p for p in points if p.data.uri == uri]) for uri in uris}
+    datasets = preflight(spec, points, sweep_dir, resume, log, address)
     if not ray.is_initialized():
-        ray.init()
+        ray.init(address=address)
 
     fs, root = storage.filesystem_and_path(spec.output)
     experiment = f"{root}/{spec.name}"
@@ -130,43 +140,78 @@ def run_sweep(
         )
     t0 = time.perf_counter()
     grid = tuner.fit()
+    errors = {_trial_id(r): _last_line(r.error) for r in grid if r.error}
+    if len(errors) == len(grid):
+        raise SweepFailedError(
+            f"every trial of sweep {spec.name} failed ({sweep_dir}):\n"
+            + "\n".join(f"  trial {trial}: {error}" for trial, error in errors.items())
+        )
     table = report.with_frontiers(collect(grid, sweep_dir))
-    if (table["status"] == "error").all():
-        first = next(r.error for r in grid if r.error)
-        raise RuntimeError(f"every trial of sweep {spec.name} failed; the first error: {first}")
     report.write_results(table, sweep_dir)
     log(f"sweep finished in {time.perf_counter() - t0:.0f} s")
     log(report.summary(table, sweep_dir))
     return table
 
 
-def _prepare_output(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
-    """Refuse to mix with an earlier sweep's results; check the output is writable early."""
-    marker = storage.join(sweep_dir, SPEC_FILE)
-    has_results = storage.exists(storage.join(sweep_dir, "results.csv"))
-    started = storage.exists(marker)
+def preflight(
+    spec: SweepSpec,
+    points: list[RunConfig],
+    sweep_dir: str,
+    resume: bool,
+    log: Callable[[str], None] = print,
+    address: str | None = None,
+) -> dict[str, Dataset]:
+    """Check everything the sweep needs, then mark the output: data.uri → its opened Dataset.
+
+    Nothing is written to the output before the last step, so a sweep that fails here leaves
+    it as it was (and a rerun is not mistaken for an interrupted sweep). In order: the output's
+    state and writability; the dataset, made first if the spec says how (that writes to the
+    data location only); each dataset opened once and checked against every point."""
+    _check_output(sweep_dir, resume, log)
+    storage.check_writable(sweep_dir)
+    ensure_dataset(spec, log, address)
+    uris = sorted({cfg.data.uri for cfg in points}, key=str)
+    datasets = {uri: open_for_ray([p for p in points if p.data.uri == uri]) for uri in uris}
+    if not resume:
+        marker = storage.join(sweep_dir, SPEC_FILE)
+        storage.write_bytes(marker, json.dumps(to_dict(spec), indent=1, default=str).encode())
+    return datasets
+
+
+def _check_output(sweep_dir: str, resume: bool, log: Callable[[str], None]) -> None:
+    """Refuse to mix with an earlier sweep's results, or to resume a sweep that never started."""
+    started = storage.exists(storage.join(sweep_dir, SPEC_FILE))
+    tune_state = storage.exists(storage.join(sweep_dir, TUNE_STATE))
     if resume:
         if not started:
             raise ConfigError(
-                f"--resume: {sweep_dir} holds no sweep to resume; run without --resume"
+                f"--resume: {sweep_dir} holds no sweep to resume; start it without --resume"
+            )
+        if not tune_state:
+            raise ConfigError(
+                f"--resume: the sweep in {sweep_dir} never started (it has {SPEC_FILE} but no "
+                f"Tune state, {TUNE_STATE}); start it without --resume"
             )
         return
-    if has_results:
+    if storage.exists(storage.join(sweep_dir, "results.csv")):
         raise OutputExistsError(
             f"{sweep_dir} already holds a finished sweep (results.csv); "
             "change `name` or `output` in the spec"
         )
-    if started:
+    if started and tune_state:
         raise OutputExistsError(
             f"{sweep_dir} holds an interrupted sweep; continue it with "
             "--resume, or change `name` or `output` in the spec"
         )
-    # Written first: an unreachable or read-only output fails here, before any work.
-    storage.write_bytes(marker, json.dumps(to_dict(spec), indent=1, default=str).encode())
+    if started:  # marked by an older raysae, then failed before Tune began: nothing to keep
+        log(f"{sweep_dir}: a sweep marked there never started; starting it")
 
 
-def ensure_dataset(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
-    """Make the base dataset when it does not exist yet and the spec says how (harvest or toy)."""
+def ensure_dataset(
+    spec: SweepSpec, log: Callable[[str], None] = print, address: str | None = None
+) -> None:
+    """Make the base dataset when it does not exist yet and the spec says how (harvest or toy;
+    a harvest runs on the Ray cluster at `address`, a new local one by default)."""
     from raysae import data
 
     uri = spec.base.data.uri
@@ -177,9 +222,14 @@ def ensure_dataset(spec: SweepSpec, log: Callable[[str], None] = print) -> None:
         log(f"{uri} has no dataset yet: writing {toy.n_tokens:,} toy tokens")
         write_toy_dataset(uri, toy.features, spec.base.sae.d_in, toy.n_tokens, toy.rows_per_part)
         return
-    if spec.harvest is None:
+    if spec.harvest is None:  # the points may read other datasets: open_for_ray checks them
         return
+    import ray
+
     from raysae.harvest import harvest
+
+    if not ray.is_initialized():
+        ray.init(address=address)
 
     # SweepSpec checked that base.data.uri is one of the harvest's layer outputs.
     log(
@@ -210,13 +260,26 @@ def collect(grid, sweep_dir: str) -> pd.DataFrame:
     """One row per SAE from a Tune ResultGrid and the members' metrics.json files."""
     rows = []
     for result in grid:
-        config = result.config
-        trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("_")[-2]
+        config, trial_id = result.config, _trial_id(result)
+        if config is None:  # failed before its first report: Tune kept no config for it
+            rows.append({"trial_id": trial_id, "member": 0, "status": "error"})
+            continue
         trial_dir = storage.join(config["trials_dir"], f"trial-{trial_id}")
         runs = [from_dict(RunConfig, r) for r in config["packs"][config["pack"]]]
         for i, (cfg, member_dir) in enumerate(zip(runs, member_dirs(trial_dir, len(runs)))):
             rows.append(_row(cfg, trial_id, i, member_dir, result))
     return pd.DataFrame(rows)
+
+
+def _trial_id(result) -> str:
+    """The Tune trial id of a result (Tune sets it in every trial's last result)."""
+    return (result.metrics or {}).get("trial_id") or result.path.rstrip("/").split("/")[-1]
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of an error's message: a Ray task error's is the original exception."""
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
 
 
 def _row(cfg: RunConfig, trial_id: str, member: int, member_dir: str, result) -> dict:

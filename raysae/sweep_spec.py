@@ -52,6 +52,8 @@ from raysae.settings import (
 )
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+MAX_POINTS = 10_000
+"""The most points a sweep expands to: a guard against a typo'd num_samples or grid."""
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,23 @@ class SweepSpec:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name={self.name!r}: give a non-empty name without '/'")
+        if not self.output:
+            raise ConfigError("output='': give a local directory or s3://bucket/prefix")
         check_positive(self, "num_samples", "pack", "max_concurrent_trials", where="")
         check_non_negative(self, "max_failures", where="")
         if self.harvest is not None and self.toy_dataset is not None:
             raise ConfigError("give at most one of harvest and toy_dataset")
+        toy = self.toy_dataset
+        if (
+            toy is not None
+            and math.ceil(toy.n_tokens / toy.rows_per_part) <= self.base.data.eval_parts
+        ):
+            raise ConfigError(
+                f"toy_dataset: {toy.n_tokens} tokens in parts of {toy.rows_per_part} rows make "
+                f"{math.ceil(toy.n_tokens / toy.rows_per_part)} part(s), and base.data.eval_parts="
+                f"{self.base.data.eval_parts} would hold out all of them: lower "
+                "toy_dataset.rows_per_part"
+            )
         if self.harvest is not None and self.base.data.uri is not None:
             outputs = [layer_uri(self.harvest.output, layer) for layer in self.harvest.layers]
             if absolute(self.base.data.uri) not in map(absolute, outputs):
@@ -160,7 +175,13 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     rng = random.Random(spec.seed)
     arch_spaces = spec.architectures or {None: {}}
     points: list[RunConfig] = []
+    n_points = 0
     for arch, sub in arch_spaces.items():
+        if not isinstance(sub, (dict, type(None))):
+            raise ConfigError(
+                f"architectures: {arch}={sub!r}: give its sub-space as a mapping of dotted keys "
+                f"to values, e.g. {arch}: {{sae.k: [16, 32]}}"
+            )
         space = {**spec.space, **(sub or {})}
         if arch is not None:
             space["sae.architecture"] = [arch]
@@ -171,6 +192,13 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
         for k in grid_keys:
             if not space[k]:
                 raise ConfigError(f"space: {k} has an empty list of values")
+        n_points += math.prod(len(space[k]) for k in grid_keys) * (
+            spec.num_samples if dist_keys else 1
+        )
+        if n_points > MAX_POINTS:
+            raise ConfigError(
+                f"the sweep has more than {MAX_POINTS:,} points; split it into smaller sweeps"
+            )
         for combo in itertools.product(*(space[k] for k in grid_keys)):
             for _ in range(spec.num_samples if dist_keys else 1):
                 values = dict(zip(grid_keys, combo))
@@ -212,7 +240,7 @@ def _check_distribution(key: str, dist: Any) -> None:
     if not (
         isinstance(args, list)
         and len(args) == 2
-        and all(isinstance(a, (int, float)) for a in args)
+        and all(isinstance(a, (int, float)) and math.isfinite(a) for a in args)
         and args[0] < args[1]
     ):
         raise ConfigError(f"space: {key}: {kind} needs [low, high] with low < high, got {args!r}")

@@ -150,12 +150,14 @@ def training_and_eval_streams(cfg: RunConfig, batch_size: int):
 
 
 def check_output(out: str, overwrite: bool) -> None:
-    """Refuse to write over an earlier run's results unless told to."""
+    """Refuse to write over an earlier run's results unless told to, or to an output that
+    cannot be written (checked without writing anything there)."""
     if storage.exists(storage.join(out, "metrics.json")) and not overwrite:
         raise OutputExistsError(
             f"{out} already holds a finished run (metrics.json); "
             "choose another --out or --name, or pass --overwrite"
         )
+    storage.check_writable(out)
 
 
 def finish(
@@ -328,8 +330,10 @@ def train_distributed(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     on_step: Optional[Callable[[StepInfo], None]] = None,
+    address: Optional[str] = None,
 ) -> dict:
-    """Train one SAE with Ray Train on the connected (or a new local) Ray cluster.
+    """Train one SAE with Ray Train on the connected Ray cluster, else the one at `address`
+    (a new local one by default), joined once the output and dataset are checked.
 
     Resumes the run OUT/NAME if it has checkpoints; returns the final metrics (also written to
     OUT/NAME/metrics.json).
@@ -342,7 +346,7 @@ def train_distributed(
     check_output(run_dir, overwrite)
     dataset = open_for_ray([cfg])
     if not ray.is_initialized():
-        ray.init()
+        ray.init(address=address)
     trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step)
     log(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "

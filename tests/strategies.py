@@ -202,3 +202,46 @@ def dataset_mutations(draw, *, n_parts: int = 3) -> tuple:
         return ("truncate", draw(st.integers(0, 2**20)))
     path = draw(st.sampled_from([p for p in MANIFEST_FIELDS if len(p) < 3 or p[1] < n_parts]))
     return ("field", path, draw(st.sampled_from(["delete", "retype", "negate", "add"])))
+
+
+BAD_VALUES = (-1, 0, 1.5, 10**30, 1e300, math.inf, -math.inf, math.nan, "", "x", True, None)
+BAD_VALUES += ([], [1, 2], {}, {"a": {"b": 1}})
+"""Values of the wrong type or out of range, for any setting."""
+
+
+def _paths(node, prefix: tuple = ()) -> list[tuple]:
+    """Every key path into nested dicts and lists: ("base", "sae", "k"), ("space", "sae.k", 0)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    paths = []
+    for key, value in items:
+        paths.append((*prefix, key))
+        if isinstance(value, (dict, list)):
+            paths.extend(_paths(value, (*prefix, key)))
+    return paths
+
+
+@st.composite
+def mutated(draw, spec: dict, *, max_mutations: int = 3) -> dict:
+    """A deep copy of `spec` (plain data) with 1..max_mutations edits: a key deleted, a value
+    replaced by one of BAD_VALUES (or a nested dict, a list), or an unknown key added."""
+    import copy
+
+    spec = copy.deepcopy(spec)
+    for _ in range(draw(st.integers(1, max_mutations))):
+        paths = _paths(spec)
+        if not paths:
+            break
+        *parent, key = draw(st.sampled_from(paths))
+        node = spec
+        for part in parent:
+            node = node[part]
+        edit = draw(st.sampled_from(["delete", "replace", "add"]))
+        if edit == "delete":
+            del node[key]
+        elif edit == "replace":
+            node[key] = copy.deepcopy(draw(st.sampled_from(BAD_VALUES)))
+        elif isinstance(node, dict):
+            node[draw(st.from_regex(r"[a-z][a-z_.]{0,8}", fullmatch=True))] = 1
+        else:
+            node.append(copy.deepcopy(draw(st.sampled_from(BAD_VALUES))))
+    return spec

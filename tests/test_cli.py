@@ -58,3 +58,12 @@ def test_bad_config_exits_2_with_named_error(tmp_path, capsys, yaml_text, messag
     assert main(["train", str(cfg), "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_checks_its_output_before_training(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(TINY)
+    (tmp_path / "file").write_text("")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr()
+    assert "is a file, not a folder" in err.err and "training" not in err.out

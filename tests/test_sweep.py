@@ -13,11 +13,15 @@ import pytest
 import yaml
 
 from raysae import report
-from raysae.settings import from_dict
-from raysae.sweep import run_sweep
-from raysae.sweep_spec import SweepSpec
+from raysae.__main__ import main
+from raysae.config import ToyDataConfig
+from raysae.data.storage import StorageError
+from raysae.settings import ConfigError, from_dict
+from raysae.sweep import SPEC_FILE, TUNE_STATE, preflight, run_sweep
+from raysae.sweep_spec import SweepSpec, expand, parse_sweep_spec
+from raysae.synthetic import write_toy_dataset
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(480)]
+pytestmark = pytest.mark.timeout(480)
 
 
 def spec_dict(tmp: Path, name: str, **overrides) -> dict:
@@ -60,6 +64,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.ray
 def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
     import ray
 
@@ -124,6 +129,7 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
     assert len(saved) == 4 and (out / "pareto.png").exists() and (out / "results.parquet").exists()
 
 
+@pytest.mark.ray
 def test_packed_trial_matches_separate_trials_and_reads_once(ray_cluster, tmp_path):
     arch = {"topk": {"sae.k": [2, 4]}}
     base = spec_dict(tmp_path, "x")["base"]
@@ -160,7 +166,6 @@ def test_bad_specs_fail_before_anything_runs(tmp_path):
 
 
 def test_sweep_output_errors_keep_earlier_results(tmp_path, monkeypatch):
-    from raysae.data.storage import StorageError
     from raysae.train import OutputExistsError
 
     spec = spec_dict(tmp_path, "done", architectures={"topk": {"sae.k": [2]}})
@@ -180,3 +185,77 @@ def test_sweep_output_errors_keep_earlier_results(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="127.0.0.1:9"):
         run_sweep(from_dict(SweepSpec, spec))
     assert time.perf_counter() - t0 < 30
+
+
+# ---------------------------------------------------------------- pre-flight: nothing written
+
+
+def _no_toy(spec: dict) -> dict:
+    del spec["toy_dataset"]
+    return spec
+
+
+def _other_d_in(spec: dict) -> dict:
+    write_toy_dataset(spec["base"]["data"]["uri"], ToyDataConfig(n_features=8), 8, 4096, 1024)
+    return _no_toy(spec)
+
+
+PREFLIGHT_FAILURES = {
+    "no dataset, nothing to make it": (_no_toy, "no manifest.json at"),
+    "dataset d_in differs": (_other_d_in, "has d_in=8 but sae.d_in=16"),
+    "toy parts all held out": (
+        lambda spec: {**spec, "toy_dataset": {**spec["toy_dataset"], "rows_per_part": 10**6}},
+        "would hold out all of them",
+    ),
+    "output under a file": (
+        lambda spec: {**spec, "output": spec["output"] + "/file/sweeps"},
+        "is a file, not a folder",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PREFLIGHT_FAILURES))
+def test_a_failed_preflight_writes_nothing_to_the_output(tmp_path, capsys, case):
+    make, message = PREFLIGHT_FAILURES[case]
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "file").write_text("")
+    spec = make(spec_dict(tmp_path, "pre", architectures={"topk": {"sae.k": [2]}}))
+    assert main(["sweep", str(write(tmp_path / "pre.yaml", spec))]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "raysae sweep: error: " in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "sweeps").iterdir()) == ["file"]
+
+
+def test_a_sweep_that_never_started_is_started_not_resumed(tmp_path):
+    spec = parse_sweep_spec(spec_dict(tmp_path, "never", architectures={"topk": {"sae.k": [2]}}))
+    sweep_dir = tmp_path / "sweeps" / "never"
+    with pytest.raises(ConfigError, match="holds no sweep to resume; start it without --resume"):
+        preflight(spec, expand(spec), str(sweep_dir), resume=True)
+    assert not sweep_dir.exists()
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / SPEC_FILE).write_text("{}")  # an older raysae's marker, and no Tune state
+    with pytest.raises(ConfigError, match="never started .* start it without --resume"):
+        preflight(spec, expand(spec), str(sweep_dir), resume=True)
+    logged = []
+    datasets = preflight(spec, expand(spec), str(sweep_dir), resume=False, log=logged.append)
+    assert list(datasets) == [spec.base.data.uri] and "never started; starting it" in logged[0]
+    assert (sweep_dir / SPEC_FILE).read_text() != "{}"  # marked anew
+    (sweep_dir / TUNE_STATE).write_bytes(b"")
+    with pytest.raises(OSError, match="interrupted sweep; continue it with --resume"):
+        preflight(spec, expand(spec), str(sweep_dir), resume=False)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_a_sweep_whose_every_trial_fails_says_why_in_one_message(ray_cluster, tmp_path, capsys):
+    import ray
+
+    spec = spec_dict(tmp_path, "fails", architectures={"topk": {"sae.k": [2, 4]}}, max_failures=0)
+    # Two parts, one held out: 512 training rows, fewer than one batch of 1000.
+    spec["toy_dataset"] = {**spec["toy_dataset"], "n_tokens": 1024, "rows_per_part": 512}
+    path = write(tmp_path / "fails.yaml", spec)
+    address = ray.get_runtime_context().gcs_address
+    assert main(["sweep", str(path), "--address", address]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("raysae sweep: error: every trial of sweep fails failed")
+    assert err.count("fewer rows than one batch (1000)") == 2 and "Traceback" not in err

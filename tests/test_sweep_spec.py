@@ -1,12 +1,14 @@
 import copy
 import dataclasses
+import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
-from strategies import unknown_keys
+from strategies import mutated, unknown_keys
 
 from raysae.__main__ import main
 from raysae.config import (
@@ -226,3 +228,44 @@ def test_an_unknown_key_in_any_section_is_refused_naming_it(tmp_path_factory, se
     with pytest.raises(ConfigError) as refused:
         parse_sweep_spec(spec)
     assert message in str(refused.value)
+
+
+# ---------------------------------------------------------------- any bad input: a ConfigError
+
+FUZZ_ROOT = Path("/nonexistent/raysae-fuzz")  # parsing reads and writes nothing there
+VALID = {"toy": toy_spec(FUZZ_ROOT), "harvest": harvest_spec(FUZZ_ROOT)}
+"""Valid specs the fuzz test mutates."""
+
+
+def edited(spec: dict, path: tuple, value) -> dict:
+    """A copy of `spec` with the value at key path `path` replaced."""
+    spec = copy.deepcopy(spec)
+    node = spec
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return spec
+
+
+@given(
+    spec=st.sampled_from(sorted(VALID)).flatmap(lambda name: mutated(VALID[name])),
+    via_yaml=st.booleans(),
+)
+@example(spec=edited(VALID["toy"], ("base", "data", "uri"), -1), via_yaml=False)
+@example(spec=edited(VALID["toy"], ("architectures",), {"topk": [1, 2]}), via_yaml=False)
+@example(spec=edited(VALID["toy"], ("base", "train", "total_tokens"), math.inf), via_yaml=True)
+def test_any_mutated_spec_gives_points_or_a_config_error(tmp_path_factory, spec, via_yaml):
+    try:
+        if via_yaml:
+            path = tmp_path_factory.mktemp("fuzz") / "spec.yaml"
+            path.write_text(yaml.safe_dump(spec))
+            parsed = load_sweep_spec(str(path))
+        else:
+            parsed = parse_sweep_spec(spec)
+        points = expand(parsed)
+    except ConfigError as e:
+        assert str(e)  # a message to show
+        event("ConfigError")
+        return
+    assert points and all(isinstance(p, RunConfig) for p in points)
+    event("valid")

@@ -199,6 +199,25 @@ def delete(uri: str, *, endpoint: str | None = None) -> None:
         raise _fail(location, "delete", uri, err) from err
 
 
+def check_writable(uri: str, *, endpoint: str | None = None) -> None:
+    """Raise StorageError unless files can be written under the prefix `uri`; leaves the storage
+    as it was. Locally: the nearest existing folder on the way to `uri` is one this process may
+    write in. On S3: a probe object is written under `uri` and deleted."""
+    location = locate(uri, endpoint=endpoint)
+    if is_s3(uri):
+        probe = join(uri, f".raysae-probe-{uuid.uuid4().hex[:8]}")
+        write_bytes(probe, b"", endpoint=endpoint)
+        delete(probe, endpoint=endpoint)
+        return
+    path = location.path
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise StorageError(f"cannot write {uri}: {path} is a file, not a folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StorageError(f"cannot write {uri}: no permission to write in {path}")
+
+
 def upload_dir(local_dir: str | os.PathLike, uri: str, *, endpoint: str | None = None) -> None:
     """Copy every file under `local_dir` to the prefix `uri`, keeping relative paths."""
     _copy_tree(locate(os.fspath(local_dir)), locate(uri, endpoint=endpoint), uri)
