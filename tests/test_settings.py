@@ -60,13 +60,20 @@ def test_building_the_parser_parses_no_source(monkeypatch):
 
 
 def test_parser_builds_from_many_threads_while_others_parse():
-    """The reported crash: building the parser while other threads allocate and parse."""
+    """The reported crash: building the parser while other threads allocate and parse. The
+    parsing threads themselves may hit CPython's defect (python/cpython#106905: a SystemError
+    from ast.parse in a threaded process); they count it and go on. The builders, which parse
+    no source, must never fail."""
     errors: list[BaseException] = []
+    defect_hits: list[SystemError] = []
     stop = threading.Event()
 
     def churn():
         while not stop.is_set():
-            ast.parse("x = [i * 2 for i in range(10)]\n" * 20)
+            try:
+                ast.parse("x = [i * 2 for i in range(10)]\n" * 20)
+            except SystemError as e:  # the CPython defect, in this thread, not the CLI's
+                defect_hits.append(e)
             _ = [bytearray(256) for _ in range(200)]
 
     def build():
@@ -90,6 +97,7 @@ def test_parser_builds_from_many_threads_while_others_parse():
     for t in churners:
         t.join()
     assert not errors, errors[0]
+    print(f"ast.parse hit the CPython defect {len(defect_hits)} time(s) in the other threads")
 
 
 def test_only_the_named_subcommand_gets_options():
