@@ -200,35 +200,36 @@ def test_options_of_some_fields_renamed_and_unset():
         parser.parse_args(["--layer", "1"])  # not one of the fields
 
 
-def test_settings_specs_and_evaluation_import_no_ray():
+def main_in_fresh_python(command: list[str], *, imports: str = "", absent: tuple[str, ...]):
+    """Run `raysae COMMAND` in a new interpreter (after `import IMPORTS`, if any) and check that
+    none of the `absent` modules was imported; returns the completed process."""
     code = (
         "import sys\n"
-        "import raysae.evaluate, raysae.splice, raysae.sweep_spec\n"
-        "from raysae.__main__ import main\n"
+        + (f"import {imports}\n" if imports else "")
+        + "from raysae.__main__ import main\n"
         "try:\n"
-        "    main(['eval', '--help'])\n"
+        f"    main({command!r})\n"
         "except SystemExit:\n"
         "    pass\n"
-        "assert 'ray' not in sys.modules, 'Ray was imported'\n"
+        f"heavy = sorted(set({list(absent)!r}) & set(sys.modules))\n"
+        "assert not heavy, f'imported: {heavy}'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_settings_specs_and_evaluation_import_no_ray():
+    done = main_in_fresh_python(
+        ["eval", "--help"],
+        imports="raysae.evaluate, raysae.splice, raysae.sweep_spec",
+        absent=("ray",),
+    )
     assert "--splice-tokens" in done.stdout
 
 
 @pytest.mark.parametrize("command", [["--help"], ["sweep", "--help"], ["eval", "--help"]])
 def test_help_imports_neither_torch_nor_ray(command):
     """Every `raysae` call builds a parser first: describing options must stay cheap."""
-    code = (
-        "import sys\n"
-        "from raysae.__main__ import main\n"
-        "try:\n"
-        f"    main({command!r})\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "heavy = sorted({'torch', 'ray', 'pyarrow'} & set(sys.modules))\n"
-        "assert not heavy, heavy\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = main_in_fresh_python(command, absent=("torch", "ray", "pyarrow"))
     assert "usage: raysae" in done.stdout
