@@ -361,11 +361,6 @@ class Options:
         return "--" + self.dest(name).replace("_", "-")
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
-    """Add one option per field of dataclass `cls` (see Options); returns `parser`."""
-    return Options(cls).add(parser)
-
-
 # ---------------------------------------------------------------- development time only
 
 

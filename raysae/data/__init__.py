@@ -37,7 +37,6 @@ from raysae.data.dataset import (
     iter_batches,
     open_dataset,
     read_part,
-    select_parts,
     verify_part,
 )
 from raysae.data.format import (
@@ -105,7 +104,6 @@ __all__ = [
     "read_manifest",
     "read_part",
     "row_bytes",
-    "select_parts",
     "shard_schema",
     "shard_table",
     "stored_dtype",

@@ -313,11 +313,6 @@ def verify_part(uri: str, manifest: Manifest, part: Part) -> None:
             first_row += len(acts)
 
 
-def select_parts(source: Dataset, names: Sequence[str] | None) -> list[Part]:
-    """The parts called `names` in that order (all of `source`'s parts if None)."""
-    return list(source.parts if names is None else source.select(names).parts)
-
-
 def iter_batches(
     source: str | Dataset,
     batch_size: int,
