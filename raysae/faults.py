@@ -45,3 +45,27 @@ class DieOnce:
         if step.rank == step.world_size - 1:
             Path(self.marker).write_text(str(step.tokens))
             os._exit(1)
+
+
+@dataclass(frozen=True)
+class MarkWhenSpread:
+    """Writes `marker` once the run has `world_size` workers and a checkpoint registered for
+    AFTER_CHECKPOINT_S: from then on, losing a node restarts from that checkpoint. A test
+    waits for the file before it removes a node (an elastic run may start smaller and grow)."""
+
+    world_size: int
+    """Workers the run must have."""
+    marker: str = field(
+        default_factory=lambda: str(
+            Path(tempfile.gettempdir()) / f"raysae-spread-{uuid.uuid4().hex}"
+        )
+    )
+    """The file written, with the tokens trained when it was."""
+
+    def __call__(self, step: StepInfo) -> None:
+        if step.world_size < self.world_size or step.checkpoint_time is None:
+            return
+        if time.perf_counter() - step.checkpoint_time < AFTER_CHECKPOINT_S:
+            return
+        if step.rank == 0 and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(step.tokens))

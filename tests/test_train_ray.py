@@ -20,7 +20,7 @@ from raysae.checkpoint import load_sae
 from raysae.config import RunConfig, ToyDataConfig
 from raysae.data import storage
 from raysae.evaluate import evaluate
-from raysae.faults import DieOnce
+from raysae.faults import DieOnce, MarkWhenSpread
 from raysae.settings import ConfigError, from_dict, to_dict
 from raysae.synthetic import ToyData
 from raysae.train import run_single_process, train_distributed
@@ -205,9 +205,15 @@ def test_driver_restart_resumes(ray_cluster, toy_uri, tmp_path):
 def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_path):
     """A head and two worker "nodes" on this machine; one node is removed mid-run and the
     elastic run (num_workers 1..2) continues on the other from the latest checkpoint."""
+    import ray
 
     nodes = [ray_cluster.add_node(num_cpus=1, resources={"trainer_slot": 1}) for _ in range(2)]
     ray_cluster.wait_for_nodes()
+    # A registered node's resources reach the scheduler a moment later; an elastic run started
+    # before then begins with one worker and only grows after a 60 s resize check.
+    deadline = time.time() + 60
+    while ray.available_resources().get("trainer_slot", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
     try:
         cfg = run_config(
             toy_uri,
@@ -219,27 +225,27 @@ def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_p
         cfg = from_dict(
             RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train), "total_tokens": 200_000}}
         )
-        run = tmp_path / "runs" / "elastic"
+        spread = MarkWhenSpread(world_size=2)
         removed = []
 
-        def remove_a_node_after_first_checkpoint():
-            # Ray Train writes this snapshot when it has registered a checkpoint: from then on a
-            # restart resumes from it. Removing the node at once leaves most of the budget
-            # (180k of 200k tokens) to run on the survivor, however fast the machine is.
-            registered = run / "checkpoint_manager_snapshot.json"
+        def remove_a_node_once_spread_and_checkpointed():
+            # Removing the node as soon as both workers run and a checkpoint is registered
+            # leaves most of the budget to run on the survivor, however fast the machine is.
             deadline = time.time() + 240
-            while not registered.exists() and time.time() < deadline:
+            while not os.path.exists(spread.marker) and time.time() < deadline:
                 time.sleep(0.2)
-            ray_cluster.remove_node(nodes[1])
-            removed.append(time.time())
+            if os.path.exists(spread.marker):
+                ray_cluster.remove_node(nodes[1])
+                removed.append(int(Path(spread.marker).read_text()))
 
-        remover = threading.Thread(target=remove_a_node_after_first_checkpoint, daemon=True)
+        remover = threading.Thread(target=remove_a_node_once_spread_and_checkpointed, daemon=True)
         remover.start()
         t0 = time.perf_counter()
-        result = train_distributed(cfg, str(tmp_path / "runs"), name="elastic")
+        result = train_distributed(cfg, str(tmp_path / "runs"), name="elastic", on_step=spread)
         print(f"elastic test wall time {time.perf_counter() - t0:.1f} s")
         remover.join(timeout=1)
-        assert removed, "the node was not removed during the run"
+        assert removed, "the run never had two workers and a checkpoint at once"
+        assert removed[0] < 200_000
         assert result["tokens"] == 200_000
         assert result["restarts"] >= 1
         spans = [h["nodes"] for h in result["history"]]
