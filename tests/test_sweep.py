@@ -178,6 +178,7 @@ def test_sweep_output_errors_keep_earlier_results(tmp_path, monkeypatch):
     assert not (tmp_path / "acts").exists()  # failed before making data
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("RAYSAE_S3_MAX_ATTEMPTS", "3")  # not the default ~100 s of retries
     spec = spec_dict(
         tmp_path, "s3", architectures={"topk": {"sae.k": [2]}}, output="s3://no-such-bucket/sweeps"
     )

@@ -37,6 +37,9 @@ class Dataset:
     """The whole dataset's manifest (statistics are over all its parts)."""
     parts: tuple[Part, ...]
     """The parts this value reads."""
+    endpoint: str | None = None
+    """The S3 endpoint it was opened through (None: local, or this process's default), so
+    every process reading the value reads the store the command checked."""
 
     @property
     def d_in(self) -> int:
@@ -85,7 +88,13 @@ class Dataset:
     ) -> Iterator[pa.Table]:
         """One part's rows as Arrow tables (see `read_part`)."""
         return read_part(
-            self.uri, part, d_in=self.d_in, dtype=self.dtype, columns=columns, batch_size=batch_size
+            self.uri,
+            part,
+            d_in=self.d_in,
+            dtype=self.dtype,
+            columns=columns,
+            batch_size=batch_size,
+            endpoint=self.endpoint,
         )
 
     def batches(
@@ -150,7 +159,9 @@ def open_dataset(uri: str, *, verify: bool = False) -> Dataset:
     # Footers are small reads: overlap their latency.
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(lambda part: _check_footer(uri, manifest, part), manifest.parts))
-    dataset = Dataset(uri, manifest, manifest.parts)
+    dataset = Dataset(
+        uri, manifest, manifest.parts, storage.s3_endpoint() if storage.is_s3(uri) else None
+    )
     if verify:
         dataset.verify()
     return dataset
@@ -158,7 +169,8 @@ def open_dataset(uri: str, *, verify: bool = False) -> Dataset:
 
 _UNREADABLE = (pa.ArrowException, OSError)
 """What pyarrow raises on a corrupt file: OSError (a page checksum, a short read),
-ArrowInvalid (a bad page header or footer), ArrowNotImplementedError (a garbled encoding)."""
+ArrowInvalid (a bad page header or footer), ArrowNotImplementedError (a garbled encoding).
+An OSError may instead be the store not answering: `storage.raise_if_unreachable` first."""
 
 
 def _fix(uri: str) -> str:
@@ -166,16 +178,24 @@ def _fix(uri: str) -> str:
     return f"re-harvest, or run `raysae verify {uri}` to list every bad part"
 
 
-def _open_part(uri: str, part: Part, source: str | pa.NativeFile | None = None) -> pq.ParquetFile:
+def _open_part(
+    uri: str,
+    part: Part,
+    source: str | pa.NativeFile | None = None,
+    *,
+    endpoint: str | None = None,
+) -> pq.ParquetFile:
     """Open one part (close it after use) with page checksums verified on every read, naming
     it if its footer cannot be read. `source` is the part's bytes if already in memory."""
+    part_uri = storage.join(uri, part.name)
     if source is None:
-        fs, path = storage.filesystem_and_path(storage.join(uri, part.name))
+        fs, path = storage.filesystem_and_path(part_uri, endpoint=endpoint)
     else:
         fs, path = None, source
     try:
         return pq.ParquetFile(path, filesystem=fs, page_checksum_verification=True)
     except _UNREADABLE as err:
+        storage.raise_if_unreachable(err, part_uri, endpoint=endpoint)
         raise DatasetError(
             f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); "
             + _fix(uri)
@@ -188,11 +208,13 @@ def _read_footer(uri: str, part: Part) -> tuple[int, pa.Schema]:
     by path costs on S3 (apache/arrow#37868): one request per part instead of two."""
     import pyarrow.dataset as pads
 
-    fs, path = storage.filesystem_and_path(storage.join(uri, part.name))
+    part_uri = storage.join(uri, part.name)
+    fs, path = storage.filesystem_and_path(part_uri)
     fragment = pads.ParquetFileFormat().make_fragment(path, filesystem=fs, file_size=part.bytes)
     try:
         return fragment.metadata.num_rows, fragment.physical_schema
     except _UNREADABLE as err:
+        storage.raise_if_unreachable(err, part_uri)
         raise DatasetError(
             f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); "
             + _fix(uri)
@@ -227,17 +249,26 @@ def read_part(
     dtype: str,
     columns: Sequence[str],
     batch_size: int | None = None,
+    endpoint: str | None = None,
 ) -> Iterator[pa.Table]:
-    """One part's rows as tables of `batch_size` rows (default: the whole part at once).
+    """One part's rows as tables of `batch_size` rows (default: the whole part at once), read
+    through the S3 `endpoint` if given (see `storage.locate`).
 
     Checks the act type against `d_in` / `dtype`, every page's CRC-32 (parts written before
     raysae wrote page checksums have none to check) and the rows read against the manifest's;
     read errors name the part. Shared by the plain reader and the Ray Data read tasks
     (raysae.data.stream).
     """
-    with _open_part(uri, part) as parquet:
+    with _open_part(uri, part, endpoint=endpoint) as parquet:
         yield from _read_rows(
-            uri, part, parquet, d_in=d_in, dtype=dtype, columns=columns, batch_size=batch_size
+            uri,
+            part,
+            parquet,
+            d_in=d_in,
+            dtype=dtype,
+            columns=columns,
+            batch_size=batch_size,
+            endpoint=endpoint,
         )
 
 
@@ -250,6 +281,7 @@ def _read_rows(
     dtype: str,
     columns: Sequence[str],
     batch_size: int | None,
+    endpoint: str | None = None,
 ) -> Iterator[pa.Table]:
     """The rows of an opened part (see `read_part`)."""
     where = f"{uri}: part {part.name}"
@@ -268,6 +300,7 @@ def _read_rows(
                 break
             yield pa.Table.from_batches([batch])
     except _UNREADABLE as err:
+        storage.raise_if_unreachable(err, storage.join(uri, part.name), endpoint=endpoint)
         raise DatasetError(f"{where} is corrupt ({err}); " + _fix(uri)) from err
     if rows != part.rows:
         # A page header or the footer (which Parquet does not checksum) miscounts the values.

@@ -10,10 +10,14 @@ S3 settings
 - Credentials: never taken as arguments. pyarrow's S3 client resolves them from the standard
   AWS chain (environment, `~/.aws`, instance metadata) in every process that opens a file,
   so they are never pickled into Ray tasks, logged, or written into manifests.
-- Retries: pyarrow's `AwsStandardS3RetryStrategy` (the SDK's capped exponential backoff);
-  there are no hand-written retry loops here.
-- Fail fast: a short connect timeout, so an unreachable endpoint raises
-  `StorageError` naming the endpoint within seconds instead of hanging.
+- Retries: pyarrow's own (the AWS SDK's `DefaultRetryStrategy`, see `S3_MAX_ATTEMPTS`), so a
+  store that is down for a while (a restart, a network blip) is waited out request by request;
+  there are no hand-written retry loops here. The budget is per process:
+  `RAYSAE_S3_MAX_ATTEMPTS` in its environment (for Ray workers, the environment the cluster
+  was started with), else the default of about 100 s of retries.
+- Unreachable is not corrupt: when the retries run out because the endpoint cannot be reached
+  (refused, reset, timed out), the error is `StoreUnreachableError`, naming the endpoint and
+  saying it is neither a credentials nor a data problem (`is_unreachable` tells them apart).
 """
 
 from __future__ import annotations
@@ -31,14 +35,48 @@ S3_CONNECT_TIMEOUT_S = 2.0
 
 S3_REQUEST_TIMEOUT_S = 15.0
 """Seconds with no bytes moving before a request fails (curl's low-speed limit on Linux, not a
-cap on total transfer time, so large parts are unaffected; a silent server fails in ~3×15 s)."""
+cap on total transfer time, so large parts are unaffected)."""
 
-S3_MAX_ATTEMPTS = 3
-"""Attempts per S3 request, retried with the SDK's standard backoff."""
+S3_MAX_ATTEMPTS = 12
+"""Attempts per S3 request before it fails; `RAYSAE_S3_MAX_ATTEMPTS` overrides it.
+
+pyarrow's `AwsDefaultS3RetryStrategy` (the SDK's `DefaultRetryStrategy`) waits 25 ms · 2^n
+before retry n, so N attempts span 25 ms · (2^N − 2) of waiting: 12 ≈ 100 s (an outage
+shorter than that is waited out), 10 ≈ 25 s, 14 ≈ 7 min, measured against a closed port;
+each attempt that times out (a silent endpoint) adds its timeout. Not the SDK's "standard"
+strategy: its waits are random up to 20 s and it shares a retry quota between all requests of
+a client (500 tokens, 5 per retry), which the requests of a busy process use up within an
+outage, after which they all fail without retrying."""
+
+MAX_ATTEMPTS_ENV = "RAYSAE_S3_MAX_ATTEMPTS"
+"""Environment variable overriding `S3_MAX_ATTEMPTS` (a whole number ≥ 1)."""
 
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URI and, for S3, the endpoint."""
+
+
+class StoreUnreachableError(StorageError):
+    """The S3 endpoint could not be reached for a whole retry budget: an outage or a network
+    problem, not bad credentials and not bad data."""
+
+
+def s3_max_attempts() -> int:
+    """Attempts per S3 request in this process: `RAYSAE_S3_MAX_ATTEMPTS`, else the default."""
+    value = os.environ.get(MAX_ATTEMPTS_ENV, "").strip()
+    if not value:
+        return S3_MAX_ATTEMPTS
+    if not value.isdigit() or int(value) < 1:
+        raise StorageError(
+            f"{MAX_ATTEMPTS_ENV}={value!r}: expected a whole number of attempts ≥ 1 "
+            f"(default {S3_MAX_ATTEMPTS}, about 100 s of retries)"
+        )
+    return int(value)
+
+
+def retry_seconds(max_attempts: int) -> float:
+    """Seconds `max_attempts` attempts wait in backoff between them (see `S3_MAX_ATTEMPTS`)."""
+    return 0.025 * (2**max_attempts - 2)
 
 
 @dataclass(frozen=True)
@@ -90,18 +128,37 @@ def _locate_s3(uri: str, endpoint: str | None) -> Location:
     if not path:
         raise StorageError(f"S3 URI {uri!r} names no bucket: use s3://bucket/prefix")
     region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1") if endpoint else None
-    return Location(_s3_filesystem(endpoint, region), path, endpoint or "AWS S3 (default endpoint)")
+    return Location(s3_filesystem(endpoint, region), path, endpoint or "AWS S3 (default endpoint)")
+
+
+def s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    """This process's S3 filesystem for `endpoint` and `region`, retrying as
+    `s3_max_attempts` says."""
+    return _s3_filesystem(endpoint, region, s3_max_attempts())
+
+
+class _S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem, pickled as the endpoint and region it serves.
+
+    pyarrow (≤ 26) drops `retry_strategy` when it pickles an S3FileSystem (apache/arrow#47348),
+    so the copies Ray sends to other processes (`RunConfig.storage_filesystem`, and every
+    checkpoint carries its filesystem) would retry 3 times in about a second, not ride out an
+    outage. Unpickled, this is the receiving process's own `s3_filesystem` for the endpoint.
+    """
+
+    def __reduce__(self):
+        return s3_filesystem, self._raysae_where
 
 
 @functools.lru_cache(maxsize=16)
-def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
-    """One S3 filesystem per endpoint and region in this process: building one sets up a new
-    client (and its connection pool) each time, and a dataset of many parts is opened part by
-    part. Credentials are resolved by the client itself, never held here."""
+def _s3_filesystem(endpoint: str | None, region: str | None, max_attempts: int) -> _S3FileSystem:
+    """One S3 filesystem per endpoint, region and retry budget in this process: building one
+    sets up a new client (and its connection pool) each time, and a dataset of many parts is
+    opened part by part. Credentials are resolved by the client itself, never held here."""
     options: dict = {
         "connect_timeout": S3_CONNECT_TIMEOUT_S,
         "request_timeout": S3_REQUEST_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=max_attempts),
     }
     if endpoint:
         parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -109,7 +166,9 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
         options["scheme"] = parts.scheme
         # Local S3 servers (MinIO, moto) serve path-style URLs and need no real region.
         options["region"] = region
-    return pafs.S3FileSystem(**options)
+    filesystem = _S3FileSystem(**options)
+    filesystem._raysae_where = (endpoint, region)
+    return filesystem
 
 
 def filesystem_and_path(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -123,8 +182,52 @@ def join(uri: str, *names: str) -> str:
     return "/".join([uri.rstrip("/"), *(name.strip("/") for name in names)])
 
 
+_UNREACHABLE_MARKS = ("AWS Error NETWORK_CONNECTION", "curlCode: 28", "Timeout was reached")
+"""How pyarrow's S3 client says it could not reach the endpoint: a refused, reset or timed-out
+connection (the SDK's NETWORK_CONNECTION error; curl's code 28 is a timeout). pyarrow raises a
+plain OSError whose message is the only place this is told (Ray Data matches the same text,
+`DataContext.retried_io_errors`)."""
+
+
+def is_unreachable(err: BaseException) -> bool:
+    """Whether `err` is the S3 endpoint not being reached (after the client's retries), as
+    opposed to the store answering: a missing key, access denied, or bytes that do not parse."""
+    return isinstance(err, StoreUnreachableError) or (
+        isinstance(err, OSError) and any(mark in str(err) for mark in _UNREACHABLE_MARKS)
+    )
+
+
+def raise_if_unreachable(
+    err: BaseException, uri: str, *, endpoint: str | None = None, action: str = "read"
+) -> None:
+    """Raise StoreUnreachableError (from `err`) if `err` says the S3 endpoint serving `uri`
+    (see `locate`) could not be reached; return otherwise. For readers that turn the other
+    OSErrors of a read into data errors ("corrupt")."""
+    if isinstance(err, StoreUnreachableError):
+        raise err
+    if is_s3(uri) and is_unreachable(err):
+        where = s3_endpoint(endpoint) or "AWS S3 (default endpoint)"
+        raise _unreachable(where, action, uri, err) from err
+
+
+def _unreachable(endpoint: str, action: str, uri: str, err: BaseException) -> StoreUnreachableError:
+    attempts = s3_max_attempts()
+    seconds = retry_seconds(attempts)
+    detail = str(err).split("; Details:")[0]
+    return StoreUnreachableError(
+        f"cannot {action} {uri}: the S3 endpoint {endpoint} is unreachable (every one of "
+        f"{attempts} attempts over ~{seconds:.{0 if seconds >= 10 else 1}f} s failed to reach it: {detail}). "
+        "The object store is down or cannot be reached from this machine; this is not a "
+        "credentials or data problem. Check that the endpoint is up and reachable "
+        f"(AWS_ENDPOINT_URL_S3; {MAX_ATTEMPTS_ENV} sets how long to retry), then run the same "
+        "command again: a training run resumes from its latest checkpoint"
+    )
+
+
 def _fail(location: Location, action: str, uri: str, err: OSError) -> StorageError:
     """A StorageError naming what was attempted, where, and through which endpoint."""
+    if location.endpoint != "local" and is_unreachable(err):
+        return _unreachable(location.endpoint, action, uri, err)
     where = "" if location.endpoint == "local" else f" via S3 endpoint {location.endpoint}"
     return StorageError(f"cannot {action} {uri}{where}: {err}")
 

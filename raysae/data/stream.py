@@ -55,6 +55,7 @@ class PartsDatasource(ray.data.Datasource):
         )
         # Not the Dataset itself: its manifest lists every part, and the source is pickled.
         self.uri, self.d_in, self.dtype = source.uri, source.d_in, source.dtype
+        self.endpoint = source.endpoint
         self.parts, self.shuffle, self.seed = source.parts, shuffle, seed
         self._executions = 0
 
@@ -79,7 +80,9 @@ class PartsDatasource(ray.data.Datasource):
         columns = self._get_data_columns() or list(data.COLUMNS)
         return [
             ray.data.ReadTask(
-                functools.partial(_read, self.uri, part, self.d_in, self.dtype, tuple(columns)),
+                functools.partial(
+                    _read, self.uri, part, self.d_in, self.dtype, tuple(columns), self.endpoint
+                ),
                 BlockMetadata(
                     num_rows=part.rows,
                     size_bytes=part.bytes,
@@ -92,10 +95,15 @@ class PartsDatasource(ray.data.Datasource):
 
 
 def _read(
-    uri: str, part: data.Part, d_in: int, dtype: str, columns: tuple[str, ...]
+    uri: str,
+    part: data.Part,
+    d_in: int,
+    dtype: str,
+    columns: tuple[str, ...],
+    endpoint: str | None,
 ) -> Iterator[pa.Table]:
     """Ray read task body: the whole part as one block."""
-    return data.read_part(uri, part, d_in=d_in, dtype=dtype, columns=columns)
+    return data.read_part(uri, part, d_in=d_in, dtype=dtype, columns=columns, endpoint=endpoint)
 
 
 def build_dataset(
