@@ -355,8 +355,32 @@ def train_distributed(
     t0 = time.perf_counter()
     result = trainer.fit()
     if result.error:
-        raise result.error
+        raise storage_error_behind(result.error) or result.error
     return finish_run(result, [cfg], run_dir, time.perf_counter() - t0, dataset, log)[0]
+
+
+def storage_error_behind(error: BaseException) -> Optional[storage.StorageError]:
+    """The StorageError a worker or one of its read tasks raised, if that is what failed a Ray
+    Train run: Ray wraps it (WorkerGroupError → UserExceptionWithTraceback → RayTaskError, and
+    `__cause__`), and its message is the one to show (e.g. the store unreachable past the retry
+    budget, after the restarts `max_failures` allows), not Ray's traceback text."""
+    seen, pending = set(), [error]
+    while pending:
+        err = pending.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        # A RayTaskError is also an instance of its cause's class; its `cause` is the original.
+        if isinstance(err, storage.StorageError) and not hasattr(err, "cause"):
+            return err
+        pending += [
+            *getattr(err, "worker_failures", {}).values(),
+            getattr(err, "_base_exc", None),  # UserExceptionWithTraceback: no public accessor
+            getattr(err, "cause", None),
+            err.__cause__,
+            err.__context__,
+        ]
+    return None
 
 
 def finish_run(

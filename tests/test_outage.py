@@ -8,11 +8,13 @@ restored by the test: the server itself keeps running, as a real store would.
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import threading
 import time
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 from tcp_proxy import TcpProxy
@@ -124,3 +126,119 @@ def test_bad_retry_budget_is_named(value: str, monkeypatch) -> None:
     monkeypatch.setenv(storage.MAX_ATTEMPTS_ENV, value)
     with pytest.raises(storage.StorageError, match=f"RAYSAE_S3_MAX_ATTEMPTS='{value}'"):
         storage.locate("s3://raysae-test/x")
+
+
+OUTAGE_S = 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_ray_training_survives_a_30_s_outage_of_its_store(
+    ray_cluster, proxy, s3_endpoint: str, s3_prefix: str, s3_requests
+) -> None:
+    """Data and output on S3 behind the proxy; the store is cut for 30 s right after the
+    first checkpoint is in it. The run (reads, checkpoint writes, Ray's own state) waits it out
+    or restarts from its checkpoint, and finishes with exact token accounting."""
+    from raysae.config import RunConfig
+    from raysae.settings import from_dict
+    from raysae.train import train_distributed
+
+    x, _ = ToyData(ToyDataConfig(n_features=64, active_per_token=3, seed=3), 32).sample(5 * 8192)
+    acts = storage.join(s3_prefix, "acts")
+    data.write_dataset(acts, x, dtype="float32", rows_per_part=8192, model="toy")
+    total = 40_000
+    cfg = from_dict(
+        RunConfig,
+        {
+            "sae": {"architecture": "topk", "d_in": 32, "n_latents": 128, "k": 4},
+            "train": {
+                "total_tokens": total,
+                "batch_size": 1000,
+                "lr": 3e-3,
+                "dead_tokens": 30_000,
+                "log_every_tokens": 10_000,
+                "init_tokens": 2000,
+            },
+            "data": {"uri": acts, "eval_parts": 1, "read_cpus": 0.25},
+            "scaling": {
+                "num_workers": 2,
+                "cpus_per_worker": 0.5,
+                "max_failures": 3,
+                "checkpoint_every_tokens": 10_000,
+            },
+        },
+    )
+    run = storage.join(s3_prefix, "runs", "outage")
+    bucket, _, key = run.removeprefix("s3://").partition("/")
+    direct = storage.s3_filesystem(s3_endpoint, "us-east-1")  # the store itself, not the proxy
+    marks: dict[str, int] = {}
+
+    def cut_after_the_first_checkpoint():
+        deadline = time.monotonic() + 200
+        selector = pafs.FileSelector(f"{bucket}/{key}", recursive=True, allow_not_found=True)
+        while time.monotonic() < deadline:
+            names = [info.path for info in direct.get_file_info(selector)]
+            if any(name.endswith("m0/train_state.json") for name in names):
+                break
+            time.sleep(0.2)
+        marks["cut"] = len(s3_requests.requests)
+        proxy.cut()
+        marks["cut_s"] = time.monotonic() - start
+        time.sleep(OUTAGE_S)
+        marks["restore"] = len(s3_requests.requests)
+        proxy.restore()
+        marks["restore_s"] = time.monotonic() - start
+
+    start = time.monotonic()
+    cutter = threading.Thread(target=cut_after_the_first_checkpoint, daemon=True)
+    cutter.start()
+    result = train_distributed(cfg, storage.join(s3_prefix, "runs"), name="outage")
+    wall = time.monotonic() - start
+    cutter.join(timeout=1)
+    print(
+        f"outage test: run {wall:.1f} s, restarts {result['restarts']}, "
+        f"replayed {result['replayed_tokens']}, cut at {marks.get('cut_s', 0):.1f} s, restored at "
+        f"{marks.get('restore_s', 0):.1f} s"
+    )
+
+    assert "restore" in marks, "the store was never cut"
+    # Everything went through the proxy: nothing reached the store while it was cut.
+    assert marks["restore"] == marks["cut"]
+    # The run went on after the outage: it read parts and wrote checkpoints.
+    after = s3_requests.since(marks["restore"])
+    assert any(m == "GET" and "/acts/part-" in p for m, p, _ in after)
+    assert any(m == "PUT" and "/checkpoint_" in p for m, p, _ in after)
+    # Exact accounting, whether the retries waited it out or Ray restarted from a checkpoint.
+    assert result["tokens"] == total == result["history"][-1]["tokens"]
+    assert (result["restarts"] == 0) == (result["replayed_tokens"] == 0)
+    metrics = json.loads(storage.read_bytes(storage.join(run, "metrics.json")))
+    assert metrics["tokens"] == total and metrics["restarts"] == result["restarts"]
+    assert result["eval"]["fvu"] < 0.5
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(60)
+def test_a_failed_ray_run_shows_the_storage_error_behind_it(ray_cluster) -> None:
+    """Past the retry budget a read task raises StoreUnreachableError; Ray Train wraps it
+    three deep. The command shows the store's message, not Ray's traceback text."""
+    import ray
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from raysae.train import storage_error_behind
+
+    message = "cannot read s3://b/x: the S3 endpoint http://127.0.0.1:1 is unreachable"
+
+    @ray.remote(num_cpus=0)
+    def read_task():
+        raise storage.StoreUnreachableError(message)
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(read_task.remote())
+    failure = WorkerGroupError(
+        "Training failed due to worker errors", {0: UserExceptionWithTraceback(raised.value, "tb")}
+    )
+    found = storage_error_behind(failure)
+    assert type(found) is storage.StoreUnreachableError and str(found) == message
+    assert storage_error_behind(WorkerGroupError("x", {0: ValueError("other")})) is None
