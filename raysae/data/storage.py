@@ -142,8 +142,8 @@ class _S3FileSystem(pafs.S3FileSystem):
 
     pyarrow (≤ 26) drops `retry_strategy` when it pickles an S3FileSystem (apache/arrow#47348),
     so the copies Ray sends to other processes (`RunConfig.storage_filesystem`, and every
-    checkpoint carries its filesystem) would retry 3 times in about a second, not ride out an
-    outage. Unpickled, this is the receiving process's own `s3_filesystem` for the endpoint.
+    checkpoint carries its filesystem) would fall back to pyarrow's default (3 attempts, under
+    a second against a refused connection, measured), not ride out an outage. Unpickled, this is the receiving process's own `s3_filesystem` for the endpoint.
     """
 
     def __reduce__(self):
@@ -211,12 +211,15 @@ def raise_if_unreachable(
 
 
 def _unreachable(endpoint: str, action: str, uri: str, err: BaseException) -> StoreUnreachableError:
+    """The one message for a store that could not be reached: where, how long it was retried,
+    what it is not, and what to do."""
     attempts = s3_max_attempts()
     seconds = retry_seconds(attempts)
-    detail = str(err).split("; Details:")[0]
+    spent = f"~{seconds:.0f} s" if seconds >= 10 else f"~{seconds:.1f} s"
+    detail = str(err).split("; Details:")[0]  # the SDK's curl details repeat the endpoint
     return StoreUnreachableError(
         f"cannot {action} {uri}: the S3 endpoint {endpoint} is unreachable (every one of "
-        f"{attempts} attempts over ~{seconds:.{0 if seconds >= 10 else 1}f} s failed to reach it: {detail}). "
+        f"{attempts} attempts over {spent} failed to reach it: {detail}). "
         "The object store is down or cannot be reached from this machine; this is not a "
         "credentials or data problem. Check that the endpoint is up and reachable "
         f"(AWS_ENDPOINT_URL_S3; {MAX_ATTEMPTS_ENV} sets how long to retry), then run the same "
