@@ -149,6 +149,22 @@ def test_flipped_byte_in_an_s3_part_fails_the_read(s3_prefix: str, s3_requests) 
     assert len(gets) == 1  # the whole part in one request
 
 
+@pytest.mark.timeout(120)
+def test_flipped_byte_fails_the_ray_data_read_naming_the_part(ray_cluster, tmp_path) -> None:
+    from raysae.data import stream
+
+    uri = str(tmp_path)
+    small_dataset(uri)
+    dataset = data.open_dataset(uri)
+    name = dataset.parts[2].name
+    flip(str(tmp_path / name), os.path.getsize(tmp_path / name) // 3)
+    batches = stream.iter_torch_batches(
+        stream.build_dataset(dataset), batch_size=8, dtype=torch.float32, d_in=D_IN
+    )
+    with pytest.raises(data.DatasetError, match=f"part {name}: its CRC-32 differs"):
+        list(batches)
+
+
 def test_old_manifest_without_crc32_checks_page_checksums(tmp_path) -> None:
     uri = str(tmp_path)
     small_dataset(uri)
