@@ -9,6 +9,15 @@ reading a page-cached 64 MiB file into memory in `READ_CHUNK`s (raysae's read,
 `raysae.data.dataset._read_local`) as a share of the same bare read (no decode, no cast: the
 whole ingest's share is smaller, see bench/ingest.py --checksum-cost). Medians of
 `--repeats`, each candidate's runs interleaved with the bare read's.
+
+    PYTHONPATH=. python bench/checksum.py --parts    # raysae's own reads, part by part
+
+With `--parts`: the dataset of bench/ingest.py (400,000 × 576 float16 rows, 7 parts) as written
+(crc32) and without any checksum (none, see `ingest.checksum_cases`), each part read in turn
+from one and then the other (in turn first), `--repeats` rounds: by the plain reader (`Dataset.batches`, float32
+batches of 4096) and as a Ray read task reads it (`read_part`, the whole part as one table).
+Many short pairs resist a shared machine's load better than whole passes; reported are the
+median of the per-pair time ratios and the ratio of the summed times.
 """
 
 from __future__ import annotations
@@ -89,10 +98,59 @@ def seconds(run: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def part_reads(repeats: int) -> None:
+    """Time raysae's reads of each part with its CRC-32 checked and of the same part with none."""
+    import sys
+
+    import torch
+
+    from raysae import data
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from ingest import checksum_cases
+
+    def plain(dataset: data.Dataset) -> None:
+        for batch in dataset.batches(4096, dtype=torch.float32):
+            float(batch[0, 0])
+
+    def read_task(dataset: data.Dataset) -> None:
+        for table in dataset.read_part(dataset.parts[0], columns=["act"]):
+            assert len(table) == dataset.parts[0].rows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        acts = torch.randn(400_000, 576, generator=torch.Generator().manual_seed(0))
+        data.write_dataset(os.path.join(tmp, "ingest"), acts, dtype="float16")
+        del acts
+        cases = dict(checksum_cases(os.path.join(tmp, "ingest"), tmp))
+        crc32, none = data.open_dataset(cases["crc32"]), data.open_dataset(cases["none"])
+        print(f"load average before: {os.getloadavg()[0]:.1f}")
+        for label, read in (("plain reader", plain), ("read task", read_task)):
+            times: dict[str, list[float]] = {"crc32": [], "none": []}
+            for round_ in range(repeats + 1):  # round 0 warms the page cache
+                for index in range(len(crc32.parts)):
+                    pair = [("crc32", crc32), ("none", none)]
+                    for case, dataset in pair[:: 1 if (round_ + index) % 2 else -1]:  # ABBA
+                        part = dataset.select([dataset.parts[index].name])
+                        took = seconds(lambda: read(part))
+                        if round_:
+                            times[case].append(took)
+            ratios = [a / b for a, b in zip(times["crc32"], times["none"])]
+            print(
+                f"{label:<12} crc32 ÷ none time: median {statistics.median(ratios):.3f} of "
+                f"{len(ratios)} pairs, summed {sum(times['crc32']) / sum(times['none']):.3f}; "
+                f"none {statistics.median(times['none']) * 1e3:.0f} ms per part"
+            )
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--parts", action="store_true", help="time raysae's part reads")
     args = parser.parse_args()
+    if args.parts:
+        part_reads(args.repeats)
+        return
     content = os.urandom(SIZE)
     view = memoryview(content)
     with tempfile.NamedTemporaryFile() as file:

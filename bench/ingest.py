@@ -32,21 +32,23 @@ import torch
 BUCKET = "raysae-bench"
 
 
-def consume(read: Callable[[], Iterable[torch.Tensor]]) -> tuple[int, float, float, int]:
+def consume(read: Callable[[], Iterable[torch.Tensor]]) -> tuple[int, float, float, int, float]:
     """Pull every batch (touching one value, so none is skipped): rows, seconds, seconds to the
-    first batch, and rows of the first batch (the steady-state rate leaves the first batch out)."""
-    rows, first, first_rows, start = 0, None, 0, time.perf_counter()
+    first batch, rows of the first batch (the steady-state rate leaves the first batch out), and
+    this process's CPU seconds (all of the plain reader's work; a share of the Ray path's)."""
+    rows, first, first_rows = 0, None, 0
+    start, cpu = time.perf_counter(), time.process_time()
     for batch in read():
         if first is None:
             first, first_rows = time.perf_counter() - start, batch.shape[0]
         rows += batch.shape[0]
         float(batch[0, 0])
-    return rows, time.perf_counter() - start, first or 0.0, first_rows
+    return rows, time.perf_counter() - start, first or 0.0, first_rows, time.process_time() - cpu
 
 
 def compare(cases: list[tuple[str, str]], *, batch_size: int, repeats: int, row_bytes: int) -> None:
     """Time both readers on each (label, uri) case, interleaved (every repeat reads every case
-    with (a), then (b)) so all see the same machine load; print each reader's medians, the
+    with (a), then (b), the cases in turn forwards and backwards) so all see the same load; print each reader's medians, the
     median of the per-repeat ratios (b)/(a) over the whole pass and in steady state (after the
     first batch, i.e. without the per-epoch start-up) and, with several cases, each case's
     rate over the last case's, per reader, paired within a repeat."""
@@ -65,11 +67,13 @@ def compare(cases: list[tuple[str, str]], *, batch_size: int, repeats: int, row_
         )
 
     readers = {"(a) plain pyarrow": plain, "(b) ray data": ray_data}
-    runs: dict[tuple[str, str], list[tuple[int, float, float, int]]] = {
+    runs: dict[tuple[str, str], list[tuple[int, float, float, int, float]]] = {
         (case, name): [] for case, _ in cases for name in readers
     }
     for repeat in range(repeats + 1):  # repeat 0 warms the page cache and Ray's workers
-        for case, uri in cases:
+        # Cases in turn forwards and backwards, so none always comes right after another's run
+        # (Arrow's memory pool, the page cache and Ray's workers are as warm for each).
+        for case, uri in cases[:: 1 if repeat % 2 else -1]:
             for name, read in readers.items():
                 result = consume(lambda: read(uri))
                 if repeat:
@@ -83,10 +87,10 @@ def compare(cases: list[tuple[str, str]], *, batch_size: int, repeats: int, row_
             f"{rows * row_bytes / seconds / 1e6:>7,.0f} MB/s  first batch {first:.2f} s"
         )
 
-    def steady(r: tuple[int, float, float, int]) -> float:
+    def steady(r: tuple) -> float:
         return (r[0] - r[3]) / (r[1] - r[2])
 
-    def whole(r: tuple[int, float, float, int]) -> float:
+    def whole(r: tuple) -> float:
         return r[0] / r[1]
 
     def ratio_line(label: str, over: list, under: list, rate) -> str:
@@ -105,6 +109,10 @@ def compare(cases: list[tuple[str, str]], *, batch_size: int, repeats: int, row_
         for name in readers:
             label = f"{case:<7} {name:<18} rate ÷ {base}'s, whole pass"
             print(ratio_line(label, runs[case, name], runs[base, name], whole))
+        # The plain reader's CPU time is all its work, and less disturbed by other jobs than
+        # its wall time on a shared machine: rows per CPU second, over the baseline's.
+        label = f"{case:<7} {a_name:<18} rows per CPU s ÷ {base}'s"
+        print(ratio_line(label, runs[case, a_name], runs[base, a_name], lambda r: r[0] / r[4]))
 
 
 def checksum_cases(uri: str, out: str) -> list[tuple[str, str]]:

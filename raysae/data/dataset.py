@@ -182,11 +182,12 @@ def _open_part(
         ) from err
 
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 18
 """Bytes per read call when a local part is read into memory: small enough that each chunk is
-still in the CPU's cache when its CRC is computed. Over the whole 64 MiB part at once the CRC
-pass would stream it from RAM again (~10 GB/s here, ~15 % of a page-cached read); chunk by
-chunk it runs at cache speed (~70 GB/s with ISA-L's carry-less-multiply CRC)."""
+still in the CPU's cache (L2) when its CRC is computed. Over the whole 64 MiB part at once the
+CRC pass would stream it from RAM again (4-10 GB/s here, 10-25 % of a page-cached read); chunk
+by chunk it runs at cache speed (55-70 GB/s with ISA-L's carry-less-multiply CRC). 256 KiB cost
+the least here (bench/checksum.py); 4 MiB chunks cost 4-8x more, 64 KiB more syscalls."""
 
 
 def _read_checked(uri: str, part: Part) -> pa.Buffer:
