@@ -130,8 +130,8 @@ class Part:
     """CRC-32 of the file's bytes (the zlib/gzip polynomial: `zlib.crc32` gives the same value),
     computed by the writer from the bytes it uploaded and checked by every read, which reads the
     whole part (`raysae.data.dataset`). It covers every byte, page headers and footer included;
-    unlike SHA-256 it can be computed, hardware-accelerated, as the bytes arrive, for ~3 % of a
-    page-cached read (BENCHMARKS.md). None in manifests written before raysae recorded it (the
+    unlike SHA-256 it can be computed, hardware-accelerated, as the bytes arrive: 1-2 ms per
+    64 MiB part (BENCHMARKS.md). None in manifests written before raysae recorded it (the
     key is absent): reads of those parts check their Parquet page checksums instead (where they
     have them), which leaves page headers and the footer unchecked and cost 22-33 %."""
 
