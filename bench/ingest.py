@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/ingest.py                      # local files and a local S3 server
     PYTHONPATH=. python bench/ingest.py --rows 1000000 --only local
+    PYTHONPATH=. python bench/ingest.py --only local --checksum-cost   # what verifying costs
 
 Both readers deliver float32 torch batches (batch_size, d_in) to this process — (a) with
 ``raysae.data.iter_batches``, (b) with ``raysae.data.stream.build_dataset`` +
@@ -31,68 +32,97 @@ import torch
 BUCKET = "raysae-bench"
 
 
-def consume(read: Callable[[], Iterable[torch.Tensor]]) -> tuple[int, float, float, int]:
+def consume(read: Callable[[], Iterable[torch.Tensor]]) -> tuple[int, float, float, int, float]:
     """Pull every batch (touching one value, so none is skipped): rows, seconds, seconds to the
-    first batch, and rows of the first batch (the steady-state rate leaves the first batch out)."""
-    rows, first, first_rows, start = 0, None, 0, time.perf_counter()
+    first batch, rows of the first batch (the steady-state rate leaves the first batch out), and
+    this process's CPU seconds (all of the plain reader's work; a share of the Ray path's)."""
+    rows, first, first_rows = 0, None, 0
+    start, cpu = time.perf_counter(), time.process_time()
     for batch in read():
         if first is None:
             first, first_rows = time.perf_counter() - start, batch.shape[0]
         rows += batch.shape[0]
         float(batch[0, 0])
-    return rows, time.perf_counter() - start, first or 0.0, first_rows
+    return rows, time.perf_counter() - start, first or 0.0, first_rows, time.process_time() - cpu
 
 
-def compare(label: str, uri: str, *, batch_size: int, repeats: int, row_bytes: int) -> None:
-    """Time both readers on ``uri``, alternating (a) and (b) so both see the same machine load;
-    print each reader's medians and the median of the per-repeat ratios: over the whole pass,
-    and in steady state (after the first batch, i.e. without the per-epoch start-up)."""
+def compare(cases: list[tuple[str, str]], *, batch_size: int, repeats: int, row_bytes: int) -> None:
+    """Time both readers on each (label, uri) case, interleaved (every repeat reads every case
+    with (a), then (b), the cases in turn forwards and backwards) so all see the same load; print each reader's medians, the
+    median of the per-repeat ratios (b)/(a) over the whole pass and in steady state (after the
+    first batch, i.e. without the per-epoch start-up) and, with several cases, each case's
+    rate over the last case's, per reader, paired within a repeat."""
     from raysae import data
     from raysae.data import stream
 
-    d_in = data.read_manifest(uri).d_in
+    d_in = data.read_manifest(cases[0][1]).d_in
 
-    def plain() -> Iterable[torch.Tensor]:
+    def plain(uri: str) -> Iterable[torch.Tensor]:
         return data.iter_batches(uri, batch_size, dtype=torch.float32, drop_last=True)
 
-    def ray_data() -> Iterable[torch.Tensor]:
+    def ray_data(uri: str) -> Iterable[torch.Tensor]:
         dataset = stream.build_dataset(uri, seed=0)
         return stream.iter_torch_batches(
             dataset, batch_size=batch_size, dtype=torch.float32, d_in=d_in
         )
 
     readers = {"(a) plain pyarrow": plain, "(b) ray data": ray_data}
-    runs: dict[str, list[tuple[int, float, float, int]]] = {name: [] for name in readers}
+    runs: dict[tuple[str, str], list[tuple[int, float, float, int, float]]] = {
+        (case, name): [] for case, _ in cases for name in readers
+    }
     for repeat in range(repeats + 1):  # repeat 0 warms the page cache and Ray's workers
-        for name, read in readers.items():
-            result = consume(read)
-            if repeat:
-                runs[name].append(result)
-    for name, results in runs.items():
+        # Cases in turn forwards and backwards, so none always comes right after another's run
+        # (Arrow's memory pool, the page cache and Ray's workers are as warm for each).
+        for case, uri in cases[:: 1 if repeat % 2 else -1]:
+            for name, read in readers.items():
+                result = consume(lambda: read(uri))
+                if repeat:
+                    runs[case, name].append(result)
+    for (case, name), results in runs.items():
         rows = results[0][0]
         seconds = statistics.median(r[1] for r in results)
         first = statistics.median(r[2] for r in results)
         print(
-            f"{label:<6} {name:<18} {seconds:7.2f} s  {rows / seconds:>12,.0f} rows/s  "
+            f"{case:<7} {name:<18} {seconds:7.2f} s  {rows / seconds:>12,.0f} rows/s  "
             f"{rows * row_bytes / seconds / 1e6:>7,.0f} MB/s  first batch {first:.2f} s"
         )
-    (a, b) = runs.values()
 
-    def steady(r: tuple[int, float, float, int]) -> float:
+    def steady(r: tuple) -> float:
         return (r[0] - r[3]) / (r[1] - r[2])
 
-    for what, rate in (("whole pass", lambda r: r[0] / r[1]), ("steady state", steady)):
-        ratios = [rate(rb) / rate(ra) for ra, rb in zip(a, b)]
-        spread = f"median of {repeats} pairs; min {min(ratios):.2f}, max {max(ratios):.2f}"
-        print(f"{label:<6} ratio (b)/(a), {what:<12} {statistics.median(ratios):.2f}  ({spread})")
+    def whole(r: tuple) -> float:
+        return r[0] / r[1]
+
+    def ratio_line(label: str, over: list, under: list, rate) -> str:
+        ratios = [rate(x) / rate(y) for x, y in zip(over, under)]
+        return (
+            f"{label} {statistics.median(ratios):.3f}  "
+            f"(median of {repeats} pairs; min {min(ratios):.3f}, max {max(ratios):.3f})"
+        )
+
+    (a_name, b_name), base = readers, cases[-1][0]
+    for case, _ in cases:
+        a, b = runs[case, a_name], runs[case, b_name]
+        for what, rate in (("whole pass", whole), ("steady state", steady)):
+            print(ratio_line(f"{case:<7} ratio (b)/(a), {what:<12}", b, a, rate))
+    for case, _ in cases[:-1]:
+        for name in readers:
+            label = f"{case:<7} {name:<18} rate ÷ {base}'s, whole pass"
+            print(ratio_line(label, runs[case, name], runs[base, name], whole))
+        # The plain reader's CPU time is all its work, and less disturbed by other jobs than
+        # its wall time on a shared machine: rows per CPU second, over the baseline's.
+        label = f"{case:<7} {a_name:<18} rows per CPU s ÷ {base}'s"
+        print(ratio_line(label, runs[case, a_name], runs[base, a_name], lambda r: r[0] / r[4]))
 
 
-def without_page_checksums(uri: str, out: str) -> str:
-    """A copy of the local dataset `uri` at `out` whose parts have no page CRCs, as raysae wrote
-    them before it checksummed pages: reading it costs what reading did without verification
-    (pyarrow verifies only pages that carry a CRC)."""
+def checksum_cases(uri: str, out: str) -> list[tuple[str, str]]:
+    """The local dataset `uri` as written (label crc32: each part's CRC-32 checked on read),
+    and two copies under `out`: pagecrc, its manifest without CRC-32s, as raysae wrote them
+    before it recorded them (reads check the page CRCs instead); none, also without page CRCs
+    (nothing is checked: what reading costs without verification, by the same code path)."""
     import dataclasses
     import hashlib
+    import shutil
 
     import pyarrow.parquet as pq
 
@@ -100,22 +130,26 @@ def without_page_checksums(uri: str, out: str) -> str:
     from raysae.data import storage
     from raysae.data.writer import _PARQUET_OPTIONS
 
-    manifest, parts = data.read_manifest(uri), []
-    os.makedirs(out)
-    for part in manifest.parts:
-        table = pq.read_table(os.path.join(uri, part.name))
-        path = os.path.join(out, part.name)
-        options = {**_PARQUET_OPTIONS, "write_page_checksum": False}
-        pq.write_table(table, path, row_group_size=len(table), **options)
-        content = open(path, "rb").read()
-        parts.append(
-            dataclasses.replace(
-                part, bytes=len(content), sha256=hashlib.sha256(content).hexdigest()
-            )
-        )
-    manifest = dataclasses.replace(manifest, parts=tuple(parts))
-    storage.write_bytes(os.path.join(out, data.MANIFEST_NAME), manifest.to_json().encode())
-    return out
+    manifest = data.read_manifest(uri)
+    cases = [("crc32", uri)]
+    for label, page_checksums in (("pagecrc", True), ("none", False)):
+        folder, parts = os.path.join(out, label), []
+        os.makedirs(folder)
+        for part in manifest.parts:
+            path = os.path.join(folder, part.name)
+            if page_checksums:
+                shutil.copyfile(os.path.join(uri, part.name), path)
+            else:
+                table = pq.read_table(os.path.join(uri, part.name))
+                options = {**_PARQUET_OPTIONS, "write_page_checksum": False}
+                pq.write_table(table, path, row_group_size=len(table), **options)
+            content = open(path, "rb").read()
+            sha256 = hashlib.sha256(content).hexdigest()
+            parts.append(dataclasses.replace(part, bytes=len(content), sha256=sha256, crc32=None))
+        copy = dataclasses.replace(manifest, parts=tuple(parts))
+        storage.write_bytes(os.path.join(folder, data.MANIFEST_NAME), copy.to_json().encode())
+        cases.append((label, folder))
+    return cases
 
 
 def serve_s3(port: int) -> None:
@@ -173,8 +207,9 @@ def main() -> None:
     parser.add_argument(
         "--checksum-cost",
         action="store_true",
-        help="also read a copy of the local dataset without page CRCs (label nocrc): "
-        "the cost of verifying them is the difference",
+        help="read the local dataset three ways, interleaved: as written (crc32: each part's "
+        "CRC-32 checked), with page CRCs instead (pagecrc: manifests of older raysae) and with "
+        "no checksums at all (none); the cost of verifying is each one's rate over none's",
     )
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -208,17 +243,10 @@ def main() -> None:
                 f"{label:<6} {rows:,} rows × d_in={args.d_in} float16 = {rows * row_bytes / 1e6:,.0f} MB "
                 f"in {len(manifest.parts)} parts; batches of {args.batch_size} float32; {os.cpu_count()} CPUs"
             )
-            uris = [(label, uri)]
+            cases = [(label, uri)]
             if label == "local" and args.checksum_cost:
-                uris.append(("nocrc", without_page_checksums(uri, os.path.join(tmp, "nocrc"))))
-            for case, case_uri in uris:
-                compare(
-                    case,
-                    case_uri,
-                    batch_size=args.batch_size,
-                    repeats=args.repeats,
-                    row_bytes=row_bytes,
-                )
+                cases = checksum_cases(uri, tmp)
+            compare(cases, batch_size=args.batch_size, repeats=args.repeats, row_bytes=row_bytes)
     ray.shutdown()
     if server is not None:
         server.terminate()

@@ -219,6 +219,7 @@ class PartHarvester:
                     "rows": written.rows,
                     "bytes": written.bytes,
                     "sha256": written.sha256,
+                    "crc32": written.crc32,
                     "sum": stats.sum.tolist(),
                     "squared_norm_sum": stats.squared_norm_sum,
                 }
@@ -408,7 +409,9 @@ def _commit(
         d_in=d_model,
         dtype=cfg.dtype,
         n_tokens=stats.count,
-        parts=tuple(data.Part(r["name"], r["rows"], r["bytes"], r["sha256"]) for r in mine),
+        parts=tuple(
+            data.Part(r["name"], r["rows"], r["bytes"], r["sha256"], r["crc32"]) for r in mine
+        ),
         stats=stats,
         harvest=settings,
     )

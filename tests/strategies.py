@@ -173,7 +173,13 @@ MANIFEST_FIELDS = (
     ("stats", "count"),
     ("stats", "sum"),
     ("stats", "squared_norm_sum"),
-    *((("parts", i, key) for i in range(3) for key in ("name", "rows", "bytes", "sha256"))),
+    *(
+        (
+            ("parts", i, key)
+            for i in range(3)
+            for key in ("name", "rows", "bytes", "sha256", "crc32")
+        )
+    ),
 )
 """Paths into the manifest JSON of a 3-part dataset, for `dataset_mutations`."""
 

@@ -279,6 +279,22 @@ def test_corrupt_part_of_the_right_size(tmp_path) -> None:
         data.open_dataset(uri)
 
 
+def test_footer_column_name_made_invalid_utf8_is_refused(tmp_path) -> None:
+    """Found by flipping every byte of a part: the footer is not checksummed by Parquet, and a
+    column name that no longer decodes raised a raw UnicodeDecodeError."""
+    uri = str(tmp_path)
+    name = data.write_dataset(uri, toy(100, 16), rows_per_part=50).parts[0].name
+    content = bytearray((tmp_path / name).read_bytes())
+    at = content.index(b"token_id")  # its first place in the footer: the schema
+    content[at] ^= 0x80  # 't' becomes a UTF-8 lead byte that "oken_id" does not continue
+    (tmp_path / name).write_bytes(bytes(content))
+    with pytest.raises(
+        data.DatasetError,
+        match=f"part {name} is not readable Parquet \\(a column name is not UTF-8",
+    ):
+        data.open_dataset(uri)
+
+
 def test_non_finite_part_names_part_and_row(tmp_path) -> None:
     uri = str(tmp_path)
     data.write_dataset(uri, toy(100, 4), rows_per_part=50)

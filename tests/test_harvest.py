@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import itertools
 import os
+import zlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -113,6 +114,8 @@ def test_manifests_describe_the_harvest(tiny_harvest: dict) -> None:
         assert sorted(os.listdir(uri)) == sorted(
             [data.MANIFEST_NAME, *(p.name for p in manifest.parts)]
         )
+        for part in manifest.parts:  # what every read checks
+            assert part.crc32 == zlib.crc32(open(os.path.join(uri, part.name), "rb").read())
 
 
 def test_rows_match_a_direct_forward(tiny_harvest: dict, tiny_model_dir: str) -> None:

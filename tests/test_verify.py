@@ -72,12 +72,103 @@ def verify(uri: str, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-# ---------------------------------------------------------------- page checksums on read
+# ---------------------------------------------------------------- checksums on read
 
 
-def test_flipped_byte_in_a_data_page_fails_the_read_naming_the_part(tmp_path) -> None:
+def without_crc32(uri: str) -> None:
+    """Drop every part's CRC-32 from the manifest at `uri`, as raysae wrote manifests before it
+    recorded them (parts then still carry page checksums)."""
+    path = os.path.join(uri, data.MANIFEST_NAME)
+    manifest = json.loads(storage.read_bytes(path))
+    for part in manifest["parts"]:
+        del part["crc32"]
+    storage.write_bytes(path, json.dumps(manifest).encode())
+
+
+def test_every_flipped_byte_of_a_part_fails_the_read_naming_the_part(tmp_path) -> None:
+    """The part's CRC-32 covers every byte (page headers and footer too, which page checksums
+    leave out): a changed byte anywhere fails the read itself, before any row is decoded, even
+    when the dataset was opened (footers checked) before the change."""
+    uri = str(tmp_path / "ds")
+    small_dataset(uri)
+    dataset = data.open_dataset(uri)
+    part = dataset.parts[1]
+    path = os.path.join(uri, part.name)
+    with open(path, "rb") as file:
+        original = file.read()
+    for position in range(len(original)):
+        flip(path, position, 0x01 if position % 2 else 0xFF)
+        with pytest.raises(
+            data.DatasetError,
+            match=f"{uri}: part {part.name}: its CRC-32 differs from the one in manifest.json "
+            f"\\(corrupt or replaced\\); re-harvest, or run `raysae verify {uri}`",
+        ):
+            list(dataset.read_part(part, columns=data.COLUMNS))
+        with open(path, "wb") as file:
+            file.write(original)
+    assert [len(t) for t in dataset.read_part(part, columns=data.COLUMNS)] == [part.rows]
+
+
+def test_writer_records_the_crc32_of_the_uploaded_bytes(tmp_path) -> None:
+    import zlib
+
+    small_dataset(str(tmp_path))
+    for part in data.read_manifest(str(tmp_path)).parts:
+        assert part.crc32 == zlib.crc32((tmp_path / part.name).read_bytes())
+
+
+def test_wrong_crc32_in_the_manifest_is_refused_by_read_and_verify(tmp_path, capsys) -> None:
     uri = str(tmp_path)
     small_dataset(uri)
+    manifest = json.loads((tmp_path / data.MANIFEST_NAME).read_text())
+    manifest["parts"][2]["crc32"] ^= 1 << 31  # the part itself is intact, its SHA-256 matches
+    (tmp_path / data.MANIFEST_NAME).write_text(json.dumps(manifest))
+    name = manifest["parts"][2]["name"]
+    with pytest.raises(data.DatasetError, match=f"part {name}: its CRC-32 differs"):
+        read_back(uri)
+    code, out, _ = verify(uri, capsys)
+    assert code == 1 and f"BAD {uri}: part {name}: its CRC-32 differs" in out
+
+
+def test_flipped_byte_in_an_s3_part_fails_the_read(s3_prefix: str, s3_requests) -> None:
+    import boto3
+
+    small_dataset(s3_prefix)
+    name = data.read_manifest(s3_prefix).parts[0].name
+    bucket, prefix = s3_prefix[len("s3://") :].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    content = bytearray(s3.get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read())
+    content[len(content) // 2] ^= 0x04
+    s3.put_object(Bucket=bucket, Key=f"{prefix}/{name}", Body=bytes(content))
+    dataset = data.open_dataset(s3_prefix)
+    part = dataset.parts[0]
+    start = len(s3_requests.requests)
+    with pytest.raises(data.DatasetError, match=f"part {name}: its CRC-32 differs"):
+        list(dataset.read_part(part, columns=["act"]))
+    gets = [r for r in s3_requests.since(start) if r[0] == "GET" and r[1].endswith(name)]
+    assert len(gets) == 1  # the whole part in one request
+
+
+@pytest.mark.timeout(120)
+def test_flipped_byte_fails_the_ray_data_read_naming_the_part(ray_cluster, tmp_path) -> None:
+    from raysae.data import stream
+
+    uri = str(tmp_path)
+    small_dataset(uri)
+    dataset = data.open_dataset(uri)
+    name = dataset.parts[2].name
+    flip(str(tmp_path / name), os.path.getsize(tmp_path / name) // 3)
+    batches = stream.iter_torch_batches(
+        stream.build_dataset(dataset), batch_size=8, dtype=torch.float32, d_in=D_IN
+    )
+    with pytest.raises(data.DatasetError, match=f"part {name}: its CRC-32 differs"):
+        list(batches)
+
+
+def test_old_manifest_without_crc32_checks_page_checksums(tmp_path) -> None:
+    uri = str(tmp_path)
+    small_dataset(uri)
+    without_crc32(uri)
     name = data.read_manifest(uri).parts[1].name
     offset, size = act_chunk(str(tmp_path / name))
     flip(str(tmp_path / name), offset + size - 10)  # inside the values, past the page header
@@ -90,11 +181,13 @@ def test_flipped_byte_in_a_data_page_fails_the_read_naming_the_part(tmp_path) ->
         list(dataset.batches(10))
 
 
-def test_every_flip_in_the_act_page_header_is_refused_or_harmless(tmp_path) -> None:
-    """Parquet checksums page data, not page headers; a header flip that still parses may
-    miscount the values, which the row check against the manifest catches."""
+def test_old_manifest_every_flip_in_the_act_page_header_is_refused_or_harmless(tmp_path) -> None:
+    """Without a part CRC-32, reads rely on page checksums, which cover page data, not page
+    headers; a header flip that still parses may miscount the values, which the row check
+    against the manifest catches."""
     uri = str(tmp_path / "good")
     written = small_dataset(uri)
+    without_crc32(uri)
     name = data.read_manifest(uri).parts[0].name
     offset, _ = act_chunk(os.path.join(uri, name))
     outcomes = {"identical": 0, "refused": 0}
@@ -176,7 +269,7 @@ def test_old_manifest_without_hashes_reads_and_verify_says_so(tmp_path, capsys) 
     written = small_dataset(uri)
     manifest = json.loads((tmp_path / data.MANIFEST_NAME).read_text())
     for part in manifest["parts"]:
-        del part["sha256"]  # as raysae wrote manifests before it recorded hashes
+        del part["sha256"], part["crc32"]  # as raysae wrote manifests before it recorded hashes
     (tmp_path / data.MANIFEST_NAME).write_text(json.dumps(manifest))
     got = read_back(uri)
     assert all(torch.equal(got[k], written[k]) for k in written)

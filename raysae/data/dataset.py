@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from isal import isal_zlib
 
 from raysae.data import storage
 from raysae.data.format import COLUMNS, Rebatcher, check_act_type, check_finite, collate, decode_act
@@ -141,8 +142,9 @@ def open_dataset(uri: str, *, verify: bool = False) -> Dataset:
     """Open the dataset at `uri`: read its manifest and check every part against it.
 
     Always: every part exists with the listed size and its Parquet footer has the listed rows
-    and act width. With `verify`: additionally read every byte (`Dataset.verify`). Page
-    checksums are checked whenever rows are read (`read_part`).
+    and act width. With `verify`: additionally read every byte (`Dataset.verify`). Each part's
+    CRC-32 (or, in older manifests, its page checksums) is checked whenever rows are read
+    (`read_part`).
     """
     manifest = read_manifest(uri)
     present = storage.list_files(uri)
@@ -179,27 +181,81 @@ def _fix(uri: str) -> str:
 
 
 def _open_part(
-    uri: str,
-    part: Part,
-    source: str | pa.NativeFile | None = None,
-    *,
-    endpoint: str | None = None,
+    uri: str, part: Part, content: pa.Buffer, *, page_checksums: bool = True
 ) -> pq.ParquetFile:
-    """Open one part (close it after use) with page checksums verified on every read, naming
-    it if its footer cannot be read. `source` is the part's bytes if already in memory."""
-    part_uri = storage.join(uri, part.name)
-    if source is None:
-        fs, path = storage.filesystem_and_path(part_uri, endpoint=endpoint)
-    else:
-        fs, path = None, source
+    """Open one part from its bytes in memory (close it after use), its page checksums verified
+    on every read unless told not to, naming it if its footer cannot be read."""
     try:
-        return pq.ParquetFile(path, filesystem=fs, page_checksum_verification=True)
+        return pq.ParquetFile(pa.BufferReader(content), page_checksum_verification=page_checksums)
     except _UNREADABLE as err:
-        storage.raise_if_unreachable(err, part_uri, endpoint=endpoint)
         raise DatasetError(
             f"{uri}: part {part.name} is not readable Parquet (truncated or corrupt: {err}); "
             + _fix(uri)
         ) from err
+
+
+READ_CHUNK = 1 << 18
+"""Bytes per read call when a local part is read into memory: small enough that each chunk is
+still in the CPU's cache (L2) when its CRC is computed. Over the whole 64 MiB part at once the
+CRC pass would stream it from RAM again (4-10 GB/s here, 10-25 % of a page-cached read); chunk
+by chunk it runs at cache speed (55-70 GB/s with ISA-L's carry-less-multiply CRC). 256 KiB cost
+the least here (bench/checksum.py); 4 MiB chunks cost 4-8x more, 64 KiB more syscalls."""
+
+
+def _read_checked(uri: str, part: Part, *, endpoint: str | None = None) -> pa.Buffer:
+    """The bytes of `part` (through the S3 `endpoint` if given), read whole into memory and
+    checked against its size and (where the manifest records it) CRC-32, which is computed as
+    the bytes arrive."""
+    where = f"{uri}: part {part.name}"
+    path = storage.join(uri, part.name)
+    try:
+        if storage.is_s3(uri):
+            # One GET for the part (every read call on an S3 file is a ranged request); the CRC
+            # pass over memory costs little beside the transfer.
+            content = pa.py_buffer(storage.read_bytes(path, endpoint=endpoint))
+            size, extra, crc = content.size, b"", isal_zlib.crc32(content)
+        else:
+            content, size, extra, crc = _read_local(storage.locate(path).path, part)
+    except FileNotFoundError:
+        raise DatasetError(f"{where} listed in {MANIFEST_NAME} is missing; re-harvest") from None
+    if size != part.bytes or extra:
+        raise DatasetError(
+            f"{where} is {'more than ' if extra else ''}{size} bytes, {MANIFEST_NAME} says "
+            f"{part.bytes} (truncated or replaced); re-harvest"
+        )
+    if part.crc32 is not None:
+        _check_crc32(uri, part, crc)
+    return content
+
+
+def _read_local(path: str, part: Part) -> tuple[pa.Buffer, int, bytes, int]:
+    """(buffer, bytes read, a byte past the listed size if any, CRC-32 if recorded) of a local
+    part, read in `READ_CHUNK`s straight into one buffer from Arrow's memory pool.
+
+    Python's unbuffered `readinto` rather than a pyarrow stream: it reads into the buffer in
+    place, one syscall per chunk, so each chunk can be hashed while it is in cache; pyarrow has
+    no hash, nor a read that calls back per chunk."""
+    content = pa.allocate_buffer(part.bytes)
+    view, size, crc = memoryview(content), 0, 0
+    with open(path, "rb", buffering=0) as file:
+        while size < part.bytes:
+            n = file.readinto(view[size : size + READ_CHUNK])
+            if not n:
+                break
+            if part.crc32 is not None:
+                crc = isal_zlib.crc32(view[size : size + n], crc)
+            size += n
+        extra = file.read(1)
+    return content, size, extra, crc
+
+
+def _check_crc32(uri: str, part: Part, crc: int) -> None:
+    """Raise DatasetError unless `crc`, computed over the part's bytes, is the manifest's."""
+    if crc != part.crc32:
+        raise DatasetError(
+            f"{uri}: part {part.name}: its CRC-32 differs from the one in {MANIFEST_NAME} "
+            "(corrupt or replaced); " + _fix(uri)
+        )
 
 
 def _read_footer(uri: str, part: Part) -> tuple[int, pa.Schema]:
@@ -230,7 +286,7 @@ def _check_footer(
         raise DatasetError(
             f"{uri}: part {part.name} has {rows} rows, {MANIFEST_NAME} says {part.rows}; re-harvest"
         )
-    missing = [name for name in COLUMNS if name not in schema.names]
+    missing = [name for name in COLUMNS if name not in _column_names(uri, part, schema)]
     if missing:
         raise DatasetError(f"{uri}: part {part.name} lacks columns {missing}; " + _fix(uri))
     check_act_type(
@@ -239,6 +295,18 @@ def _check_footer(
         dtype=manifest.dtype,
         where=f"{uri}: part {part.name}",
     )
+
+
+def _column_names(uri: str, part: Part, schema: pa.Schema) -> list[str]:
+    """The schema's column names; a name that is not UTF-8 (a changed byte in the footer, which
+    Parquet does not checksum) is a corrupt part, named."""
+    try:
+        return schema.names
+    except UnicodeDecodeError as err:
+        raise DatasetError(
+            f"{uri}: part {part.name} is not readable Parquet (a column name is not UTF-8: "
+            f"{err}); " + _fix(uri)
+        ) from err
 
 
 def read_part(
@@ -254,12 +322,16 @@ def read_part(
     """One part's rows as tables of `batch_size` rows (default: the whole part at once), read
     through the S3 `endpoint` if given (see `storage.locate`).
 
-    Checks the act type against `d_in` / `dtype`, every page's CRC-32 (parts written before
-    raysae wrote page checksums have none to check) and the rows read against the manifest's;
-    read errors name the part. Shared by the plain reader and the Ray Data read tasks
-    (raysae.data.stream).
+    The whole part is read into memory first (parts are sized for one read task, and pyarrow
+    would hold its column chunks in memory anyway) and checked against its CRC-32 in the
+    manifest before any row is decoded; parts listed without one (older manifests) have their
+    page CRC-32s checked instead, where they have them. Then checks the act type against
+    `d_in` / `dtype` and the rows read against the manifest's; errors name the part. Shared by
+    the plain reader and the Ray Data read tasks (raysae.data.stream).
     """
-    with _open_part(uri, part, endpoint=endpoint) as parquet:
+    content = _read_checked(uri, part, endpoint=endpoint)
+    # The part's CRC-32 covers every byte, page headers and footer too: its pages need no check.
+    with _open_part(uri, part, content, page_checksums=part.crc32 is None) as parquet:
         yield from _read_rows(
             uri,
             part,
@@ -286,7 +358,7 @@ def _read_rows(
     """The rows of an opened part (see `read_part`)."""
     where = f"{uri}: part {part.name}"
     schema = parquet.schema_arrow
-    missing = [name for name in columns if name not in schema.names]
+    missing = [name for name in columns if name not in _column_names(uri, part, schema)]
     if missing:
         raise DatasetError(f"{where} lacks columns {missing}; " + _fix(uri))
     check_act_type(schema.field("act").type, d_in=d_in, dtype=dtype, where=where)
@@ -312,8 +384,9 @@ def _read_rows(
 
 def verify_part(uri: str, manifest: Manifest, part: Part) -> None:
     """Every check of one part, raising DatasetError for the first it fails: it exists, has
-    the listed size and (where recorded) SHA-256, its footer matches the manifest, every page's
-    checksum holds, it has the listed rows and no NaN/Inf. One read of the whole file."""
+    the listed size and (where recorded) SHA-256 and CRC-32, its footer matches the manifest,
+    every page's checksum holds, it has the listed rows and no NaN/Inf. One read of the whole
+    file."""
     where = f"{uri}: part {part.name}"
     try:
         content = storage.read_bytes(storage.join(uri, part.name))
@@ -329,7 +402,9 @@ def verify_part(uri: str, manifest: Manifest, part: Part) -> None:
             f"{where}: its SHA-256 differs from the one in {MANIFEST_NAME} (corrupt or replaced); "
             "re-harvest"
         )
-    with _open_part(uri, part, pa.BufferReader(content)) as parquet:
+    if part.crc32 is not None:
+        _check_crc32(uri, part, isal_zlib.crc32(content))
+    with _open_part(uri, part, pa.py_buffer(content)) as parquet:
         _check_footer(uri, manifest, part, (parquet.metadata.num_rows, parquet.schema_arrow))
         first_row = 0
         for batch in _read_rows(

@@ -121,11 +121,19 @@ class Part:
     sha256: str | None = None
     """SHA-256 of the file's bytes (hex, as `sha256sum` prints it), computed by the writer from
     the bytes it uploaded. Checked by `raysae verify` (and `open_dataset(verify=True)`), which
-    read whole parts; every other read relies on the parts' Parquet page checksums. None in
-    manifests written before raysae recorded hashes (the key is absent): verify then checks the
-    size, footer, page checksums (where the part has them) and values, but cannot detect a
-    changed byte that Parquet does not checksum (page headers, footer) nor a part replaced by
-    another valid file of the same size and row count."""
+    read whole parts; every other read checks `crc32`. None in manifests written before raysae
+    recorded hashes (the key is absent): verify then checks the size, footer, page checksums
+    (where the part has them) and values, but cannot detect a changed byte that Parquet does not
+    checksum (page headers, footer) nor a part replaced by another valid file of the same size
+    and row count."""
+    crc32: int | None = None
+    """CRC-32 of the file's bytes (the zlib/gzip polynomial: `zlib.crc32` gives the same value),
+    computed by the writer from the bytes it uploaded and checked by every read, which reads the
+    whole part (`raysae.data.dataset`). It covers every byte, page headers and footer included;
+    unlike SHA-256 it can be computed, hardware-accelerated, as the bytes arrive: 1-2 ms per
+    64 MiB part (BENCHMARKS.md). None in manifests written before raysae recorded it (the
+    key is absent): reads of those parts check their Parquet page checksums instead (where they
+    have them), which leaves page headers and the footer unchecked and cost 22-33 %."""
 
     def __post_init__(self) -> None:
         _check_type("manifest part name", self.name, str)
@@ -139,6 +147,12 @@ class Part:
             raise DatasetError(
                 f"manifest part {self.name} sha256={self.sha256!r}: expected 64 hex digits"
             )
+        if self.crc32 is not None:
+            _check_type(f"manifest part {self.name} crc32", self.crc32, int)
+            if not 0 <= self.crc32 < 2**32:
+                raise DatasetError(
+                    f"manifest part {self.name} crc32={self.crc32}: expected 0 <= crc32 < 2**32"
+                )
 
 
 @dataclass(frozen=True)
@@ -218,7 +232,9 @@ class Manifest:
         if not isinstance(data["parts"], list):
             raise DatasetError(f"manifest parts must be a list, got {type(data['parts']).__name__}")
         for part in data["parts"]:
-            _check_keys("manifest part", part, {"name", "rows", "bytes"}, optional={"sha256"})
+            _check_keys(
+                "manifest part", part, {"name", "rows", "bytes"}, optional={"sha256", "crc32"}
+            )
             parts.append(Part(**part))
         return cls(**{**data, "parts": tuple(parts), "stats": ActStats.from_dict(data["stats"])})
 

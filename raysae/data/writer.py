@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from isal import isal_zlib
 
 from raysae.data import storage
 from raysae.data.format import (
@@ -38,8 +39,8 @@ _PARQUET_OPTIONS = {
     "compression": "none",
     # min/max of 1 KiB binary values would bloat the footer and serve no reader.
     "write_statistics": ["token_id", "doc_id", "pos"],
-    # A CRC-32 of every data page, checked on every read (raysae.data.dataset): a flipped bit
-    # in the values then fails the read instead of changing an activation.
+    # A CRC-32 of every data page: what reads check for parts whose manifest entry has no
+    # whole-part CRC-32 (Part.crc32), and what `raysae verify` checks besides the SHA-256.
     "write_page_checksum": True,
 }
 
@@ -56,12 +57,14 @@ def new_write_id() -> str:
 
 def write_part(uri: str, name: str, table: pa.Table) -> Part:
     """Write `table` (shard schema, rows `check_finite`-ed by the caller) as part `name`; the
-    returned `Part` records the size and SHA-256 of exactly the bytes uploaded."""
+    returned `Part` records the size, SHA-256 and CRC-32 of exactly the bytes uploaded."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, row_group_size=max(len(table), 1), **_PARQUET_OPTIONS)
     data = sink.getvalue()
     storage.write_bytes(storage.join(uri, name), data)
-    return Part(name, len(table), data.size, hashlib.sha256(data).hexdigest())
+    return Part(
+        name, len(table), data.size, hashlib.sha256(data).hexdigest(), isal_zlib.crc32(data)
+    )
 
 
 def prepare_prefix(uri: str, *, overwrite: bool) -> None:
