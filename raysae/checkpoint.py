@@ -9,6 +9,7 @@ checkpoint someone else wrote cannot execute code. `load_sae(save_sae(m))` repro
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -154,3 +155,90 @@ def load_training_checkpoint(
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     since = load_file(str(directory / TRAIN_TENSORS))["tokens_since_fired"]
     return meta["tokens"], meta["step"], since, meta["progress"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Complete or invisible: the seal of a training checkpoint, and the newest complete one of a run.
+#
+# Ray Train uploads a checkpoint folder file by file (in no set order) and registers it with its
+# controller only when the worker's report is next polled: a worker killed in between leaves a
+# complete folder that Ray's `get_checkpoint()` does not know (it restarts from the one before),
+# and a failed upload (a full disk) leaves a folder of missing or short files. So rank 0 writes
+# SEAL last, listing every file and its size; a folder is complete when the listing agrees with
+# its seal, and a restart takes the newest complete one (`newest_complete`), whatever Ray chose.
+
+SEAL = "checkpoint.json"
+SEAL_VERSION = 1
+
+
+class CheckpointSpaceError(OSError):
+    """The disk holding a checkpoint is full; the message names it and the space needed."""
+
+
+def seal(directory: str | os.PathLike, tokens: int) -> int:
+    """Write SEAL into a finished checkpoint folder; returns the folder's bytes."""
+    directory = Path(directory)
+    files = {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+    body = {"format_version": SEAL_VERSION, "tokens": tokens, "files": files}
+    _atomic_write(directory / SEAL, lambda p: Path(p).write_text(json.dumps(body, indent=1)))
+    return sum(files.values()) + (directory / SEAL).stat().st_size
+
+
+def training_checkpoint_bytes(model: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> int:
+    """About what `save_training_checkpoint` writes for this model: its tensors and Adam's."""
+    tensors = [*model.state_dict().values()]
+    tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    n_latents = model.cfg.n_latents
+    return sum(t.numel() * t.element_size() for t in tensors) + 8 * n_latents + 64 * 1024
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether `error` or one in its chain of causes is ENOSPC (pyarrow's carry no errno)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and (
+            error.errno == errno.ENOSPC or "No space left on device" in str(error)
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def newest_complete(fs, run_path: str, log=print) -> Optional[tuple[str, int]]:
+    """(fs path, tokens) of the newest sealed, complete `checkpoint_*` folder under `run_path`
+    on pyarrow filesystem `fs`, or None if there is none; logs each newer folder it skips."""
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(run_path, recursive=True, allow_not_found=True)
+    listed: dict[str, dict[str, int]] = {}
+    for info in fs.get_file_info(selector):
+        relative = info.path[len(run_path) :].strip("/").split("/", 1)
+        if len(relative) == 2 and relative[0].startswith("checkpoint_") and info.is_file:
+            listed.setdefault(relative[0], {})[relative[1]] = info.size
+    sealed = []
+    for name in sorted(listed, reverse=True):
+        files = listed[name]
+        if SEAL not in files:
+            continue  # being uploaded, a failed upload, or written by a raysae without seals
+        try:
+            with fs.open_input_stream(f"{run_path}/{name}/{SEAL}") as f:
+                body = json.loads(f.read())
+            wrong = [f for f, size in body["files"].items() if files.get(f) != size]
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            log(f"checkpoint {run_path}/{name}: unreadable {SEAL} ({e}); skipped")
+            continue
+        if wrong:
+            log(
+                f"checkpoint {run_path}/{name} is incomplete ({wrong[0]} missing or short); skipped"
+            )
+            continue
+        sealed.append((int(body["tokens"]), name))
+    if not sealed:
+        return None
+    tokens, name = max(sealed)
+    return f"{run_path}/{name}", tokens

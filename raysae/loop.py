@@ -26,11 +26,34 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from raysae.checkpoint import load_training_checkpoint
+from raysae.checkpoint import CheckpointSpaceError, load_training_checkpoint
 from raysae.config import RunConfig, TrainConfig
+from raysae.data.format import BadDataError
 from raysae.metrics import ReconstructionStats, SparsityStats, scalars
 from raysae.saes import SparseAutoencoder, build_sae
-from raysae.step import TrainState, check_batch, make_optimizer, train_step
+from raysae.step import BadBatchError, TrainState, check_batch, make_optimizer, train_step
+
+STOPS_RUN = (BadDataError, BadBatchError, CheckpointSpaceError)
+"""Errors that stop a run on every worker at once and are never retried: bad data, a full disk.
+Retrying is for infrastructure faults (a worker, a node, the store for a while); these would
+fail again (raysae.worker returns them to the driver rather than raising them to Ray)."""
+
+
+def stop_cause(error: BaseException) -> Optional[BaseException]:
+    """`error`, or the error in its chain of causes, that stops the run (STOPS_RUN), if any: Ray
+    Data re-raises a read task's error in the worker wrapped in its own (RayTaskError,
+    UserCodeException), which Ray could not necessarily send on to the driver."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)  # RayTaskError: the task's own error
+        if isinstance(cause, STOPS_RUN):
+            return cause
+        if isinstance(error, STOPS_RUN):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
 
 # ---------------------------------------------------------------------------------------------
 # Where the loop runs
@@ -76,6 +99,22 @@ class World:
                 SparsityStats.from_state_tensor(t, sparsity.n_latents, sparsity.dead_window)
             )
         return merged_recon, merged_sparsity
+
+    def first_error(self, error: Optional[BaseException]) -> Optional[BaseException]:
+        """The error of the lowest rank that has one (None if none has), on every rank: one
+        all-reduce of a flag, and an all-gather of the errors only when there is one. A rank
+        that stopped alone would leave the others waiting in the next step's all-reduce."""
+        if self.size == 1:
+            return error
+        import torch.distributed as dist
+
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return None
+        errors = [None] * self.size
+        dist.all_gather_object(errors, error)
+        return next(e for e in errors if e is not None)
 
     def _all_gather(self, t: Tensor) -> list[Tensor]:
         import torch.distributed as dist
@@ -216,16 +255,21 @@ def train_pack(
     t0 = last_t = time.perf_counter()
     last_tokens = tokens
     ckpt_tokens, ckpt_time = (tokens, t0) if tokens else (None, None)  # resumed: a checkpoint
-    where = f"worker {world.rank}: " if world.size > 1 else ""
+    dtype = members[0].model.W_enc.dtype
+    prefix = f"worker {world.rank}: " if world.size > 1 else ""
     for m in members:
         m.model.train()
-    for batch in batches:
-        if total - tokens < world.size:
+    stream = iter(batches)
+    while total - tokens >= world.size:
+        # This worker's share of the next global batch (the last is cut so the budget is met
+        # exactly), or the error that stops the run, agreed by every worker before the step.
+        where = f"{prefix}batch at token {tokens}"
+        batch, global_n, error = _take(stream, world, total - tokens, dtype, d_in, where)
+        error = world.first_error(error)
+        if error is not None:
+            raise error
+        if batch is None:
             break
-        # The global batch of this step; the last is cut so the budget is met exactly.
-        global_n = min(batch.shape[0] * world.size, (total - tokens) // world.size * world.size)
-        batch = batch[: global_n // world.size].to(world.device, members[0].model.W_enc.dtype)
-        check_batch(batch, d_in, f"{where}batch at token {tokens}")
         start = tokens + world.rank * batch.shape[0]  # this worker's rows in the token stream
         for m in members:
             out = train_step(
@@ -254,7 +298,7 @@ def train_pack(
             history.append(record)
             checkpoint = checkpoint_every is not None and (tokens >= next_ckpt or done)
             if report is not None:
-                report(record, checkpoint)
+                _report(report, record, checkpoint, world)
             if log is not None:
                 log(format_record(record, total))
             next_report, last_t, last_tokens = _next(tokens, train.log_every_tokens), now, tokens
@@ -266,6 +310,36 @@ def train_pack(
     if tokens < total and log is not None:
         log(f"data ran out after {tokens:,} of {total:,} tokens")
     return history
+
+
+def _take(stream: Iterator[Tensor], world: World, left: int, dtype: torch.dtype, d_in: int, where):
+    """(this worker's batch, the global batch's tokens, None), (None, 0, None) at the end of the
+    stream, or (None, 0, the error) if the batch cannot be trained on (STOPS_RUN)."""
+    try:
+        batch = next(stream, None)
+        if batch is None:
+            return None, 0, None
+        global_n = min(batch.shape[0] * world.size, left // world.size * world.size)
+        batch = batch[: global_n // world.size].to(world.device, dtype)
+        check_batch(batch, d_in, where)
+        return batch, global_n, None
+    except Exception as e:
+        stop = stop_cause(e)
+        if stop is None:
+            raise
+        return None, 0, stop
+
+
+def _report(report: Report, record: dict, checkpoint: bool, world: World) -> None:
+    """`report`, with a checkpoint if due; a full disk on rank 0 stops every worker."""
+    error = None
+    try:
+        report(record, checkpoint)
+    except STOPS_RUN as e:
+        error = e
+    error = world.first_error(error)
+    if error is not None:
+        raise error
 
 
 def _next(tokens: int, every: int) -> int:

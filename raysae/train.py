@@ -290,6 +290,7 @@ def build_trainer(
         "runs": [to_dict(cfg) for cfg in runs],
         "init": _initial_values(runs, train_data),
         "held_out": held_out,
+        "run_dir": storage.join(out, name),
         # FVU_B's per-token denominators are taken about the dataset mean.
         "reference_mean": dataset.manifest.stats.mean.tolist(),
         "on_step": on_step,
@@ -396,6 +397,8 @@ def finish_run(
     One member: OUT/sae and OUT/metrics.json; a pack: OUT/m<i>/sae and OUT/m<i>/metrics.json.
     """
     final = result.return_value  # rank 0's return of train_loop_per_worker
+    if "stopped" in final:  # bad data or a full disk: the workers stopped, and so does the run
+        raise final["stopped"]
     progress = final["progress"]
     directions = toy_directions(dataset.manifest)
     results = []

@@ -11,25 +11,36 @@ Resume semantics: see raysae/train.py's module docstring.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-from raysae.checkpoint import save_training_checkpoint
+from raysae.checkpoint import (
+    CheckpointSpaceError,
+    newest_complete,
+    no_space,
+    save_training_checkpoint,
+    seal,
+    training_checkpoint_bytes,
+)
 from raysae.config import RunConfig
-from raysae.loop import World, build_pack, evaluate_pack, member_key, train_pack
+from raysae.data import storage
+from raysae.loop import STOPS_RUN, World, build_pack, evaluate_pack, member_key, train_pack
 from raysae.settings import from_dict
 
 
 def train_loop_per_worker(config: dict) -> dict:
     """Train the pack; returns (on every rank) the held-out metrics, the report history since
-    the run began, and the data-position counters. Ray hands rank 0's return to the driver.
+    the run began, and the data-position counters, or {"stopped": error} if bad data or a full
+    disk stopped it (STOPS_RUN). Ray hands rank 0's return to the driver.
 
     `config`: runs (RunConfig dicts), init (their input scales and b_dec), reference_mean,
-    held_out (a raysae.data.Dataset), on_step (a test's hook, or None).
+    held_out (a raysae.data.Dataset), run_dir (where Ray writes this run's checkpoints),
+    on_step (a test's hook, or None).
     """
     import ray.train  # [ray]
     import ray.train.torch  # [ray]
@@ -39,7 +50,8 @@ def train_loop_per_worker(config: dict) -> dict:
     ctx = ray.train.get_context()  # [ray]
     world = World(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
-    checkpoint = ray.train.get_checkpoint()  # [ray]
+    log = (lambda line: print(line, flush=True)) if world.rank == 0 else (lambda line: None)
+    checkpoint = _restore_point(ray.train.get_checkpoint(), config["run_dir"], world, log)  # [ray]
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
         members, progress = build_pack(
             runs,
@@ -58,31 +70,103 @@ def train_loop_per_worker(config: dict) -> dict:
         if not (write_checkpoint and world.rank == 0):
             ray.train.report(record, checkpoint=None)  # [ray]
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            for i, m in enumerate(members):
-                save_training_checkpoint(
-                    Path(tmp) / member_key(i), m.model, m.optimizer, m.state, dict(progress)
-                )
-            (Path(tmp) / "history.json").write_text(json.dumps(history))
-            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # [ray]
+        # Named here (as Ray would: checkpoint_<time>) so that a failed upload can be removed.
+        name = datetime.datetime.now().strftime("checkpoint_%Y-%m-%d_%H-%M-%S.%f")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                for i, m in enumerate(members):
+                    save_training_checkpoint(
+                        Path(tmp) / member_key(i), m.model, m.optimizer, m.state, dict(progress)
+                    )
+                (Path(tmp) / "history.json").write_text(json.dumps(history))
+                seal(tmp, members[0].state.tokens)  # last: the folder is complete
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # [ray]
+                ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=name)  # [ray]
+        except Exception as e:
+            if not no_space(e):
+                raise
+            raise _space_error(config["run_dir"], name, members) from None
 
     shard = ray.train.get_dataset_shard("train")  # [ray]
     per_worker = max(1, lead.train.batch_size // world.size)
-    train_pack(
-        members,
-        _epochs(shard, per_worker, lead, progress, world.rank),
-        world=world,
-        checkpoint_every=lead.scaling.checkpoint_every_tokens,
-        progress=progress,
-        history=history,
-        report=report,
-        log=(lambda line: print(line, flush=True)) if world.rank == 0 else None,
-        on_step=config.get("on_step"),
-    )
+    try:
+        train_pack(
+            members,
+            _epochs(shard, per_worker, lead, progress, world.rank),
+            world=world,
+            checkpoint_every=lead.scaling.checkpoint_every_tokens,
+            progress=progress,
+            history=history,
+            report=report,
+            log=log if world.rank == 0 else None,
+            on_step=config.get("on_step"),
+        )
+    except STOPS_RUN as e:
+        # Every rank stops here with the same error (train_pack agrees on it). Returned, not
+        # raised: Ray Train 2.60 retries every worker error alike (its DefaultFailurePolicy
+        # takes any error from the worker group as retryable, up to max_failures, and offers no
+        # way to mark one as final), and a retry of bad data or of a full disk fails again, or
+        # worse, reads the parts in another order and misses the bad one.
+        return {"stopped": e}
     # Held-out evaluation: each rank reads its own held-out parts; the sums are merged.
     held_out = config["held_out"].shard(world.rank, world.size)
     metrics = evaluate_pack(members, lambda: held_out.batches(8192), world)
     return {"eval": metrics, "progress": progress, "history": history}
+
+
+def _restore_point(registered, run_dir: str, world: World, log: Callable[[str], None]):
+    """The checkpoint to resume from: the newest complete one in `run_dir`, which is Ray's
+    registered latest unless a worker died before Ray registered a newer one, or Ray's latest
+    is incomplete (see raysae.checkpoint.SEAL). Rank 0 chooses and every rank restores its
+    choice: DDP replicas must start equal. Ray's choice stands for checkpoints without seals."""
+    import ray.train  # [ray]
+
+    fs, run_path = storage.filesystem_and_path(run_dir)
+    choice = None
+    if world.rank == 0:
+        found = newest_complete(fs, run_path, log)
+        if found is not None:
+            choice = found[0]
+            if registered is None or registered.path.rstrip("/") != choice:
+                log(
+                    f"resuming from {choice} ({found[1]:,} tokens), the newest complete "
+                    f"checkpoint; Ray's latest registered one is {registered and registered.path}"
+                )
+        elif registered is not None:
+            choice = registered.path
+    if world.size > 1:
+        import torch.distributed as dist
+
+        chosen = [choice]
+        dist.broadcast_object_list(chosen, src=0)
+        choice = chosen[0]
+    if choice is None:
+        return None
+    if registered is not None and registered.path.rstrip("/") == choice.rstrip("/"):
+        return registered
+    return ray.train.Checkpoint(path=choice, filesystem=fs)  # [ray]
+
+
+def _space_error(run_dir: str, name: str, members) -> CheckpointSpaceError:
+    """The error for a checkpoint that did not fit, after removing what it left behind: the
+    full disk (the local temporary directory, or the output), and the space needed."""
+    import pyarrow.fs as pafs
+
+    needed = sum(training_checkpoint_bytes(m.model, m.optimizer) for m in members)
+    partial = storage.join(run_dir, name)
+    fs, path = storage.filesystem_and_path(partial)
+    uploading = fs.get_file_info(path).type != pafs.FileType.NotFound  # else: writing it locally
+    where = run_dir if uploading else tempfile.gettempdir()
+    if uploading:
+        try:
+            fs.delete_dir(path)
+        except OSError:
+            pass  # unsealed, so never resumed from; what matters is the message below
+    return CheckpointSpaceError(
+        f"no space left on {where}: the next checkpoint needs about {needed / 2**20:,.1f} MiB; "
+        "free that much there (or lower scaling.num_checkpoints_to_keep) and re-run the same "
+        "command to resume from the last complete checkpoint"
+    )
 
 
 def _epochs(shard, per_worker: int, cfg: RunConfig, progress: dict, rank: int) -> Iterator:

@@ -180,6 +180,14 @@ def _fix(uri: str) -> str:
     return f"re-harvest, or run `raysae verify {uri}` to list every bad part"
 
 
+def _bad_rows_fix(uri: str) -> str:
+    """What to do about a part whose rows a run must not train on."""
+    return (
+        "the part holds corrupt or overflowed activations (float16 overflow: harvest with dtype "
+        f"bfloat16 or float32); re-harvest it, or run `raysae verify {uri}` to list every bad part"
+    )
+
+
 def _open_part(
     uri: str, part: Part, content: pa.Buffer, *, page_checksums: bool = True
 ) -> pq.ParquetFile:
@@ -326,7 +334,8 @@ def read_part(
     would hold its column chunks in memory anyway) and checked against its CRC-32 in the
     manifest before any row is decoded; parts listed without one (older manifests) have their
     page CRC-32s checked instead, where they have them. Then checks the act type against
-    `d_in` / `dtype` and the rows read against the manifest's; errors name the part. Shared by
+    `d_in` / `dtype`, that every activation is finite (BadDataError naming the row within the
+    part) and the rows read against the manifest's; errors name the part. Shared by
     the plain reader and the Ray Data read tasks (raysae.data.stream).
     """
     content = _read_checked(uri, part, endpoint=endpoint)
@@ -367,9 +376,14 @@ def _read_rows(
         for batch in parquet.iter_batches(
             batch_size=batch_size or max(part.rows, 1), columns=list(columns), use_threads=False
         ):
-            rows += len(batch)
-            if rows > part.rows:
+            if rows + len(batch) > part.rows:
+                rows += len(batch)
                 break
+            if "act" in columns:
+                # Here the part and the row are known; a training step would see neither.
+                acts = decode_act(batch.column("act"), d_in=d_in, dtype=dtype)
+                check_finite(acts, where=where, first_row=rows, fix=_bad_rows_fix(uri))
+            rows += len(batch)
             yield pa.Table.from_batches([batch])
     except _UNREADABLE as err:
         storage.raise_if_unreachable(err, storage.join(uri, part.name), endpoint=endpoint)
@@ -406,8 +420,7 @@ def verify_part(uri: str, manifest: Manifest, part: Part) -> None:
         _check_crc32(uri, part, isal_zlib.crc32(content))
     with _open_part(uri, part, pa.py_buffer(content)) as parquet:
         _check_footer(uri, manifest, part, (parquet.metadata.num_rows, parquet.schema_arrow))
-        first_row = 0
-        for batch in _read_rows(
+        for _ in _read_rows(  # which checks that every activation is finite
             uri,
             part,
             parquet,
@@ -416,9 +429,7 @@ def verify_part(uri: str, manifest: Manifest, part: Part) -> None:
             columns=COLUMNS,
             batch_size=65536,
         ):
-            acts = decode_act(batch.column("act"), d_in=manifest.d_in, dtype=manifest.dtype)
-            check_finite(acts, where=where, first_row=first_row)
-            first_row += len(acts)
+            pass
 
 
 def iter_batches(

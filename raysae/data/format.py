@@ -52,6 +52,12 @@ class DatasetError(ValueError):
     """A dataset is missing, incomplete or inconsistent; the message names the file and the fix."""
 
 
+class BadDataError(DatasetError):
+    """Values a run must not train on: NaN/±Inf in a row, or rows of the wrong width. The same
+    bytes fail the same way on every read, so a run stops at the first one (never retried as if a
+    worker had crashed: raysae.loop.STOPS_RUN)."""
+
+
 def row_bytes(d_in: int, dtype: str) -> int:
     """Bytes of one stored activation vector."""
     return d_in * STORAGE_DTYPES[dtype][1].itemsize
@@ -98,8 +104,8 @@ def check_act_type(act_type: pa.DataType, *, d_in: int, dtype: str, where: str) 
         return
     width = act_width(act_type, dtype)
     if width is not None and width != d_in:
-        raise DatasetError(f"{where}: act has {width} values per row, manifest says d_in={d_in}")
-    raise DatasetError(
+        raise BadDataError(f"{where}: act has {width} values per row, manifest says d_in={d_in}")
+    raise BadDataError(
         f"{where}: act column is {act_type}, expected {expected} ({dtype} × d_in={d_in})"
     )
 
@@ -180,16 +186,28 @@ def collate(
     return batch["act"] if tuple(columns) == ("act",) else batch
 
 
-def check_finite(acts: torch.Tensor, *, where: str, first_row: int = 0) -> None:
-    """Raise DatasetError naming the first row of `acts` that holds a NaN or ±Inf."""
+def check_finite(
+    acts: torch.Tensor,
+    *,
+    where: str,
+    first_row: int = 0,
+    fix: str = "if it overflowed float16, harvest with dtype bfloat16 or float32",
+) -> None:
+    """Raise BadDataError naming the first row of `acts` that holds a NaN or ±Inf, and `fix`.
+
+    One pass without a temporary: NaN propagates through min/max and ±Inf is an extreme, so
+    finite extremes mean finite values (measured on a (65536, 576) tensor: ~20× faster than
+    `torch.isfinite(acts).all()`, which writes a bool per value). The slow search for the row
+    runs only when there is one to find."""
+    if not acts.numel():
+        return
+    low, high = torch.aminmax(acts)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
     bad = ~torch.isfinite(acts).all(dim=1)
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        kind = "NaN" if bool(acts[row].isnan().any()) else "Inf"
-        raise DatasetError(
-            f"{where} row {first_row + row}: activation holds {kind}; "
-            "if it overflowed float16, harvest with dtype bfloat16 or float32"
-        )
+    row = int(bad.nonzero()[0, 0])
+    kind = "NaN" if bool(acts[row].isnan().any()) else "Inf"
+    raise BadDataError(f"{where} row {first_row + row}: activation holds {kind}; {fix}")
 
 
 def shard_table(
