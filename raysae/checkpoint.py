@@ -197,13 +197,12 @@ def training_checkpoint_bytes(model: SparseAutoencoder, optimizer: torch.optim.O
 
 
 def no_space(error: BaseException) -> bool:
-    """Whether `error` or one in its chain of causes is ENOSPC (pyarrow's carry no errno)."""
+    """Whether `error` or one in its chain of causes is ENOSPC: by errno, or by the OS's text,
+    as pyarrow's OSErrors carry no errno and safetensors raises its own SafetensorError."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and (
-            error.errno == errno.ENOSPC or "No space left on device" in str(error)
-        ):
+        if getattr(error, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error):
             return True
         error = error.__cause__ or error.__context__
     return False

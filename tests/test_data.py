@@ -310,6 +310,33 @@ def test_non_finite_part_names_part_and_row(tmp_path) -> None:
         data.open_dataset(uri, verify=True)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "value", "kind"),
+    [
+        ("float16", 1e5, "Inf"),
+        ("bfloat16", float("-inf"), "Inf"),
+        ("float32", float("nan"), "NaN"),
+    ],
+)
+def test_reading_a_non_finite_row_stops_naming_part_and_row(tmp_path, dtype, value, kind) -> None:
+    """Every reader (plain, and Ray Data's read tasks: both call read_part) stops at the first
+    non-finite row, naming the part and the row within it, however the part is batched."""
+    uri = str(tmp_path)
+    data.write_dataset(uri, toy(150, 4), rows_per_part=50, dtype=dtype)
+    bad = toy(50, 4)
+    bad[37, 2] = value  # 1e5 is finite, but +Inf once stored as float16
+    written = replace_part(
+        uri, 1, data.shard_table(bad, np.zeros(50), np.zeros(50), np.zeros(50), dtype=dtype)
+    )
+    dataset = data.open_dataset(uri)
+    for batch_size in (16, 50, 1000):
+        with pytest.raises(data.BadDataError) as err:
+            list(dataset.batches(batch_size))
+        assert f"part {written.name} row 37: activation holds {kind}" in str(err.value)
+        assert f"raysae verify {uri}" in str(err.value)
+    assert len(list(dataset.select([dataset.parts[0].name]).batches(16))) == 4  # the rest reads
+
+
 def test_manifest_row_counts_disagree_with_parts(tmp_path) -> None:
     uri = str(tmp_path)
     manifest = data.write_dataset(uri, toy(100, 4), rows_per_part=50)

@@ -4,8 +4,10 @@ One Ray cluster serves the whole session (tests/conftest.py); every run here is 
 on 2 cores are dominated by Ray's worker start-up (~20-40 s per worker-group start).
 """
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from raysae import data
-from raysae.checkpoint import load_sae
+from raysae.checkpoint import load_sae, newest_complete
 from raysae.config import RunConfig, ToyDataConfig
 from raysae.data import storage
 from raysae.evaluate import evaluate
@@ -94,14 +96,17 @@ def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, toy_uri, s3_prefix
     cfg = from_dict(
         RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train), "total_tokens": 90_000}}
     )
-    # The last worker dies once (os._exit) at 35k tokens, 5 s after the 30k checkpoint.
+    # The last worker dies once (os._exit) at the first step after the 30k checkpoint: before
+    # Ray has registered it (it polls the workers), so the restart must find it in storage.
     t0 = time.perf_counter()
-    result = train_distributed(cfg, s3_prefix, name="crash", on_step=DieOnce(35_000))
+    fault = DieOnce(30_001, after_checkpoint_s=0)
+    result = train_distributed(cfg, s3_prefix, name="crash", on_step=fault)
     print(f"fault test wall time {time.perf_counter() - t0:.1f} s")
     assert result["restarts"] == 1
     assert result["tokens"] == 90_000  # exact: trained tokens are counted from the checkpoint
-    # It resumed from the 30k checkpoint, in the first epoch (~65k rows): the epoch is re-read
-    # from its start, so the replayed tokens are the checkpoint's position in it.
+    # It resumed from the 30k checkpoint (not the one before: there is none, it would restart
+    # from scratch), in the first epoch (~65k rows): the epoch is re-read from its start, so
+    # the replayed tokens are the checkpoint's position in it.
     assert result["replayed_tokens"] == 30_000
     assert result["history"][-1]["tokens"] == 90_000
     assert result["eval"]["fvu"] < 0.5
@@ -184,20 +189,25 @@ def test_driver_restart_resumes(ray_cluster, toy_uri, tmp_path):
     first = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    fs, run_path = storage.filesystem_and_path(str(out / "restart"))
     deadline = time.time() + 240
-    while not list((out / "restart").glob("checkpoint_*/m0/train_state.json")):
+    while newest_complete(fs, run_path) is None:
         assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.5)
-    time.sleep(2)  # let Ray register the checkpoint (it is written before it is committed)
+        time.sleep(0.1)
+    # Killed at once, most likely before Ray registered the checkpoint (the drill resumed
+    # from the one before the newest complete one).
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (out / "restart" / "metrics.json").exists()
+    _, newest_tokens = newest_complete(fs, run_path)
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     metrics = json.loads((out / "restart" / "metrics.json").read_text())
     assert metrics["tokens"] == 80_000
-    assert metrics["restarts"] == 1 and metrics["replayed_tokens"] > 0
+    # Resumed from the newest complete checkpoint, in the first epoch (~65k rows, re-read from
+    # its start): the replayed tokens are that checkpoint's.
+    assert metrics["restarts"] == 1 and metrics["replayed_tokens"] == newest_tokens
     assert "restarts: 1" in second.stdout
 
 
@@ -254,3 +264,90 @@ def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_p
         for node in nodes:
             if node in ray_cluster.worker_nodes:
                 ray_cluster.remove_node(node)
+
+
+def test_bad_rows_stop_the_run_at_once_naming_part_and_row(ray_cluster, tmp_path, capsys):
+    """NaN in a training part: `raysae train` stops on the first occurrence, although
+    max_failures would allow retries (a retry read the parts in another order, missed the bad
+    one and exited 0), with exit 2 and the part and row named; no SAE is written."""
+    import numpy as np
+    import torch
+
+    from raysae.__main__ import main
+
+    uri = str(tmp_path / "acts")
+    x, _ = ToyData(TOY, D_IN).sample(5 * 4096)
+    manifest = data.write_dataset(uri, x, dtype="float32", rows_per_part=4096, model="toy")
+    cfg = run_config(uri, max_failures=2, checkpoint_every_tokens=8000)
+    cfg = from_dict(
+        RunConfig,
+        {
+            **to_dict(cfg),
+            "train": {**to_dict(cfg.train), "total_tokens": 40_000, "init_tokens": 1000},
+            "data": {**to_dict(cfg.data), "eval_parts": 1},
+        },
+    )
+    # The initialisation sample reads the first part of the seed's order: spoil another one,
+    # so that the workers (not the driver) meet it.
+    first = np.random.default_rng(cfg.train.seed).permutation(4)[0]
+    index = int((first + 1) % 4)
+    bad = x[index * 4096 : (index + 1) * 4096].clone()
+    bad[[5, 100, 101], 7] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    table = data.shard_table(bad, *[np.zeros(4096)] * 3, dtype="float32")
+    parts = list(manifest.parts)
+    part = parts[index] = data.write_part(uri, parts[index].name, table)
+    storage.write_bytes(
+        storage.join(uri, data.MANIFEST_NAME),
+        dataclasses.replace(manifest, parts=tuple(parts)).to_json().encode(),
+    )
+
+    out = tmp_path / "out"
+    code = main(["train", str(_write_yaml(tmp_path / "run.yaml", cfg)), "--out", str(out)])
+    message = capsys.readouterr().err
+    assert code == 2, message[-3000:]
+    assert f"part {part.name} row 5: activation holds NaN" in message, message[-3000:]
+    assert f"raysae verify {uri}" in message and "Traceback" not in message
+    assert not list(out.glob("*/metrics.json")) and not list(out.glob("*/sae"))
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    """A real small filesystem at `path`, or skip: mounting needs root."""
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs to fill ({done.stderr.strip()}): needs root")
+
+
+def test_full_disk_stops_with_the_space_needed(ray_cluster, toy_uri, tmp_path, capsys):
+    """Output on a 1 MiB filesystem, checkpoints of ~6 MiB: one clear message, exit 2, and no
+    folder of short files left where a resume could pick it."""
+    from raysae.__main__ import main
+
+    out = tmp_path / "small"
+    _mount_tmpfs(out, "1m")
+    try:
+        cfg = run_config(toy_uri, num_workers=1, max_failures=2, checkpoint_every_tokens=4000)
+        cfg = from_dict(
+            RunConfig,
+            {
+                **to_dict(cfg),
+                "sae": {**to_dict(cfg.sae), "n_latents": 8192},
+                "train": {**to_dict(cfg.train), "total_tokens": 8000, "log_every_tokens": 4000},
+            },
+        )
+        config = _write_yaml(tmp_path / "run.yaml", cfg)
+        code = main(["train", str(config), "--out", str(out), "--name", "full"])
+        message = capsys.readouterr().err
+        assert code == 2, message[-3000:]
+        assert re.search(
+            f"no space left on {out / 'full'}: the next checkpoint needs about 6\\.[0-9] MiB",
+            message,
+        ), message[-3000:]
+        assert "Traceback" not in message and "Errno" not in message, message[-3000:]
+        assert not list((out / "full").glob("checkpoint_*")), "a partial checkpoint was left"
+    finally:
+        subprocess.run(["umount", str(out)], check=False)
