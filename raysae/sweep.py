@@ -13,6 +13,7 @@ restored trial resumes its own Train checkpoints. Layout under OUTPUT/NAME/:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Callable
@@ -21,7 +22,8 @@ import pandas as pd
 
 from raysae import report
 from raysae.config import RunConfig
-from raysae.data import Dataset, storage
+from raysae.data import BadDataError, Dataset, storage
+from raysae.loop import STOPS_RUN
 from raysae.settings import ConfigError, from_dict, to_dict
 from raysae.sweep_spec import SweepSpec, expand, packs, with_absolute_paths
 from raysae.synthetic import write_toy_dataset
@@ -36,6 +38,9 @@ from raysae.train import (
 SPEC_FILE = "sweep_spec.json"
 """Written into OUTPUT/NAME once the pre-flight checks pass: marks the folder as a sweep's and
 records what ran."""
+STOPPED_FILE = "stopped.json"
+"""Written into a trial's folder when bad data stopped it (`record_stop`), so that Tune's
+retry of the trial fails at once with the same message instead of training again."""
 TUNE_STATE = "tuner.pkl"
 """What Tune writes into OUTPUT/NAME when it sets the sweep up (tune.Tuner), before any trial;
 `--resume` (Tuner.restore) reads it."""
@@ -61,6 +66,8 @@ def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
         ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
         return
     dataset = datasets[runs[0].data.uri]
+    trial_dir = storage.join(config["trials_dir"], name)
+    raise_if_stopped(trial_dir, dataset)
     trainer = build_trainer(
         runs, config["trials_dir"], name, dataset=dataset, callbacks=[TuneReportCallback()]
     )
@@ -68,10 +75,41 @@ def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
     result = trainer.fit()
     if result.error:
         raise result.error
-    trial_dir = storage.join(config["trials_dir"], name)
-    finals = finish_run(result, runs, trial_dir, time.perf_counter() - t0, dataset)
+    try:
+        finals = finish_run(result, runs, trial_dir, time.perf_counter() - t0, dataset)
+    except STOPS_RUN as e:
+        record_stop(trial_dir, dataset, e)
+        raise
     best = min(finals, key=lambda r: r["eval"]["fvu"])
     ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
+
+
+def _fingerprint(dataset: Dataset) -> str:
+    """What identifies a dataset's contents: its manifest (re-harvesting writes a new one)."""
+    return hashlib.sha256(dataset.manifest.to_json().encode()).hexdigest()
+
+
+def record_stop(trial_dir: str, dataset: Dataset, error: BaseException) -> None:
+    """Remember in the trial's folder that bad data stopped it (best effort: on a full disk
+    nothing more can be written). Tune retries a failed trial (max_failures) and the retry,
+    resumed from a checkpoint, could read the parts in another order and miss the bad one."""
+    body = {"error": str(error), "kind": type(error).__name__, "dataset": _fingerprint(dataset)}
+    try:
+        storage.write_bytes(storage.join(trial_dir, STOPPED_FILE), json.dumps(body).encode())
+    except OSError:
+        pass
+
+
+def raise_if_stopped(trial_dir: str, dataset: Dataset) -> None:
+    """Fail the trial again, without training, if bad data stopped it on this same dataset."""
+    path = storage.join(trial_dir, STOPPED_FILE)
+    if not storage.exists(path):
+        return
+    body = json.loads(storage.read_bytes(path))
+    if body.get("dataset") != _fingerprint(dataset):
+        return  # the dataset was re-harvested since: train on it
+    kinds = {kind.__name__: kind for kind in STOPS_RUN}
+    raise kinds.get(body.get("kind"), BadDataError)(body["error"])
 
 
 def _finished_metrics(trial_dir: str, n: int) -> list[dict]:

@@ -260,3 +260,23 @@ def test_a_sweep_whose_every_trial_fails_says_why_in_one_message(ray_cluster, tm
     err = capsys.readouterr().err
     assert err.startswith("raysae sweep: error: every trial of sweep fails failed")
     assert err.count("fewer rows than one batch (1000)") == 2 and "Traceback" not in err
+
+
+def test_a_trial_stopped_by_bad_data_fails_again_on_retry_without_training(tmp_path):
+    """Tune retries a failed trial; bad data must fail it again with the same message (a
+    resumed retry could read the parts in another order and miss the bad one), unless the
+    dataset was re-harvested since."""
+    import torch
+
+    from raysae import data
+    from raysae.sweep import raise_if_stopped, record_stop
+
+    uri, trial = str(tmp_path / "acts"), str(tmp_path / "trials" / "trial-1")
+    data.write_dataset(uri, torch.randn(100, 4), rows_per_part=50)
+    dataset = data.open_dataset(uri)
+    raise_if_stopped(trial, dataset)  # nothing recorded: train
+    record_stop(trial, dataset, data.BadDataError("acts: part p1 row 3: activation holds NaN"))
+    with pytest.raises(data.BadDataError, match="^acts: part p1 row 3: activation holds NaN$"):
+        raise_if_stopped(trial, dataset)
+    data.write_dataset(uri, torch.randn(100, 4), rows_per_part=50, overwrite=True)
+    raise_if_stopped(trial, data.open_dataset(uri))  # re-harvested: train again
