@@ -117,3 +117,38 @@ def test_a_full_disk_is_recognised(tmp_path):
         assert not no_space(OSError(errno.EACCES, "Permission denied"))
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_local_train_on_bad_rows_exits_2_naming_part_and_row(tmp_path, capsys):
+    """`raysae train --local` (one process, no Ray) meets a NaN row: exit 2, one message."""
+    import dataclasses
+
+    import numpy as np
+    import yaml
+
+    from raysae import data
+    from raysae.__main__ import main
+
+    uri = str(tmp_path / "acts")
+    manifest = data.write_dataset(uri, torch.randn(400, 8), dtype="float32", rows_per_part=100)
+    bad = torch.randn(100, 8)
+    bad[64, 0] = float("nan")
+    parts = list(manifest.parts)
+    table = data.shard_table(bad, *[np.zeros(100)] * 3, dtype="float32")
+    part = parts[2] = data.write_part(uri, parts[2].name, table)
+    storage.write_bytes(
+        storage.join(uri, data.MANIFEST_NAME),
+        dataclasses.replace(manifest, parts=tuple(parts)).to_json().encode(),
+    )
+    config = tmp_path / "run.yaml"
+    run = {
+        "sae": {"d_in": 8, "n_latents": 32, "k": 2},
+        "train": {"total_tokens": 2000, "batch_size": 50, "init_tokens": 50},
+        "data": {"uri": uri, "eval_parts": 1},
+    }
+    config.write_text(yaml.safe_dump(run))
+    code = main(["train", str(config), "--local", "--out", str(tmp_path / "out")])
+    message = capsys.readouterr().err
+    assert code == 2, message
+    assert f"part {part.name} row 64: activation holds NaN" in message, message
+    assert "Traceback" not in message and not (tmp_path / "out" / "metrics.json").exists()
