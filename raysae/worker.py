@@ -51,7 +51,13 @@ def train_loop_per_worker(config: dict) -> dict:
     world = World(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
     log = (lambda line: print(line, flush=True)) if world.rank == 0 else (lambda line: None)
-    checkpoint = _restore_point(ray.train.get_checkpoint(), config["run_dir"], world, log)  # [ray]
+    registered = ray.train.get_checkpoint()  # [ray]
+    checkpoint = _restore_point(registered, config["run_dir"], world, log)
+    # One Ray never registered is outside its retention: rank 0 deletes it once it has reported
+    # num_checkpoints_to_keep newer ones, when Ray would have deleted it.
+    unregistered = {"newer": 0}
+    if world.rank == 0 and checkpoint is not None and checkpoint is not registered:
+        unregistered["path"] = checkpoint.path
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
         members, progress = build_pack(
             runs,
@@ -70,22 +76,10 @@ def train_loop_per_worker(config: dict) -> dict:
         if not (write_checkpoint and world.rank == 0):
             ray.train.report(record, checkpoint=None)  # [ray]
             return
-        # Named here (as Ray would: checkpoint_<time>) so that a failed upload can be removed.
-        name = datetime.datetime.now().strftime("checkpoint_%Y-%m-%d_%H-%M-%S.%f")
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                for i, m in enumerate(members):
-                    save_training_checkpoint(
-                        Path(tmp) / member_key(i), m.model, m.optimizer, m.state, dict(progress)
-                    )
-                (Path(tmp) / "history.json").write_text(json.dumps(history))
-                seal(tmp, members[0].state.tokens)  # last: the folder is complete
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)  # [ray]
-                ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=name)  # [ray]
-        except Exception as e:
-            if not no_space(e):
-                raise
-            raise _space_error(config["run_dir"], name, members) from None
+        _report_checkpoint(record, members, progress, history, config["run_dir"])
+        unregistered["newer"] += 1
+        if "path" in unregistered and unregistered["newer"] >= lead.scaling.num_checkpoints_to_keep:
+            _delete_quietly(config["run_dir"], unregistered.pop("path"), log)
 
     shard = ray.train.get_dataset_shard("train")  # [ray]
     per_worker = max(1, lead.train.batch_size // world.size)
@@ -112,6 +106,29 @@ def train_loop_per_worker(config: dict) -> dict:
     held_out = config["held_out"].shard(world.rank, world.size)
     metrics = evaluate_pack(members, lambda: held_out.batches(8192), world)
     return {"eval": metrics, "progress": progress, "history": history}
+
+
+def _report_checkpoint(record: dict, members, progress: dict, history: list, run_dir: str) -> None:
+    """Rank 0's report: the record with a checkpoint, a folder per member and the history (so a
+    restarted run keeps its whole log), sealed last; a full disk raises CheckpointSpaceError."""
+    import ray.train  # [ray]
+
+    # Named here (as Ray would: checkpoint_<time>) so that a failed upload can be removed.
+    name = datetime.datetime.now().strftime("checkpoint_%Y-%m-%d_%H-%M-%S.%f")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, m in enumerate(members):
+                save_training_checkpoint(
+                    Path(tmp) / member_key(i), m.model, m.optimizer, m.state, dict(progress)
+                )
+            (Path(tmp) / "history.json").write_text(json.dumps(history))
+            seal(tmp, members[0].state.tokens)  # last: the folder is complete
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)  # [ray]
+            ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=name)  # [ray]
+    except Exception as e:
+        if not no_space(e):
+            raise
+        raise _space_error(run_dir, name, members) from None
 
 
 def _restore_point(registered, run_dir: str, world: World, log: Callable[[str], None]):
@@ -157,16 +174,23 @@ def _space_error(run_dir: str, name: str, members) -> CheckpointSpaceError:
     fs, path = storage.filesystem_and_path(partial)
     uploading = fs.get_file_info(path).type != pafs.FileType.NotFound  # else: writing it locally
     where = run_dir if uploading else tempfile.gettempdir()
-    if uploading:
-        try:
-            fs.delete_dir(path)
-        except OSError:
-            pass  # unsealed, so never resumed from; what matters is the message below
+    if uploading:  # unsealed, so never resumed from, but it takes space and looks like one
+        _delete_quietly(run_dir, path, lambda line: None)
     return CheckpointSpaceError(
         f"no space left on {where}: the next checkpoint needs about {needed / 2**20:,.1f} MiB; "
         "free that much there (or lower scaling.num_checkpoints_to_keep) and re-run the same "
         "command to resume from the last complete checkpoint"
     )
+
+
+def _delete_quietly(run_dir: str, path: str, log: Callable[[str], None]) -> None:
+    """Delete the checkpoint folder `path` of `run_dir`'s filesystem; a failure only costs
+    space, so it is logged, not raised."""
+    fs, _ = storage.filesystem_and_path(run_dir)
+    try:
+        fs.delete_dir(path)
+    except OSError as e:
+        log(f"could not delete {path} ({e}); it is safe to delete by hand")
 
 
 def _epochs(shard, per_worker: int, cfg: RunConfig, progress: dict, rank: int) -> Iterator:

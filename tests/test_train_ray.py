@@ -88,6 +88,8 @@ def test_two_workers_match_single_process_and_reported_fvu_is_exact(ray_cluster,
     assert dist["eval"]["l0"] == pytest.approx(recomputed["l0"], rel=1e-5)
     metrics = json.loads((tmp_path / "ray" / "two" / "metrics.json").read_text())
     assert metrics["eval"]["fvu"] == dist["eval"]["fvu"] and metrics["history"]
+    # Checkpoints at 20k, 40k and 60k; scaling.num_checkpoints_to_keep (2) are kept.
+    assert len(list((tmp_path / "ray" / "two").glob("checkpoint_*/checkpoint.json"))) == 2
 
 
 def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, toy_uri, s3_prefix, monkeypatch):
@@ -116,6 +118,19 @@ def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, toy_uri, s3_prefix
         storage.read_bytes(storage.join(run, "metrics.json"))
     )
     assert result["checkpoint"].startswith(run.removeprefix("s3://"))
+    # Retention: the last two (60k, 90k); the 30k one Ray never registered is deleted too.
+    folders = {name.split("/")[0] for name in _all_files(run) if "/" in name}
+    folders = {name for name in folders if name.startswith("checkpoint_")}
+    assert len(folders) == 2, folders
+
+
+def _all_files(uri: str) -> list[str]:
+    """Every file under `uri`, relative to it."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem_and_path(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return [info.path[len(path) + 1 :] for info in infos if info.is_file]
 
 
 def test_bad_input_fails_before_any_worker_starts(toy_uri, tmp_path):
