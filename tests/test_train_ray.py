@@ -281,6 +281,7 @@ def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_p
                 ray_cluster.remove_node(node)
 
 
+@pytest.mark.slow
 def test_bad_rows_stop_the_run_at_once_naming_part_and_row(ray_cluster, tmp_path, capsys):
     """NaN in a training part: `raysae train` stops on the first occurrence, although
     max_failures would allow retries (a retry read the parts in another order, missed the bad
