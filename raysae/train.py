@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from raysae import data
+from raysae import data, interrupt
 from raysae.checkpoint import load_sae, save_sae
 from raysae.config import RunConfig
 from raysae.data import Dataset, storage
@@ -353,7 +353,8 @@ def train_distributed(
         f"on {cfg.data.uri} with {cfg.scaling.num_workers} worker(s); run {run_dir}"
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    with interrupt.ray_train_stops():  # Ctrl-C / SIGTERM: Ray Train aborts its workers
+        result = trainer.fit()
     if result.error:
         raise result.error
     return finish_run(result, [cfg], run_dir, time.perf_counter() - t0, dataset, log)[0]

@@ -1,0 +1,155 @@
+"""Ctrl-C and SIGTERM: `raysae train` stops cleanly, exits 130 / 143 and prints the command that
+goes on (the sweep's drill is in test_sweep.py)."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from raysae import interrupt, loop
+from raysae.__main__ import main
+
+LOCAL = {
+    "sae": {"architecture": "topk", "d_in": 16, "n_latents": 64, "k": 4},
+    "train": {"total_tokens": 10**9, "batch_size": 500, "log_every_tokens": 1000},
+    "data": {"toy": {"n_features": 32, "active_per_token": 3}},
+}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_local_train_stops_and_says_it_cannot_resume(tmp_path, capsys, monkeypatch, signum):
+    """The signal arrives in the middle of training (at its first progress line); the run
+    stops there with 128 + signal, writes nothing, and says a --local run starts over."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(LOCAL))
+    format_record = loop.format_record
+
+    def signal_at_first_line(record, total):
+        os.kill(os.getpid(), signum)
+        return format_record(record, total)
+
+    monkeypatch.setattr(loop, "format_record", signal_at_first_line)
+    argv = ["train", str(config), "--out", str(tmp_path / "out")]
+    assert main(argv) == 128 + signum
+    err = capsys.readouterr().err
+    assert f"interrupted ({signal.Signals(signum).name})" in err
+    assert "keeps no checkpoints, so it cannot resume" in err
+    assert err.strip().endswith(shlex.join(["raysae", *argv]))
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    # The handlers are put back: this process's SIGTERM is the default again.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_local_train_subprocess_ctrl_c(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the process group) of `python -m raysae train --local`."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(LOCAL))
+    command = [sys.executable, "-m", "raysae", "train", str(config), "--out", str(tmp_path / "o")]
+    run = subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert run.stdout.readline().startswith("training topk SAE")
+    assert run.stdout.readline().startswith("tokens")  # in the training loop
+    os.killpg(run.pid, signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert "Traceback" not in out + err
+    assert err.strip().endswith(shlex.join(command)) and "cannot resume" in err
+
+
+def test_a_second_signal_stops_at_once_while_ray_winds_down():
+    """The first signal asks Ray to stop (here a stand-in for Tune's SIGUSR1 handler); a second
+    one raises Interrupted straight away."""
+    asked = []
+    with interrupt.handle_signals(), interrupt._stopping_with(asked.append):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert asked == [signal.SIGTERM] and interrupt.received() == signal.SIGTERM
+        with pytest.raises(interrupt.Interrupted) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+    assert stopped.value.exit_code == 143  # named after the first signal
+
+
+def _write_ray_config(path, uri):
+    cfg = {
+        "sae": {"architecture": "topk", "d_in": 32, "n_latents": 256, "k": 4},
+        "train": {
+            "total_tokens": 80_000,
+            "batch_size": 1000,
+            "lr": 3e-3,
+            "dead_tokens": 30_000,
+            "log_every_tokens": 20_000,
+            "init_tokens": 4000,
+        },
+        "data": {"uri": uri, "eval_parts": 2, "read_cpus": 0.25},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "checkpoint_every_tokens": 20_000},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_ray_train_ctrl_c_stops_workers_and_the_printed_command_resumes(
+    ray_cluster, tmp_path_factory, tmp_path
+):
+    """Ctrl-C to `raysae train` on Ray once a checkpoint exists: Ray Train aborts the workers
+    (the cluster's CPUs come back), exit 130, no traceback, and the printed command resumes to
+    the exact budget. The progress lines show the loss, and the rate after the resume counts
+    only the tokens trained since it."""
+    import ray
+
+    from raysae import data
+    from raysae.config import ToyDataConfig
+    from raysae.synthetic import ToyData
+
+    uri = str(tmp_path_factory.mktemp("toy") / "acts")
+    x, _ = ToyData(ToyDataConfig(n_features=128, active_per_token=3, seed=3), 32).sample(6 * 8192)
+    data.write_dataset(uri, x, dtype="float32", rows_per_part=8192, model="toy")
+    config = _write_ray_config(tmp_path / "run.yaml", uri)
+    out = tmp_path / "out"
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "raysae", "train", str(config), "--out", str(out)]
+    command += ["--name", "r", "--address", address]
+    first = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 240
+    while not list((out / "r").glob("checkpoint_*/m0/train_state.json")):
+        assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    time.sleep(2)  # let Ray register the checkpoint (it is written before it is committed)
+    os.killpg(first.pid, signal.SIGINT)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    resume = output.split("Resume with:\n", 1)[1].splitlines()[0].strip()
+    assert shlex.split(resume) == command
+    assert not (out / "r" / "metrics.json").exists()
+    deadline = time.time() + 60  # the aborted run's Train worker gave its CPU back
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] - 1e-6:
+        assert time.time() < deadline, f"CPUs still held: {ray.available_resources()}"
+        time.sleep(0.5)
+
+    second = subprocess.run(shlex.split(resume), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    metrics = json.loads((out / "r" / "metrics.json").read_text())
+    assert metrics["tokens"] == 80_000 and metrics["restarts"] == 1
+    losses = [float(v) for v in re.findall(r"\| loss ([0-9.e+-]+) \|", second.stdout)]
+    assert losses and min(losses) > 0, second.stdout[-2000:]
+    before = [r for r in metrics["history"] if r["restarts"] == 0]
+    after = [r for r in metrics["history"] if r["restarts"] == 1]
+    trained_since = after[0]["tokens"] - before[-1]["tokens"]
+    assert after[0]["tokens_per_s"] * after[0]["elapsed_s"] == pytest.approx(trained_since)
