@@ -9,8 +9,11 @@ The stopping itself is Ray's, not ours:
   it ends its trials, and with them their Train workers, saves the experiment state one last
   time and returns as if the sweep were done. `tune_stops` keeps SIGINT here, so that the
   command knows it was interrupted, and asks Tune to stop through SIGUSR1.
-Outside those, the first signal raises `Interrupted` where the main thread is. A second signal
-while Ray winds down raises it at once (Ray's own "press Ctrl-C again to skip").
+`ray.init` installs Ray's own SIGTERM handler in the driver (a bare exit, and a crash handler in
+its core worker that aborts the process), so `reclaim` takes SIGTERM back after it; the two
+contexts above do so on entry too. Outside those, the first signal raises `Interrupted` where
+the main thread is. A second signal while Ray winds down raises it at once (Ray's own "press
+Ctrl-C again to skip").
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+_active = False
+"""Whether `handle_signals` is open."""
 _received: Optional[int] = None
 """The first signal received since `handle_signals` began, else None."""
 _graceful: Optional[Callable[[int], None]] = None
@@ -66,14 +71,22 @@ def _handler(signum: int, frame) -> None:
 @contextlib.contextmanager
 def handle_signals() -> Iterator[None]:
     """SIGINT and SIGTERM stop the command (see the module docstring) while this is open."""
-    global _received
-    _received = None
+    global _active, _received
+    _active, _received = True, None
     previous = {s: signal.signal(s, _handler) for s in SIGNALS}
     try:
         yield
     finally:
+        _active = False
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def reclaim() -> None:
+    """Put this module's handlers back after `ray.init` replaced Ray's (see the module docstring)."""
+    if _active:
+        for s in SIGNALS:
+            signal.signal(s, _handler)
 
 
 @contextlib.contextmanager
@@ -90,6 +103,7 @@ def _stopping_with(stop: Callable[[int], None]) -> Iterator[None]:
 def ray_train_stops() -> Iterator[None]:
     """Around `TorchTrainer.fit()`: Ray Train's SIGINT handler aborts the run (SIGTERM is
     forwarded to it); its SystemExit becomes `Interrupted`."""
+    reclaim()
     ours = signal.getsignal(signal.SIGINT)
 
     def forward(signum: int) -> None:
@@ -111,6 +125,7 @@ def ray_train_stops() -> Iterator[None]:
 def tune_stops() -> Iterator[None]:
     """Around `Tuner.fit()`: SIGINT stays with `handle_signals`; the first SIGINT or SIGTERM
     asks Tune to stop through SIGUSR1; `Interrupted` is raised once Tune has returned."""
+    reclaim()
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by Tune when the run starts
     before = signal.getsignal(signal.SIGUSR1)
 

@@ -102,6 +102,7 @@ def run_sweep(
     datasets = preflight(spec, points, sweep_dir, resume, log, address)
     if not ray.is_initialized():
         ray.init(address=address)
+        interrupt.reclaim()  # SIGTERM stops the sweep cleanly, not through Ray's bare exit
 
     fs, root = storage.filesystem_and_path(spec.output)
     experiment = f"{root}/{spec.name}"
@@ -238,6 +239,7 @@ def ensure_dataset(
 
     if not ray.is_initialized():
         ray.init(address=address)
+        interrupt.reclaim()  # SIGTERM stops the harvest cleanly, not through Ray's bare exit
 
     # SweepSpec checked that base.data.uri is one of the harvest's layer outputs.
     log(

@@ -347,6 +347,7 @@ def train_distributed(
     dataset = open_for_ray([cfg])
     if not ray.is_initialized():
         ray.init(address=address)
+        interrupt.reclaim()  # SIGTERM stops the run cleanly, not through Ray's bare exit
     trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step)
     log(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "

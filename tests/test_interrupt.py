@@ -12,6 +12,7 @@ import time
 
 import pytest
 import yaml
+from processes import Output, wait_for_idle_cpus
 
 from raysae import interrupt, loop
 from raysae.__main__ import main
@@ -126,22 +127,22 @@ def test_ray_train_ctrl_c_stops_workers_and_the_printed_command_resumes(
     first = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    output = Output(first)
     deadline = time.time() + 240
     while not list((out / "r").glob("checkpoint_*/m0/train_state.json")):
         assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
     time.sleep(2)  # let Ray register the checkpoint (it is written before it is committed)
+    stop = output.mark()
     os.killpg(first.pid, signal.SIGINT)
-    output = first.communicate(timeout=120)[0]
-    assert first.returncode == 130, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    resume = output.split("Resume with:\n", 1)[1].splitlines()[0].strip()
+    assert output.wait(timeout=120) == 130, output.since()[-3000:]
+    # Ray's own log lines before the signal are not ours to judge (on a loaded machine they may
+    # carry Ray's "safe to ignore" warnings, tracebacks included); from the stop on, none.
+    assert "Traceback" not in output.since(stop), output.since(stop)[-3000:]
+    resume = output.since(stop).split("Resume with:\n", 1)[1].splitlines()[0].strip()
     assert shlex.split(resume) == command
     assert not (out / "r" / "metrics.json").exists()
-    deadline = time.time() + 60  # the aborted run's Train worker gave its CPU back
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] - 1e-6:
-        assert time.time() < deadline, f"CPUs still held: {ray.available_resources()}"
-        time.sleep(0.5)
+    wait_for_idle_cpus()  # the aborted run's Train worker gave its CPU back
 
     second = subprocess.run(shlex.split(resume), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from processes import Output, wait_for_idle_cpus
 
 from raysae import report
 from raysae.__main__ import main
@@ -64,16 +65,6 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _wait_for_idle_cpus(cluster, timeout: float = 60) -> None:
-    """Wait until the session cluster has every CPU free again (no leftover Ray workers)."""
-    import ray
-
-    deadline = time.time() + timeout
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] - 1e-6:
-        assert time.time() < deadline, f"CPUs still held: {ray.available_resources()}"
-        time.sleep(0.5)
-
-
 def test_architecture_columns_match_what_each_architecture_uses():
     """results.csv leaves k blank for ReLU rows and l1_coefficient for TopK rows: the columns
     follow the loss terms each SAE actually has."""
@@ -109,26 +100,29 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
     first = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    output = Output(first)
     trials = tmp_path / "sweeps" / "four" / "trials"
     deadline = time.time() + 300
     while not list(trials.glob("trial-*/metrics.json")):
         assert first.poll() is None and time.time() < deadline, "no trial finished"
         time.sleep(0.5)
     time.sleep(3)
+    stop = output.mark()
     first.send_signal(signal.SIGTERM)
-    output = first.communicate(timeout=120)[0]
-    assert first.returncode == 143, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    resume = output.split("Resume with:\n", 1)[1].splitlines()[0].strip()
+    assert output.wait(timeout=120) == 143, output.since()[-3000:]
+    assert "Traceback" not in output.since(stop), output.since(stop)[-3000:]
+    resume = output.since(stop).split("Resume with:\n", 1)[1].splitlines()[0].strip()
     assert shlex.split(resume) == [*command, "--resume"]
     finished = {
         p: (_digest(p), p.stat().st_mtime_ns) for p in trials.glob("trial-*/sae/sae.safetensors")
     }
     assert finished and not (tmp_path / "sweeps" / "four" / "results.csv").exists()
-    _wait_for_idle_cpus(ray_cluster)  # the stopped trial's Train workers ended
+    wait_for_idle_cpus()  # the stopped trial's Train workers ended
 
-    second = subprocess.run(shlex.split(resume), capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stderr[-3000:]
+    # The printed command, run in this process (its interpreter is this one): a fresh process
+    # would only add its start-up to the test.
+    assert shlex.split(resume)[:3] == [sys.executable, "-m", "raysae"]
+    assert main(shlex.split(resume)[3:]) == 0
     table = pd.read_parquet(tmp_path / "sweeps" / "four" / "results.parquet")
 
     # Finished trials are untouched; the others completed.
