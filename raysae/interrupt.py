@@ -23,6 +23,7 @@ import os
 import signal
 from collections.abc import Callable, Iterator
 from typing import Optional
+from unittest import mock
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 """The signals that stop a run cleanly."""
@@ -125,8 +126,10 @@ def ray_train_stops() -> Iterator[None]:
 def tune_stops() -> Iterator[None]:
     """Around `Tuner.fit()`: SIGINT stays with `handle_signals`; the first SIGINT or SIGTERM
     asks Tune to stop through SIGUSR1; `Interrupted` is raised once Tune has returned."""
+    if not _active:  # called from Python, not the command line: Tune's own SIGINT handling
+        yield
+        return
     reclaim()
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by Tune when the run starts
     before = signal.getsignal(signal.SIGUSR1)
 
     def ask_tune(signum: int) -> None:
@@ -135,7 +138,9 @@ def tune_stops() -> Iterator[None]:
             raise Interrupted(signum)
         tune_handler(signal.SIGUSR1, None)
 
-    with _stopping_with(ask_tune):
+    # Tune reads TUNE_DISABLE_SIGINT_HANDLER when the run starts; patch.dict restores it after.
+    no_tune_sigint = mock.patch.dict(os.environ, {"TUNE_DISABLE_SIGINT_HANDLER": "1"})
+    with _stopping_with(ask_tune), no_tune_sigint:
         yield
     if _received is not None:
         raise Interrupted(_received)
