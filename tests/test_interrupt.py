@@ -37,14 +37,15 @@ def test_local_train_stops_and_says_it_cannot_resume(tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(loop, "format_record", signal_at_first_line)
     argv = ["train", str(config), "--out", str(tmp_path / "out")]
+    handlers = [signal.getsignal(s) for s in interrupt.SIGNALS]
     assert main(argv) == 128 + signum
     err = capsys.readouterr().err
     assert f"interrupted ({signal.Signals(signum).name})" in err
     assert "keeps no checkpoints, so it cannot resume" in err
     assert err.strip().endswith(shlex.join(["raysae", *argv]))
     assert not (tmp_path / "out" / "metrics.json").exists()
-    # The handlers are put back: this process's SIGTERM is the default again.
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # The handlers are put back.
+    assert [signal.getsignal(s) for s in interrupt.SIGNALS] == handlers
 
 
 def test_local_train_subprocess_ctrl_c(tmp_path):
