@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Collection
 
 import yaml
 
+from raysae import interrupt
 from raysae.config import load_run_config
 from raysae.settings import ConfigError, Options
 
@@ -31,9 +35,13 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, _parse_sets(args.set), what="--set")
     if args.local or cfg.data.toy is not None:
-        run_single_process(cfg, args.out, overwrite=args.overwrite)
+        try:
+            run_single_process(cfg, args.out, overwrite=args.overwrite)
+        except interrupt.Interrupted as e:
+            e.cannot_resume = "a run in one process (--local, toy data) keeps no checkpoints"
+            raise
         return 0
-    # Ray starts once the output and the dataset are checked.
+    # Ray starts once the output and the dataset are checked. The same command resumes it.
     train_distributed(cfg, args.out, name=args.name, overwrite=args.overwrite, address=args.address)
     return 0
 
@@ -42,12 +50,18 @@ def _sweep(args: argparse.Namespace) -> int:
     from raysae.sweep_spec import load_sweep_spec
 
     spec = load_sweep_spec(args.spec)  # a bad spec fails before Ray is even imported
-    from raysae.sweep import SweepFailedError, run_sweep
+    from raysae.sweep import SweepFailedError, has_started, run_sweep
 
     try:
         run_sweep(spec, resume=args.resume, address=args.address)  # Ray starts after pre-flight
     except SweepFailedError as e:  # it ran, and every trial failed: their errors in one message
         return _error(args, e, code=1)
+    except interrupt.Interrupted as e:  # Tune saved its state: --resume goes on from there
+        if has_started(spec) and not args.resume:
+            e.resume_args = ["--resume"]
+        elif not has_started(spec):
+            e.cannot_resume = "no trial had started"
+        raise
     return 0
 
 
@@ -343,10 +357,43 @@ def main(argv: list[str] | None = None) -> int:
     # modules (Ray Data, torch) just to describe options it will not use.
     command = next((arg for arg in argv if arg in COMMANDS), None)
     args = build_parser([command] if command else []).parse_args(argv)
+    # train and sweep stop cleanly on SIGINT and SIGTERM (raysae.interrupt); the others simply end.
+    stoppable = args.command in ("train", "sweep")
     try:
-        return args.func(args)
+        with interrupt.handle_signals() if stoppable else contextlib.nullcontext():
+            return args.func(args)
     except (ConfigError, OSError, ValueError) as e:  # bad input: named in the message
         return _error(args, e, code=2)
+    except interrupt.Interrupted as e:
+        return _interrupted(args, argv, e)
+    except KeyboardInterrupt:  # Ctrl-C in a command that leaves SIGINT to Python
+        return _interrupted(args, argv, interrupt.Interrupted(signal.SIGINT))
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str], e: interrupt.Interrupted) -> int:
+    """Say that the command stopped, and the exact command that goes on; exit 128 + signal."""
+    again = shlex.join([*_program(), *argv, *e.resume_args])
+    name = signal.Signals(e.signum).name
+    if e.cannot_resume:
+        print(
+            f"raysae {args.command}: interrupted ({name}); {e.cannot_resume}, so it cannot "
+            f"resume. Start it again with:\n  {again}",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"raysae {args.command}: interrupted ({name}) and stopped cleanly. Resume with:\n"
+            f"  {again}",
+            file=sys.stderr,
+        )
+    return e.exit_code
+
+
+def _program() -> list[str]:
+    """How this command was started: `python -m raysae` (this interpreter), else `raysae`."""
+    if sys.argv and sys.argv[0].endswith(os.path.join("raysae", "__main__.py")):
+        return [sys.executable, "-m", "raysae"]
+    return ["raysae"]
 
 
 def _error(args: argparse.Namespace, e: BaseException, code: int) -> int:

@@ -20,8 +20,8 @@ from typing import Callable
 
 import pandas as pd
 
-from raysae import report
-from raysae.config import RunConfig
+from raysae import interrupt, report
+from raysae.config import TOPK_FAMILY, RunConfig
 from raysae.data import BadDataError, Dataset, storage
 from raysae.loop import STOPS_RUN
 from raysae.settings import ConfigError, from_dict, to_dict
@@ -140,6 +140,7 @@ def run_sweep(
     datasets = preflight(spec, points, sweep_dir, resume, log, address)
     if not ray.is_initialized():
         ray.init(address=address)
+        interrupt.reclaim()  # SIGTERM stops the sweep cleanly, not through Ray's bare exit
 
     fs, root = storage.filesystem_and_path(spec.output)
     experiment = f"{root}/{spec.name}"
@@ -177,7 +178,9 @@ def run_sweep(
             ),
         )
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    # Ctrl-C / SIGTERM: Tune ends the trials and saves its state; no results are written.
+    with interrupt.tune_stops():
+        grid = tuner.fit()
     errors = {_trial_id(r): _last_line(r.error) for r in grid if r.error}
     if len(errors) == len(grid):
         raise SweepFailedError(
@@ -189,6 +192,12 @@ def run_sweep(
     log(f"sweep finished in {time.perf_counter() - t0:.0f} s")
     log(report.summary(table, sweep_dir))
     return table
+
+
+def has_started(spec: SweepSpec) -> bool:
+    """Whether the sweep's Tune state exists, so that `--resume` can go on from it."""
+    sweep_dir = storage.join(with_absolute_paths(spec).output, spec.name)
+    return storage.exists(storage.join(sweep_dir, TUNE_STATE))
 
 
 def preflight(
@@ -268,6 +277,7 @@ def ensure_dataset(
 
     if not ray.is_initialized():
         ray.init(address=address)
+        interrupt.reclaim()  # SIGTERM stops the harvest cleanly, not through Ray's bare exit
 
     # SweepSpec checked that base.data.uri is one of the harvest's layer outputs.
     log(
@@ -320,6 +330,15 @@ def _last_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+ARCHITECTURE_FIELDS = {
+    "k": TOPK_FAMILY,
+    "l1_coefficient": ("relu", "gated"),
+    "l0_coefficient": ("jumprelu",),
+}
+"""The results columns that only some architectures use (raysae.config.SAEConfig's docstrings
+say which); blank in the other rows, where the value is an unused default."""
+
+
 def _row(cfg: RunConfig, trial_id: str, member: int, member_dir: str, result) -> dict:
     row = {
         "trial_id": trial_id,
@@ -327,9 +346,10 @@ def _row(cfg: RunConfig, trial_id: str, member: int, member_dir: str, result) ->
         "architecture": cfg.sae.architecture,
         "d_in": cfg.sae.d_in,
         "n_latents": cfg.sae.n_latents,
-        "k": cfg.sae.k,
-        "l1_coefficient": cfg.sae.l1_coefficient,
-        "l0_coefficient": cfg.sae.l0_coefficient,
+        **{
+            name: getattr(cfg.sae, name) if cfg.sae.architecture in used_by else None
+            for name, used_by in ARCHITECTURE_FIELDS.items()
+        },
         "lr": cfg.train.effective_lr(cfg.sae.n_latents),
         "seed": cfg.train.seed,
         "total_tokens": cfg.train.total_tokens,

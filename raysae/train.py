@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from raysae import data
+from raysae import data, interrupt
 from raysae.checkpoint import load_sae, save_sae
 from raysae.config import RunConfig
 from raysae.data import Dataset, storage
@@ -348,13 +348,15 @@ def train_distributed(
     dataset = open_for_ray([cfg])
     if not ray.is_initialized():
         ray.init(address=address)
+        interrupt.reclaim()  # SIGTERM stops the run cleanly, not through Ray's bare exit
     trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step)
     log(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
         f"on {cfg.data.uri} with {cfg.scaling.num_workers} worker(s); run {run_dir}"
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    with interrupt.ray_train_stops():  # Ctrl-C / SIGTERM: Ray Train aborts its workers
+        result = trainer.fit()
     if result.error:
         raise storage_error_behind(result.error) or result.error
     return finish_run(result, [cfg], run_dir, time.perf_counter() - t0, dataset, log)[0]

@@ -94,3 +94,29 @@ def test_unreachable_endpoint_fails_within_its_retry_budget_naming_it(monkeypatc
 def test_bucketless_s3_uri_is_rejected() -> None:
     with pytest.raises(storage.StorageError, match="names no bucket"):
         storage.locate("s3://")
+
+
+def test_upload_puts_commit_markers_last(s3_prefix: str, s3_requests, tmp_path) -> None:
+    """A reader takes a dataset as committed once manifest.json exists (an SAE folder once its
+    config.json does), so upload_dir PUTs those after every other file. Both names sort before
+    their neighbours here: an upload in name order (or any order) would not pass."""
+    from raysae.checkpoint import CONFIG
+    from raysae.data import MANIFEST_NAME
+
+    assert set(storage.COMMIT_MARKERS) == {MANIFEST_NAME, CONFIG}
+    source = tmp_path / "dataset"
+    (source / "sae").mkdir(parents=True)
+    for name in ["a.parquet", MANIFEST_NAME, "part-0.parquet", "part-1.parquet", "z.parquet"]:
+        (source / name).write_bytes(name.encode())
+    (source / "sae" / CONFIG).write_text("{}")
+    (source / "sae" / "sae.safetensors").write_bytes(b"weights")
+    start = len(s3_requests.requests)
+    storage.upload_dir(source, storage.join(s3_prefix, "up"))
+
+    key = s3_prefix.removeprefix("s3://") + "/up/"
+    puts = [p.split(key, 1)[1] for m, p, _ in s3_requests.since(start) if m == "PUT" and key in p]
+    assert sorted(puts) == sorted(
+        str(p.relative_to(source)) for p in source.rglob("*") if p.is_file()
+    )
+    assert set(puts[-2:]) == {MANIFEST_NAME, f"sae/{CONFIG}"}, puts
+    assert storage.read_bytes(storage.join(s3_prefix, "up", "sae", CONFIG)) == b"{}"

@@ -1,7 +1,7 @@
 """Ray Tune sweeps on toy data: a 4-trial sweep interrupted and resumed; packing."""
 
 import hashlib
-import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from processes import Output, wait_for_idle_cpus
 
 from raysae import report
 from raysae.__main__ import main
@@ -64,8 +65,27 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_architecture_columns_match_what_each_architecture_uses():
+    """results.csv leaves k blank for ReLU rows and l1_coefficient for TopK rows: the columns
+    follow the loss terms each SAE actually has."""
+    from raysae.config import SAEConfig
+    from raysae.saes import build_sae
+    from raysae.sweep import ARCHITECTURE_FIELDS
+
+    term = {"l1_coefficient": "l1", "l0_coefficient": "l0", "k": "auxk"}
+    for architecture in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
+        sae = build_sae(SAEConfig(d_in=4, n_latents=8, k=2, architecture=architecture))
+        for name, used_by in ARCHITECTURE_FIELDS.items():
+            assert (architecture in used_by) == (term[name] in sae.loss_coefficients()), (
+                architecture,
+                name,
+            )
+
+
 @pytest.mark.ray
 def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
+    """SIGTERM once a trial has finished: Tune ends the trials and saves its state, the command
+    exits 143 naming `--resume`, writes no results, and that command completes the sweep."""
     import ray
 
     spec = spec_dict(
@@ -75,32 +95,35 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
         max_concurrent_trials=1,
     )
     path = write(tmp_path / "four.yaml", spec)
-    command = [
-        sys.executable,
-        "-m",
-        "raysae",
-        "sweep",
-        str(path),
-        "--address",
-        ray.get_runtime_context().gcs_address,
-    ]
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "raysae", "sweep", str(path), "--address", address]
     first = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    output = Output(first)
     trials = tmp_path / "sweeps" / "four" / "trials"
     deadline = time.time() + 300
     while not list(trials.glob("trial-*/metrics.json")):
         assert first.poll() is None and time.time() < deadline, "no trial finished"
         time.sleep(0.5)
     time.sleep(3)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    stop = output.mark()
+    first.send_signal(signal.SIGTERM)
+    assert output.wait(timeout=120) == 143, output.since()[-3000:]
+    assert "Traceback" not in output.since(stop), output.since(stop)[-3000:]
+    resume = output.since(stop).split("Resume with:\n", 1)[1].splitlines()[0].strip()
+    assert shlex.split(resume) == [*command, "--resume"]
     finished = {
         p: (_digest(p), p.stat().st_mtime_ns) for p in trials.glob("trial-*/sae/sae.safetensors")
     }
     assert finished and not (tmp_path / "sweeps" / "four" / "results.csv").exists()
+    wait_for_idle_cpus()  # the stopped trial's Train workers ended
 
-    table = run_sweep(from_dict(SweepSpec, spec), resume=True)
+    # The printed command, run in this process (its interpreter is this one): a fresh process
+    # would only add its start-up to the test.
+    assert shlex.split(resume)[:3] == [sys.executable, "-m", "raysae"]
+    assert main(shlex.split(resume)[3:]) == 0
+    table = pd.read_parquet(tmp_path / "sweeps" / "four" / "results.parquet")
 
     # Finished trials are untouched; the others completed.
     for p, (digest, mtime) in finished.items():
@@ -108,9 +131,11 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
     assert len(table) == 4 and set(table["status"]) == {"finished"}
     assert sorted(table["architecture"]) == ["relu", "relu", "topk", "topk"]
     assert (table["tokens"] == 16_000).all()
-    assert (
-        table[table.architecture == "topk"]["l0"] <= table[table.architecture == "topk"]["k"]
-    ).all()
+    topk, relu = table[table.architecture == "topk"], table[table.architecture == "relu"]
+    assert (topk["l0"] <= topk["k"]).all()
+    # Architecture-specific settings are blank where they do not apply.
+    assert topk["l1_coefficient"].isna().all() and relu["k"].isna().all()
+    assert sorted(relu["l1_coefficient"]) == [0.5, 5.0] and sorted(topk["k"]) == [2, 4]
     for col in (
         "fvu",
         "fvu_b",

@@ -324,9 +324,28 @@ def check_writable(uri: str, *, endpoint: str | None = None) -> None:
         raise StorageError(f"cannot write {uri}: no permission to write in {path}")
 
 
+COMMIT_MARKERS = ("manifest.json", "config.json")
+"""Files whose presence says the folder around them is complete, so they are uploaded last: a
+dataset's manifest (raysae.data.manifest.MANIFEST_NAME) and an SAE's config.json
+(raysae.checkpoint.CONFIG, which save_sae also writes last)."""
+
+
 def upload_dir(local_dir: str | os.PathLike, uri: str, *, endpoint: str | None = None) -> None:
-    """Copy every file under `local_dir` to the prefix `uri`, keeping relative paths."""
-    _copy_tree(locate(os.fspath(local_dir)), locate(uri, endpoint=endpoint), uri)
+    """Copy every file under `local_dir` to the prefix `uri`, keeping relative paths; the
+    `COMMIT_MARKERS` last, once every other file is in place."""
+    source, destination = locate(os.fspath(local_dir)), locate(uri, endpoint=endpoint)
+    selector = pafs.FileSelector(source.path, recursive=True)
+    files = [i.path for i in source.filesystem.get_file_info(selector) if i.is_file]
+    # pyarrow's copy_files copies a tree in no set order, so here the files go one by one.
+    for path in sorted(files, key=lambda p: (os.path.basename(p) in COMMIT_MARKERS, p)):
+        relative = os.path.relpath(path, source.path).replace(os.sep, "/")
+        target = f"{destination.path}/{relative}"
+        _copy_tree(
+            Location(source.filesystem, path, source.endpoint),
+            Location(destination.filesystem, target, destination.endpoint),
+            uri,
+            folder=os.path.dirname(target),
+        )
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike, *, endpoint: str | None = None) -> None:
@@ -334,11 +353,12 @@ def download_dir(uri: str, local_dir: str | os.PathLike, *, endpoint: str | None
     _copy_tree(locate(uri, endpoint=endpoint), locate(os.fspath(local_dir)), uri)
 
 
-def _copy_tree(source: Location, destination: Location, uri: str) -> None:
-    """Recursive copy between filesystems with pyarrow (parallel, streaming)."""
+def _copy_tree(source: Location, destination: Location, uri: str, folder: str = "") -> None:
+    """Copy a file or a tree between filesystems with pyarrow (parallel, streaming); a local
+    destination's `folder` (default: the destination itself) is made first."""
     try:
         if destination.endpoint == "local":
-            destination.filesystem.create_dir(destination.path, recursive=True)
+            destination.filesystem.create_dir(folder or destination.path, recursive=True)
         pafs.copy_files(source.path, destination.path, source.filesystem, destination.filesystem)
     except OSError as err:
         remote = destination if destination.endpoint != "local" else source
