@@ -45,6 +45,11 @@ class Baseline:
         self.decoder = decoder.detach().to(torch.float64)
         """(n_latents, d_in) what one unit of each latent adds to μ."""
 
+    @property
+    def W_dec(self) -> Tensor:
+        """The decoder under an SAE's name, so raysae.metrics.latent_norms reads both."""
+        return self.decoder
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
