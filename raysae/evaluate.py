@@ -499,6 +499,10 @@ def format_report(report: dict) -> str:
         "† fvu_b: the SAELens/SAEBench legacy FVU, mean over tokens of "
         "‖x−x̂‖²/‖x−μ‖² (μ: mean of the evaluated tokens); fvu = Σ‖x−x̂‖²/Σ‖x−μ‖²"
     )
+    lines.append(
+        "l1: mean over tokens of Σ_i |f_i|·‖d_i‖, d_i what one unit of latent i adds to x̂, "
+        "in input units (as in training: raysae.metrics.latent_norms)"
+    )
     hist = report["sae"]["frequency_histogram"]
     lines.append(
         "SAE latent firing frequency, log10 bins from -8 to 0: "

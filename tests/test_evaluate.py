@@ -102,6 +102,7 @@ def test_eval_on_toy_prints_and_writes_every_metric(trained, tmp_path, capsys):
     for text in (
         "fvu_b†",
         "legacy",
+        "l1: mean over tokens of Σ_i |f_i|·‖d_i‖",
         "max cos to another latent",
         "random directions",
         "toy features recovered",
