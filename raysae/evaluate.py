@@ -8,7 +8,7 @@ baselines on its training rows, so an SAE and its baselines are both judged out 
 
   1. fit, over the first n_tokens training rows: their exact mean and covariance
      (metrics.Moments), the first `kmeans_tokens` of them for k-means, and, unless PCA's k is
-     given, the SAE's L0 (PCA is compared at the same L0);
+     given, the SAE's L0 on those (PCA is compared at the same L0);
   2. the scored rows' mean, the reference for FVU_B (per-token ratios need it in advance);
   3. score: the SAE and every baseline (raysae.baselines) through the same ReconstructionStats
      and SparsityStats over the first n_tokens scored rows.
@@ -314,7 +314,7 @@ def evaluate_with_baselines(
     """The SAE and the baselines on the first n_tokens rows of data(), the baselines fitted on
     the first n_tokens rows of fit() (the SAE's training rows), and the decoder geometry.
 
-    pca_ks defaults to [the SAE's L0 on the fit rows, rounded]; kmeans_ks to [n_latents],
+    pca_ks defaults to [the SAE's L0 on the k-means sample, rounded]; kmeans_ks to [n_latents],
     capped so each centroid has at least 4 of the first `kmeans_tokens` fit rows. Returns
     {"n_tokens", "fit_tokens", "sae": metrics (with per-latent "latent_frequencies"),
     "baselines": {name: metrics}, "decoder_geometry"}.
@@ -358,18 +358,21 @@ def _fit_pass(
     kmeans_tokens: int,
     need_l0: bool,
 ) -> tuple[Moments, Tensor, float]:
-    """The fit rows' full moments, the k-means sample, and the SAE's L0 on them if needed."""
+    """The fit rows' full moments, the k-means sample, and, if needed, the SAE's L0 on that
+    sample (it only picks PCA's k: encoding every fit row cost as much as seeding k-means)."""
     d_in = model.cfg.d_in
     moments, sample, nonzeros = Moments(d_in, full=True), [], 0
     for x in take(batches, n_tokens, d_in, model.W_dec.device):
         if moments.n < kmeans_tokens:
-            sample.append(x[: kmeans_tokens - moments.n].cpu())
+            rows = x[: kmeans_tokens - moments.n]
+            if need_l0:
+                nonzeros += int((model.encode(rows) != 0).sum())
+            sample.append(rows.cpu())
         moments.update(x)
-        if need_l0:
-            nonzeros += int((model.encode(x) != 0).sum())
     if moments.n == 0:
         raise DataSourceError("the rows to fit the baselines on are empty: no batches")
-    return moments, torch.cat(sample), nonzeros / moments.n
+    sample = torch.cat(sample)
+    return moments, sample, nonzeros / len(sample)
 
 
 def _check_same_tokens(first: Moments, second: Moments) -> None:
