@@ -492,11 +492,11 @@ def format_report(report: dict) -> str:
         f"{report['n_tokens']:,} tokens, {report.get('scored_rows', 'rows not recorded')}",
         f"baselines fitted on {report.get('fit_tokens', 0):,} tokens, "
         f"{report.get('fit_rows', 'rows not recorded')}",
-        " " * width + "".join(f"{label:>10}" for _, label in _COLUMNS),
+        " " * width + "".join(f" {label:>9}" for _, label in _COLUMNS),
     ]
     for name, m in rows.items():
         lines.append(
-            f"{name:<{width}}" + "".join(f"{m.get(key, math.nan):>10.4g}" for key, _ in _COLUMNS)
+            f"{name:<{width}}" + "".join(f" {m.get(key, math.nan):>9.4g}" for key, _ in _COLUMNS)
         )
     lines.append(
         "† fvu_b: the SAELens/SAEBench legacy FVU, mean over tokens of "
