@@ -124,6 +124,8 @@ def _eval(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.data,
         out=args.out,
+        rows=args.rows,
+        eval_parts=args.eval_parts,
         n_tokens=args.tokens,
         batch_size=args.batch_size,
         pca_ks=args.pca_k,
@@ -142,14 +144,18 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if verify_dataset(args.dataset, threads=args.threads) else 0
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text.replace("_", ""))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be >= {least}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    return _positive_int(text, least=0)
 
 
 def _train_options(train: argparse.ArgumentParser) -> None:
@@ -239,10 +245,11 @@ def _harvest_options(harvest: argparse.ArgumentParser) -> None:
 
 def _eval_options(ev: argparse.ArgumentParser) -> None:
     ev.description = (
-        "Evaluate an SAE on the first --tokens rows of --data: FVU (and the legacy "
+        "Evaluate an SAE on the first --tokens held-out rows of --data (those it was "
+        "not trained on; --rows all: every row): FVU (and the legacy "
         "FVU_B), explained variance, MSE, cosine, l2 ratio, relative reconstruction "
         "bias, L0, L1, dead/dense latents and firing frequencies; the same metrics "
-        "for baselines fitted on the same rows (mean, PCA-k, k-means as an L0=1 "
+        "for baselines fitted on the SAE's training rows (mean, PCA-k, k-means as an L0=1 "
         "SAE, nearest-centroid and best-scaled); each decoder row's max cosine to "
         "another, next to random directions. With --splice-tokens N, also splices "
         "the SAE into its language model over N tokens of text: next-token CE loss "
@@ -261,10 +268,26 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
         "dataset: a local directory or s3://bucket/prefix",
     )
     ev.add_argument(
+        "--rows",
+        choices=("held-out", "all"),  # raysae.evaluate.ROWS (not imported: --help stays fast)
+        default="held-out",
+        help="held-out: the rows the SAE was not trained on — a dataset's last "
+        "data.eval_parts parts (read from the run's metrics.json next to the "
+        "checkpoint), a toy config's held-out stream; all: every row of a dataset "
+        "(training rows included). Default held-out",
+    )
+    ev.add_argument(
+        "--eval-parts",
+        type=_non_negative_int,
+        metavar="N",
+        help="the last N parts of --data were held out (default: the run's data.eval_parts)",
+    )
+    ev.add_argument(
         "--tokens",
         type=_positive_int,
         default=65_536,
-        help="rows of the data to evaluate on (default 65536)",
+        help="at most this many rows scored, and at most this many training rows "
+        "the baselines are fitted on (default 65536)",
     )
     ev.add_argument(
         "--batch-size", type=_positive_int, default=4096, help="rows per batch (default 4096)"
@@ -288,8 +311,8 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--kmeans-tokens",
         type=_positive_int,
-        default=65_536,
-        help="rows k-means is fitted on, the first of the evaluated (default 65536)",
+        default=16_384,
+        help="rows k-means is fitted on, the first training rows (default 16384)",
     )
     ev.add_argument(
         "--seed",

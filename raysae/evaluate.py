@@ -1,17 +1,20 @@
 """Evaluate a trained SAE: its metrics, baselines on the same data, decoder geometry; `raysae eval`.
 
 `evaluate` is one pass of the mergeable accumulators (raysae.metrics) over a batch stream; the
-trainer's final evaluation uses it. `evaluate_with_baselines` is the report `raysae eval` prints,
-made in two passes over the first n_tokens rows of a restartable stream:
+trainer's final evaluation uses it. `evaluate_with_baselines` is the report `raysae eval` prints.
+It scores the rows the SAE was not trained on (`open_data`: a dataset's held-out parts, as
+training split them, or a toy config's held-out stream; every row on request) and fits the
+baselines on its training rows, so an SAE and its baselines are both judged out of sample:
 
-  1. fit: the data's exact mean and covariance (metrics.Moments), the first `kmeans_tokens` rows
-     for k-means, and, unless PCA's k is given, the SAE's L0 (PCA is compared at the same L0);
-  2. score: the SAE and every baseline (raysae.baselines) through the same ReconstructionStats
-     (FVU_B about the exact mean from pass 1) and SparsityStats.
+  1. fit, over the first n_tokens training rows: their exact mean and covariance
+     (metrics.Moments), the first `kmeans_tokens` of them for k-means, and, unless PCA's k is
+     given, the SAE's L0 on those (PCA is compared at the same L0);
+  2. the scored rows' mean, the reference for FVU_B (per-token ratios need it in advance);
+  3. score: the SAE and every baseline (raysae.baselines) through the same ReconstructionStats
+     and SparsityStats over the first n_tokens scored rows.
 
-Baselines are fitted in-sample on the evaluated tokens, which flatters them: an SAE that beats
-them here beats them. Pass 2 checks that the stream restarted on the same tokens (otherwise the
-mean predictor's FVU would not be 1).
+Pass 3 checks that the scored stream restarted on the same tokens as pass 2. The mean baseline
+predicts the training mean, so its held-out FVU is a little above 1 (exactly 1 in-sample).
 
 With `splice` settings, `eval_command` also splices the SAE into the language model
 (raysae.splice: CE loss recovered and KL); its model, layer and text default to those of the
@@ -30,17 +33,20 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from raysae.baselines import default_kmeans_k, default_pca_k, fit_baselines
+from raysae.baselines import Baseline, default_kmeans_k, default_pca_k, fit_baselines
 from raysae.checkpoint import load_sae
-from raysae.config import load_run_config
+from raysae.config import RunConfig, load_run_config
 from raysae.geometry import decoder_geometry
-from raysae.metrics import Moments, ReconstructionStats, SparsityStats
+from raysae.metrics import Moments, ReconstructionStats, SparsityStats, latent_norms
 from raysae.saes import SparseAutoencoder
-from raysae.settings import to_dict
+from raysae.settings import from_dict, to_dict
 from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line
 
 TOY_PREFIX = "toy:"
 """`--data toy:RUN.yaml`: toy activations from a run config's data.toy section."""
+
+ROWS = ("held-out", "all")
+"""Which rows of the data `raysae eval` scores: those the SAE was not trained on, or every one."""
 
 Forward = Callable[[Tensor], tuple[Tensor, Tensor]]
 """x (B, d_in) → (x̂ (B, d_in), latents (B, n_latents)): an SAE or a baseline."""
@@ -52,24 +58,43 @@ class DataSourceError(ValueError):
 
 @dataclass(frozen=True)
 class EvalData:
-    """A restartable stream of activations to evaluate on."""
+    """Restartable streams of activations: the rows to score and the SAE's training rows."""
 
     description: str
     """What the data are, for the report."""
-    open: Callable[[], Iterable[Tensor]]
-    """Each call starts the same stream from its first row: (B, d_in) float batches."""
+    rows: str
+    """Which rows `score` reads, for the report (e.g. "held-out: the last 3 of 15 parts")."""
+    score: Callable[[], Iterable[Tensor]]
+    """Each call starts the stream of scored rows from its first row: (B, d_in) float batches."""
+    fit: Callable[[], Iterable[Tensor]]
+    """The same for the rows the baselines are fitted on: the SAE's training rows."""
+    fit_rows: str
+    """Which rows `fit` reads, for the report."""
     true_directions: Optional[Tensor] = None
     """Toy data only: (n_features, d_in) ground-truth feature directions."""
 
 
-def open_data(spec: str, d_in: int, batch_size: int) -> EvalData:
-    """`toy:RUN.yaml` (the held-out toy stream of a run config) or a dataset path / URI."""
+def open_data(
+    spec: str,
+    d_in: int,
+    batch_size: int,
+    *,
+    rows: str = "held-out",
+    checkpoint: Optional[str | os.PathLike] = None,
+    eval_parts: Optional[int] = None,
+) -> EvalData:
+    """`toy:RUN.yaml` (a run config's toy streams) or a dataset path / URI, split as the SAE's
+    training split it: held-out rows to score (or all, `rows="all"`), training rows to fit
+    baselines on. For a dataset the held-out parts are its last `eval_parts`, by default the
+    data.eval_parts of the run that wrote `checkpoint` (its metrics.json, next to it)."""
+    if rows not in ROWS:
+        raise DataSourceError(f"--rows {rows!r}: choose one of {', '.join(ROWS)}")
     if spec.startswith(TOY_PREFIX):
-        return _toy_data(spec[len(TOY_PREFIX) :], d_in, batch_size)
-    return _dataset(spec, batch_size)
+        return _toy_data(spec[len(TOY_PREFIX) :], d_in, batch_size, rows)
+    return _dataset(spec, batch_size, rows, _held_out_parts(spec, checkpoint, eval_parts))
 
 
-def _toy_data(path: str, d_in: int, batch_size: int) -> EvalData:
+def _toy_data(path: str, d_in: int, batch_size: int, rows: str) -> EvalData:
     cfg = load_run_config(path)
     if cfg.data.toy is None:
         raise DataSourceError(
@@ -82,20 +107,104 @@ def _toy_data(path: str, d_in: int, batch_size: int) -> EvalData:
             f"checkpoint has d_in={d_in}; give the run config the SAE was "
             "trained with"
         )
+    if rows != "held-out":
+        raise DataSourceError(
+            f"--data toy:{path} --rows {rows}: toy data are endless streams, not a set of "
+            "rows; the held-out stream (never trained on) is the one scored: drop --rows"
+        )
     toy = cfg.data.toy
     return EvalData(
-        f"toy data of {path} (held-out stream)",
+        f"toy data of {path}",
+        "held-out stream",
         lambda: ToyData(toy, d_in, stream=HELD_OUT_STREAM).batches(batch_size),
+        lambda: ToyData(toy, d_in).batches(batch_size),
+        "the training stream",
         ToyData(toy, d_in).directions,
     )
 
 
-def _dataset(uri: str, batch_size: int) -> EvalData:
+@dataclass(frozen=True)
+class HeldOut:
+    """How many of a dataset's last parts the SAE did not train on, and who says so."""
+
+    parts: Optional[int]
+    """data.eval_parts of the run; None: unknown."""
+    source: str
+    """Where the number comes from (or why it is unknown), for the report and errors."""
+
+
+def _held_out_parts(
+    uri: str, checkpoint: Optional[str | os.PathLike], given: Optional[int]
+) -> HeldOut:
+    """--eval-parts if given, else data.eval_parts of the run whose metrics.json sits next to
+    the checkpoint (raysae train / sweep write OUT/sae and OUT/metrics.json)."""
+    if given is not None:
+        return HeldOut(given, "--eval-parts")
+    if checkpoint is None:
+        return HeldOut(None, "no checkpoint given")
+    path = Path(checkpoint).parent / "metrics.json"
+    if not path.exists():
+        return HeldOut(None, f"no {path} next to the checkpoint")
+    try:
+        run = from_dict(RunConfig, json.loads(path.read_text())["config"], "config")
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and ConfigError included
+        raise DataSourceError(
+            f"{path}: cannot read the run's config ({e}); give --eval-parts N (the run's "
+            "data.eval_parts) or --rows all"
+        ) from None
+    from raysae.data import storage
+
+    source = f"data.eval_parts of {path}"
+    trained_on = run.data.uri
+    if trained_on is None:
+        return HeldOut(None, f"{path} says the SAE was trained on toy data, not on {uri}")
+    if storage.absolute(trained_on).rstrip("/") != storage.absolute(uri).rstrip("/"):
+        source += f" (the run read {trained_on}: --data must hold the same parts)"
+    return HeldOut(run.data.eval_parts, source)
+
+
+def _dataset(uri: str, batch_size: int, rows: str, held_out: HeldOut) -> EvalData:
     from raysae import data
 
-    dataset = data.open_dataset(uri)  # once: both passes read the same value
+    dataset = data.open_dataset(uri)  # once: every pass reads the same value
+    n, parts = len(dataset.parts), held_out.parts
+    if parts is None:
+        if rows == "held-out":
+            raise DataSourceError(
+                f"cannot tell which rows of {uri} the SAE was trained on ({held_out.source}): "
+                "give --eval-parts N (the run's data.eval_parts: its last N parts were held "
+                "out) or --rows all (every row, baselines then fitted on the same rows)"
+            )
+        train, scored = dataset, dataset
+        fit_rows = "every row (in-sample: the SAE's training rows are unknown)"
+    elif parts == 0:
+        if rows == "held-out":
+            raise DataSourceError(
+                f"the SAE's run held out no part of {uri} ({held_out.source} is 0): every row "
+                "was trained on; give --rows all to score them (in-sample)"
+            )
+        train, scored = dataset, dataset
+        fit_rows = f"every row, all trained on ({held_out.source} is 0)"
+    else:
+        if n <= parts:
+            raise DataSourceError(
+                f"{uri} has {n} part(s) but {held_out.source} is {parts}: this is not the "
+                "dataset the SAE was split on; give --eval-parts N or --rows all"
+            )
+        train, held = dataset.split(parts)  # the split training used (raysae.train)
+        scored = held if rows == "held-out" else dataset
+        fit_rows = f"training rows: the first {n - parts} of {n} parts"
+    label = (
+        f"held-out: the last {parts} of {n} parts ({held_out.source})"
+        if rows == "held-out"
+        else f"all {n} parts"
+    )
     return EvalData(
-        f"dataset {uri}", lambda: data.iter_batches(dataset, batch_size, dtype=torch.float32)
+        f"dataset {uri}",
+        label,
+        lambda: scored.batches(batch_size, dtype=torch.float32),
+        lambda: train.batches(batch_size, dtype=torch.float32),
+        fit_rows,
     )
 
 
@@ -130,23 +239,28 @@ def sae_forward(model: SparseAutoencoder) -> Forward:
 
 @torch.no_grad()
 def score(
-    models: dict[str, Forward],
+    models: dict[str, SparseAutoencoder | Baseline],
     batches: Iterable[Tensor],
     d_in: int,
     reference_mean: Optional[Tensor],
     dead_window: int,
 ) -> dict[str, tuple[ReconstructionStats, SparsityStats]]:
     """Run every model on every batch, accumulating its reconstruction and sparsity stats."""
+    forwards = {
+        name: sae_forward(m) if isinstance(m, SparseAutoencoder) else m
+        for name, m in models.items()
+    }
+    norms = {name: latent_norms(m) for name, m in models.items()}
     recon = {name: ReconstructionStats(d_in, reference_mean) for name in models}
-    sparsity: dict[str, SparsityStats] = {}
+    sparsity = {name: SparsityStats(len(norms[name]), dead_window) for name in models}
+    empty = True
     for x in batches:
-        for name, forward in models.items():
+        empty = False
+        for name, forward in forwards.items():
             x_hat, latents = forward(x)
             recon[name].update(x, x_hat)
-            if name not in sparsity:  # latent count known once the model has run
-                sparsity[name] = SparsityStats(latents.shape[1], dead_window)
-            sparsity[name].update(latents)
-    if not sparsity:
+            sparsity[name].update(latents, latent_norms=norms[name])
+    if empty:
         raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
     return {name: (recon[name], sparsity[name]) for name in models}
 
@@ -166,43 +280,48 @@ def evaluate(
     with model.evaluating():
         rows = take(batches, n_tokens, model.cfg.d_in, model.W_dec.device)
         recon, sparsity = score(
-            {"sae": sae_forward(model)},
-            rows,
-            model.cfg.d_in,
-            reference_mean,
-            dead_window or n_tokens,
+            {"sae": model}, rows, model.cfg.d_in, reference_mean, dead_window or n_tokens
         )["sae"]
     return {**recon.compute(), **sparsity.compute()}
 
 
 def data_mean(batches: Iterable[Tensor], n_tokens: int, d_in: int) -> Tensor:
     """(d_in,) float64 mean of the first n_tokens rows: a reference mean for FVU_B."""
+    return _moments(batches, n_tokens, d_in).mean.cpu()
+
+
+def _moments(batches: Iterable[Tensor], n_tokens: int, d_in: int) -> Moments:
     moments = Moments(d_in)
     for x in take(batches, n_tokens, d_in):
         moments.update(x)
-    return moments.mean.cpu()
+    if moments.n == 0:
+        raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
+    return moments
 
 
 @torch.no_grad()
 def evaluate_with_baselines(
     model: SparseAutoencoder,
+    fit: Callable[[], Iterable[Tensor]],
     data: Callable[[], Iterable[Tensor]],
     n_tokens: int,
     *,
     pca_ks: Optional[Sequence[int]] = None,
     kmeans_ks: Optional[Sequence[int]] = None,
-    kmeans_tokens: int = 65_536,
+    kmeans_tokens: int = 16_384,
     seed: int = 0,
 ) -> dict:
-    """The SAE, the baselines and the decoder geometry on the first n_tokens rows of data().
+    """The SAE and the baselines on the first n_tokens rows of data(), the baselines fitted on
+    the first n_tokens rows of fit() (the SAE's training rows), and the decoder geometry.
 
-    pca_ks defaults to [the SAE's L0, rounded]; kmeans_ks to [n_latents], capped so each
-    centroid has at least 4 sample tokens. Returns {"n_tokens", "sae": metrics (with
-    per-latent "latent_frequencies"), "baselines": {name: metrics}, "decoder_geometry"}.
+    pca_ks defaults to [the SAE's L0 on the k-means sample, rounded]; kmeans_ks to [n_latents],
+    capped so each centroid has at least 4 of the first `kmeans_tokens` fit rows. Returns
+    {"n_tokens", "fit_tokens", "sae": metrics (with per-latent "latent_frequencies"),
+    "baselines": {name: metrics}, "decoder_geometry"}.
     """
     with model.evaluating():
         d_in, device = model.cfg.d_in, model.W_dec.device
-        moments, sample, l0 = _fit_pass(model, data(), n_tokens, kmeans_tokens, pca_ks is None)
+        moments, sample, l0 = _fit_pass(model, fit(), n_tokens, kmeans_tokens, pca_ks is None)
         pca_ks = [default_pca_k(l0, d_in)] if pca_ks is None else list(pca_ks)
         kmeans_ks = (
             [default_kmeans_k(model.cfg.n_latents, len(sample))]
@@ -210,20 +329,22 @@ def evaluate_with_baselines(
             else list(kmeans_ks)
         )
         baselines = fit_baselines(moments, sample, pca_ks, kmeans_ks, seed)
-        models = {"sae": sae_forward(model), **{b.name: b for b in baselines}}
+        # FVU_B about the scored rows' own mean (as SAELens takes it), fixed before scoring.
+        reference = _moments(data(), n_tokens, d_in)
         scores = score(
-            models,
+            {"sae": model, **{b.name: b for b in baselines}},
             take(data(), n_tokens, d_in, device),
             d_in,
-            moments.mean.cpu(),
-            dead_window=max(moments.n, 1),
+            reference.mean.cpu(),
+            dead_window=reference.n,
         )
-    _check_same_tokens(moments, scores["sae"][0].moments)
+    _check_same_tokens(reference, scores["sae"][0].moments)
     report = {name: {**r.compute(), **s.compute()} for name, (r, s) in scores.items()}
     sae = report.pop("sae")
     sae["latent_frequencies"] = scores["sae"][1].frequencies().tolist()
     return {
-        "n_tokens": moments.n,
+        "n_tokens": reference.n,
+        "fit_tokens": moments.n,
         "sae": sae,
         "baselines": report,
         "decoder_geometry": decoder_geometry(model.W_dec, seed=seed),
@@ -237,18 +358,21 @@ def _fit_pass(
     kmeans_tokens: int,
     need_l0: bool,
 ) -> tuple[Moments, Tensor, float]:
-    """Pass 1: full moments of the data, the k-means sample, and the SAE's L0 if needed."""
+    """The fit rows' full moments, the k-means sample, and, if needed, the SAE's L0 on that
+    sample (it only picks PCA's k: encoding every fit row cost as much as seeding k-means)."""
     d_in = model.cfg.d_in
     moments, sample, nonzeros = Moments(d_in, full=True), [], 0
     for x in take(batches, n_tokens, d_in, model.W_dec.device):
         if moments.n < kmeans_tokens:
-            sample.append(x[: kmeans_tokens - moments.n].cpu())
+            rows = x[: kmeans_tokens - moments.n]
+            if need_l0:
+                nonzeros += int((model.encode(rows) != 0).sum())
+            sample.append(rows.cpu())
         moments.update(x)
-        if need_l0:
-            nonzeros += int((model.encode(x) != 0).sum())
     if moments.n == 0:
-        raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
-    return moments, torch.cat(sample), nonzeros / moments.n
+        raise DataSourceError("the rows to fit the baselines on are empty: no batches")
+    sample = torch.cat(sample)
+    return moments, sample, nonzeros / len(sample)
 
 
 def _check_same_tokens(first: Moments, second: Moments) -> None:
@@ -271,17 +395,23 @@ def eval_command(
     data_spec: str,
     *,
     out: Optional[str] = None,
+    rows: str = "held-out",
+    eval_parts: Optional[int] = None,
     n_tokens: int = 65_536,
     batch_size: int = 4096,
     pca_ks: Optional[Sequence[int]] = None,
     kmeans_ks: Optional[Sequence[int]] = None,
-    kmeans_tokens: int = 65_536,
+    kmeans_tokens: int = 16_384,
     seed: int = 0,
     device: Optional[str] = None,
     splice: Optional[dict] = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """`raysae eval`: evaluate a checkpoint, print the report, write it as JSON to `out`.
+
+    rows: "held-out" scores the rows the SAE was not trained on (the last `eval_parts` parts of
+    a dataset, default the run's data.eval_parts; a toy config's held-out stream), "all" every
+    row; either way the baselines are fitted on the training rows (see `open_data`).
 
     splice: raysae.splice_config.SpliceConfig fields (None = from the dataset's manifest) to also
     splice the SAE into its language model; None skips that part.
@@ -296,14 +426,25 @@ def eval_command(
         for line in notes:
             splicing.print_progress(line)
         splicing.check_model(model, splice_cfg)  # bad input fails now, not after the eval
-    data = open_data(data_spec, model.cfg.d_in, batch_size)
+    data = open_data(
+        data_spec,
+        model.cfg.d_in,
+        batch_size,
+        rows=rows,
+        checkpoint=checkpoint,
+        eval_parts=eval_parts,
+    )
     report = {
         "checkpoint": str(checkpoint),
         "data": data.description,
+        "rows": rows,
+        "scored_rows": data.rows,
+        "fit_rows": data.fit_rows,
         "sae_config": to_dict(model.cfg),
         **evaluate_with_baselines(
             model,
-            data.open,
+            data.fit,
+            data.score,
             n_tokens,
             pca_ks=pca_ks,
             kmeans_ks=kmeans_ks,
@@ -348,16 +489,22 @@ def format_report(report: dict) -> str:
     width = max(len(name) for name in rows) + 2
     lines = [
         f"{report.get('checkpoint', 'SAE')} on {report.get('data', 'data')}: "
-        f"{report['n_tokens']:,} tokens",
-        " " * width + "".join(f"{label:>10}" for _, label in _COLUMNS),
+        f"{report['n_tokens']:,} tokens, {report.get('scored_rows', 'rows not recorded')}",
+        f"baselines fitted on {report.get('fit_tokens', 0):,} tokens, "
+        f"{report.get('fit_rows', 'rows not recorded')}",
+        " " * width + "".join(f" {label:>9}" for _, label in _COLUMNS),
     ]
     for name, m in rows.items():
         lines.append(
-            f"{name:<{width}}" + "".join(f"{m.get(key, math.nan):>10.4g}" for key, _ in _COLUMNS)
+            f"{name:<{width}}" + "".join(f" {m.get(key, math.nan):>9.4g}" for key, _ in _COLUMNS)
         )
     lines.append(
         "† fvu_b: the SAELens/SAEBench legacy FVU, mean over tokens of "
         "‖x−x̂‖²/‖x−μ‖² (μ: mean of the evaluated tokens); fvu = Σ‖x−x̂‖²/Σ‖x−μ‖²"
+    )
+    lines.append(
+        "l1: mean over tokens of Σ_i |f_i|·‖d_i‖, d_i what one unit of latent i adds to x̂, "
+        "in input units (as in training: raysae.metrics.latent_norms)"
     )
     hist = report["sae"]["frequency_histogram"]
     lines.append(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from raysae.checkpoint import CheckpointSpaceError, load_training_checkpoint
 from raysae.config import RunConfig, TrainConfig
 from raysae.data.format import BadDataError
-from raysae.metrics import ReconstructionStats, SparsityStats, scalars
+from raysae.metrics import ReconstructionStats, SparsityStats, latent_norms, scalars
 from raysae.saes import SparseAutoencoder, build_sae
 from raysae.step import BadBatchError, TrainState, check_batch, make_optimizer, train_step
 
@@ -276,7 +276,7 @@ def train_pack(
                 m.ddp, m.optimizer, batch, m.state, m.train, global_n, world.sync_fired
             )
             m.recon.update(batch, out.x_hat)
-            m.sparsity.update(out.latents, start=start)
+            m.sparsity.update(out.latents, start=start, latent_norms=latent_norms(m.model))
             m.losses = out.losses
         tokens = members[0].state.tokens
         progress["epoch_tokens"] += global_n
@@ -422,7 +422,7 @@ def evaluate_pack(members: list[Member], batches: Callable[[], Iterable[Tensor]]
             for batch in batches():
                 out = m.model(batch.to(world.device))
                 m.recon.update(batch, out.x_hat)
-                m.sparsity.update(out.latents, start=position)
+                m.sparsity.update(out.latents, start=position, latent_norms=latent_norms(m.model))
                 position += batch.shape[0]
         recon, sparsity = world.merge(m.recon, m.sparsity)
         metrics = {**recon.compute(), **scalars(sparsity.compute())}

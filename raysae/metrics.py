@@ -16,7 +16,12 @@ reconstruction, μ: mean of x over all tokens seen, N tokens, d = d_in):
     l2_ratio            mean_i ‖x̂_i‖ / ‖x_i‖                   over tokens with x_i ≠ 0
     relative_reconstruction_bias   Σ‖x̂‖² / Σ⟨x, x̂⟩   argmin_γ Σ‖x̂/γ − x‖² (Rajamanoharan et al.
                         2024): 1 when unbiased, c for x̂ = c·x, < 1 when the SAE shrinks
-    l0, l1              mean over tokens of ‖f‖₀ and ‖f‖₁ (f: latents)
+    l0                  mean over tokens of ‖f‖₀ (f: latents)
+    l1                  mean over tokens of Σ_i |f_i| · n_i, n_i = `latent_norms`: the length,
+                        in units of the input activations, of what one unit of latent i adds
+                        to x̂ (for an SAE ‖W_dec[i]‖ / input_scale). One definition for
+                        training, its held-out evaluation and `raysae eval`, whether the
+                        SAE's input scale is folded in or not, and for the baselines
     dead_fraction       latents that did not fire in the last `dead_window` tokens
     dense_fraction      latents firing on more than 10 % of tokens
 
@@ -238,6 +243,25 @@ class ReconstructionStats:
         return s
 
 
+def latent_norms(model) -> Tensor:
+    """(n_latents,) float64: ‖W_dec[i]‖ / input_scale, the weights of `SparsityStats`'s l1.
+
+    model: an SAE or a raysae.baselines.Baseline; `W_dec` (n_latents, d_in) is what one unit of
+    each latent adds to the reconstruction in the model's (scaled) input space, `input_scale`
+    (1 if absent, or once folded in) the factor inputs were multiplied by. Weighted so, l1 is
+    the length in input units that the code writes: the ReLU SAE's sparsity penalty
+    Σ|f_i|‖W_dec[i]‖ (Conerly et al. 2024) in input units. The `loss/l1` term of ReLU and Gated
+    SAEs, in scaled units, is l1 · input_scale. Moving scale between latents and decoder cannot
+    change it. (A plain mean ‖f‖₁ did: training's latents are in scaled units, the folded
+    checkpoint's are those / input_scale, so training and `raysae eval` disagreed by that factor.)
+    """
+    norms = model.W_dec.detach().to(torch.float64).norm(dim=-1)
+    scale = getattr(model, "input_scale", 1.0)
+    if isinstance(scale, Tensor):
+        scale = scale.detach().to(norms.device, torch.float64)
+    return norms / scale
+
+
 class SparsityStats:
     """Accumulates latent sparsity: L0, L1, firing counts, dead and dense latents.
 
@@ -274,12 +298,14 @@ class SparsityStats:
     def reset_counts(self) -> None:
         """Zero the token count, L0/L1 sums and fire counts; keep the last-fired positions."""
         self.n = 0
-        self.sums = torch.zeros(2, dtype=torch.float64)  # Σ_tokens ‖f‖₀, Σ_tokens ‖f‖₁
+        self.sums = torch.zeros(2, dtype=torch.float64)  # Σ_tokens ‖f‖₀, Σ_tokens Σ_i |f_i| n_i
         self.fire_counts = torch.zeros(self.n_latents, dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, latents: Tensor, start: Optional[int] = None) -> None:
-        """latents: (B, n_latents); start: stream position of the first row (default self.end)."""
+    def update(self, latents: Tensor, start: Optional[int] = None, *, latent_norms: Tensor) -> None:
+        """latents: (B, n_latents); start: stream position of the first row (default self.end);
+        latent_norms: (n_latents,) the l1 weights, from `latent_norms` (required: l1 in input
+        units needs the model's decoder norms and input scale)."""
         if latents.ndim != 2 or latents.shape[1] != self.n_latents:
             raise ValueError(
                 f"expected latents of shape (B, {self.n_latents}), got {tuple(latents.shape)}"
@@ -288,6 +314,11 @@ class SparsityStats:
         start = self.end if start is None else start
         if start < 0:
             raise ValueError(f"start={start}: stream positions are >= 0")
+        if tuple(latent_norms.shape) != (self.n_latents,):
+            raise ValueError(
+                f"expected latent_norms of shape ({self.n_latents},), "
+                f"got {tuple(latent_norms.shape)}"
+            )
         if b == 0:
             return
         self._track(start, start + b)
@@ -302,9 +333,11 @@ class SparsityStats:
         self._to(latents.device)
         self.fire_counts += counts
         self.last_fired = torch.maximum(self.last_fired, last)
-        self.sums += torch.stack(
-            [counts.sum().to(torch.float64), latents.abs().sum(dtype=torch.float64)]
+        # Σ_tokens |f_i| per latent, then weighted: (B, n) → (n,) costs what a plain sum did.
+        l1 = latents.abs().sum(0, dtype=torch.float64) @ latent_norms.to(
+            latents.device, torch.float64
         )
+        self.sums += torch.stack([counts.sum().to(torch.float64), l1])
 
     def _track(self, begin: int, end: int) -> None:
         if begin == end:
@@ -357,7 +390,7 @@ class SparsityStats:
         }
 
     def state_tensor(self) -> Tensor:
-        """Flat float64 state [n, begin, end, Σ‖f‖₀, Σ‖f‖₁, *fire_counts, *last_fired], for
+        """Flat float64 state [n, begin, end, Σ‖f‖₀, l1 sum, *fire_counts, *last_fired], for
         all-gather. Counts and positions stay exact in float64 up to 2^53 tokens."""
         device = self.sums.device
         head = torch.tensor([self.n, self.begin, self.end], dtype=torch.float64, device=device)

@@ -14,7 +14,13 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule
 from strategies import activations, fold_tree, merge_trees, partitions, reconstructions
 
 from raysae.config import SAEConfig
-from raysae.metrics import DENSE_THRESHOLD, Moments, ReconstructionStats, SparsityStats
+from raysae.metrics import (
+    DENSE_THRESHOLD,
+    Moments,
+    ReconstructionStats,
+    SparsityStats,
+    latent_norms,
+)
 from raysae.saes import build_sae
 
 F64 = torch.float64
@@ -53,11 +59,13 @@ def reference_reconstruction(x, x_hat, reference_mean=None) -> dict:
 
 
 def reference_sparsity(
-    latents, tracked_latents=None, tracked_positions=None, dead_window=10**9
+    latents, tracked_latents=None, tracked_positions=None, dead_window=10**9, norms=None
 ) -> dict:
-    """L0, L1, frequencies and dense fraction of `latents`; the dead fraction from the tokens
-    at stream `tracked_positions` (default: `latents` at positions 0, 1, …)."""
+    """L0, L1 (latents weighted by `norms`, default 1), frequencies and dense fraction of
+    `latents`; the dead fraction from the tokens at stream `tracked_positions` (default:
+    `latents` at positions 0, 1, …)."""
     f = np.asarray(latents, np.float64).reshape(-1, np.shape(latents)[-1])
+    w = np.ones(f.shape[1]) if norms is None else np.asarray(norms, np.float64)
     if tracked_latents is None:
         tracked_latents, tracked_positions = f, np.arange(f.shape[0])
     tracked = np.asarray(tracked_latents, np.float64).reshape(-1, f.shape[1]) != 0
@@ -68,7 +76,7 @@ def reference_sparsity(
     nan_if_empty = (lambda v: v) if n else (lambda v: math.nan)
     out = {
         "l0": nan_if_empty(active.sum() / max(n, 1)),
-        "l1": nan_if_empty(np.abs(f).sum() / max(n, 1)),
+        "l1": nan_if_empty((np.abs(f) * w).sum() / max(n, 1)),
         "dense_fraction": nan_if_empty((freq > DENSE_THRESHOLD).mean()),
         "frequencies": freq,
         "dead_fraction": math.nan,
@@ -282,6 +290,18 @@ def test_partitioned_updates_merged_in_any_order_equal_one_update(x, data):
     assert_metrics_close(via_state.compute(), merged.compute(), rel=1e-15)
 
 
+ONES3 = torch.ones(3, dtype=F64)
+"""Unit l1 weights for three latents."""
+
+
+def norm_vectors(n: int) -> st.SearchStrategy[torch.Tensor]:
+    """(n,) float64 l1 weights (`latent_norms`): all 1, or positive and spread."""
+    spread = st.lists(st.floats(0.01, 100.0), min_size=n, max_size=n).map(
+        lambda v: torch.tensor(v, dtype=F64)
+    )
+    return st.one_of(st.just(torch.ones(n, dtype=F64)), spread)
+
+
 @st.composite
 def latent_batches(draw, *, max_tokens: int = 40, max_latents: int = 24) -> torch.Tensor:
     """(B, n) latents, sparse to dense, non-negative or signed."""
@@ -298,10 +318,11 @@ def test_sparsity_partitions_merged_in_any_order_equal_one_update(latents, data,
     parts = data.draw(partitions(latents.shape[0]))
     tree = data.draw(merge_trees(len(parts)))
     offset = data.draw(st.integers(0, 100))  # the batch's position in a longer stream
+    norms = data.draw(norm_vectors(latents.shape[1]))
 
     def part(lo, hi):
         s = SparsityStats(latents.shape[1], window)
-        s.update(latents[lo:hi], start=offset + lo)
+        s.update(latents[lo:hi], start=offset + lo, latent_norms=norms)
         return s
 
     merged = fold_tree(tree, [part(lo, hi) for lo, hi in parts], lambda a, b: a.merge(b))
@@ -320,10 +341,11 @@ def test_sparsity_partitions_merged_in_any_order_equal_one_update(latents, data,
 # -- sparsity -----------------------------------------------------------------------------------
 
 
-@given(latent_batches(), st.integers(1, 50))
-def test_sparsity_counts_are_consistent(latents, window):
+@given(latent_batches(), st.integers(1, 50), st.data())
+def test_sparsity_counts_are_consistent(latents, window, data):
+    norms = data.draw(norm_vectors(latents.shape[1]))
     s = SparsityStats(latents.shape[1], window)
-    s.update(latents)
+    s.update(latents, latent_norms=norms)
     m = s.compute()
     n_tokens = latents.shape[0]
     # Σ per-latent fire counts = Σ per-token L0
@@ -339,7 +361,7 @@ def test_sparsity_counts_are_consistent(latents, window):
     assert m["frequency_histogram"]["never_fired"] == never
     assert sum(m["frequency_histogram"]["counts"]) + never == latents.shape[1]
     assert m["dead_fraction"] >= never / latents.shape[1]  # never fired ⇒ dead
-    assert_metrics_close(m, reference_sparsity(latents, dead_window=window))
+    assert_metrics_close(m, reference_sparsity(latents, dead_window=window, norms=norms))
 
 
 @given(st.integers(1, 12), st.integers(1, 40), st.data())
@@ -351,25 +373,85 @@ def test_topk_l0_is_at_most_k(d_in, n_latents, data):
     latents = model(x).latents
     assert int((latents != 0).sum(-1).max()) <= k
     s = SparsityStats(n_latents)
-    s.update(latents)
+    s.update(latents, latent_norms=latent_norms(model))
     assert s.compute()["l0"] <= k
 
 
 def test_dead_window_counts_tokens_across_batches():
     s = SparsityStats(3, dead_window=5)
     fire_0 = torch.tensor([[1.0, 0, 0]])
-    s.update(torch.cat([fire_0, torch.zeros(3, 3)]))  # latent 0 fires at position 0
-    s.update(torch.tensor([[0, 2.0, 0], [0, 0, 0]]))  # latent 1 at position 4
+    s.update(
+        torch.cat([fire_0, torch.zeros(3, 3)]), latent_norms=ONES3
+    )  # latent 0 fires at position 0
+    s.update(torch.tensor([[0, 2.0, 0], [0, 0, 0]]), latent_norms=ONES3)  # latent 1 at position 4
     assert s.tokens_since_fired().tolist() == [5, 1, 6]
     assert s.dead().tolist() == [True, False, True]  # 6 tokens seen > window of 5
     assert s.compute()["dead_fraction"] == pytest.approx(2 / 3)
     s.reset_counts()  # a new logging interval: counts restart, the window does not
-    s.update(torch.zeros(2, 3))
+    s.update(torch.zeros(2, 3), latent_norms=ONES3)
     assert s.compute()["l0"] == 0 and s.fire_counts.tolist() == [0, 0, 0]
     assert s.tokens_since_fired().tolist() == [7, 3, 8]  # latent 1 fired 3 < 5 tokens ago
     assert s.dead().tolist() == [True, False, True]
-    s.update(torch.tensor([[0, 0, 1.0]]))
+    s.update(torch.tensor([[0, 0, 1.0]]), latent_norms=ONES3)
     assert s.dead().tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk", "jumprelu", "gated", "batchtopk"])
+def test_l1_is_the_same_before_and_after_folding_the_input_scale(architecture):
+    # Training measures an unfolded SAE (latents in scaled units), `raysae eval` the folded
+    # checkpoint (latents / s): l1 must not depend on which. The plain ‖f‖₁ differs by 1 / s.
+    torch.manual_seed(0)
+    model = build_sae(SAEConfig(d_in=8, n_latents=32, k=4, architecture=architecture))
+    x = 40.0 * torch.randn(256, 8) + 3.0  # E‖x‖² ≫ d_in: input scale s ≈ 1/40
+    model.init_from_sample_(x)
+    s_in = float(model.input_scale)
+    assert s_in < 0.05
+
+    def l1(m):
+        with torch.no_grad(), m.evaluating():
+            latents = m(x).latents
+        stats = SparsityStats(32)
+        stats.update(latents, latent_norms=latent_norms(m))
+        return stats.compute()["l1"], float(latents.abs().sum(-1).mean())
+
+    unfolded, unfolded_plain = l1(model)
+    folded_model = copy.deepcopy(model)
+    folded_model.fold_input_scale_()
+    folded, folded_plain = l1(folded_model)
+    assert unfolded > 0
+    assert folded == pytest.approx(unfolded, rel=1e-5)
+    assert folded_plain == pytest.approx(unfolded_plain / s_in, rel=1e-5)  # the old disagreement
+
+
+def test_training_l1_is_the_relu_penalty_in_input_units():
+    # One step per record: the record's l1 and the step's loss/l1 (in scaled units) are the
+    # same sum, Σ|f_i|·‖W_dec[i]‖, up to the input scale.
+    from raysae.config import TrainConfig
+    from raysae.loop import fit
+
+    torch.manual_seed(0)
+    model = build_sae(SAEConfig(d_in=8, n_latents=32, architecture="relu", l1_coefficient=1.0))
+    g = torch.Generator().manual_seed(1)
+    batches = (10.0 * torch.randn(128, 8, generator=g) + 2.0 for _ in range(6))
+    history = fit(
+        model,
+        batches,
+        TrainConfig(total_tokens=768, batch_size=128, log_every_tokens=128, init_tokens=128),
+        log=None,
+    )
+    s_in = float(model.input_scale)
+    assert s_in < 0.2 and len(history) >= 3
+    for record in history:
+        assert record["l1"] > 0
+        assert record["l1"] * s_in == pytest.approx(record["loss/l1"], rel=1e-4)
+
+
+def test_latent_norms_weigh_each_latent_by_what_it_writes():
+    s = SparsityStats(2)
+    s.update(torch.tensor([[3.0, 0.0], [1.0, 2.0]]), latent_norms=torch.tensor([2.0, 0.5]))
+    assert s.compute()["l1"] == pytest.approx((3 * 2 + 1 * 2 + 2 * 0.5) / 2)
+    with pytest.raises(ValueError, match=r"latent_norms of shape \(2,\), got \(3,\)"):
+        s.update(torch.ones(1, 2), latent_norms=torch.ones(3))
 
 
 def test_empty_accumulators_compute_nan_not_errors():
@@ -435,9 +517,11 @@ class AccumulatorMachine(RuleBasedStateMachine):
         n_latents=st.integers(1, 8),
         window=st.integers(1, 40),
         with_reference=st.booleans(),
+        data=st.data(),
     )
-    def setup(self, d, n_latents, window, with_reference):
+    def setup(self, d, n_latents, window, with_reference, data):
         self.d, self.n_latents, self.window = d, n_latents, window
+        self.norms = data.draw(norm_vectors(n_latents))
         self.reference_mean = torch.linspace(-1, 1, d, dtype=F64) if with_reference else None
 
     @rule(target=accumulators)
@@ -453,7 +537,7 @@ class AccumulatorMachine(RuleBasedStateMachine):
         start = None if gap is None else acc.sparsity.end + gap
         first = acc.sparsity.end if start is None else start
         acc.recon.update(x, x_hat)
-        acc.sparsity.update(latents, start=start)
+        acc.sparsity.update(latents, start=start, latent_norms=self.norms)
         acc.x.append(x.to(F64))
         acc.x_hat.append(x_hat.to(F64))
         acc.latents.append(latents)
@@ -516,7 +600,7 @@ class AccumulatorMachine(RuleBasedStateMachine):
                 int(positions.min()),
                 int(positions.max()) + 1,
             )
-        want = reference_sparsity(latents, tracked, positions.numpy(), self.window)
+        want = reference_sparsity(latents, tracked, positions.numpy(), self.window, self.norms)
         assert_metrics_close(acc.sparsity.compute(), want)
         torch.testing.assert_close(
             acc.sparsity.frequencies(), torch.from_numpy(want["frequencies"])

@@ -313,6 +313,8 @@ def test_eval_splices_with_model_and_layer_from_the_manifest(
                 identity_checkpoint,
                 "--data",
                 harvested,
+                "--rows",
+                "all",  # a checkpoint without its run: which rows it trained on is unknown
                 "--tokens",
                 "512",
                 "--kmeans-k",
