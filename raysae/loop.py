@@ -39,20 +39,34 @@ Retrying is for infrastructure faults (a worker, a node, the store for a while);
 fail again (raysae.worker returns them to the driver rather than raising them to Ray)."""
 
 
-def stop_cause(error: BaseException) -> Optional[BaseException]:
-    """`error`, or the error in its chain of causes, that stops the run (STOPS_RUN), if any: Ray
-    Data re-raises a read task's error in the worker wrapped in its own (RayTaskError,
-    UserCodeException), which Ray could not necessarily send on to the driver."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        cause = getattr(error, "cause", None)  # RayTaskError: the task's own error
-        if isinstance(cause, STOPS_RUN):
-            return cause
-        if isinstance(error, STOPS_RUN):
-            return error
-        error = error.__cause__ or error.__context__
+def error_behind(error: Optional[BaseException], types: tuple) -> Optional[BaseException]:
+    """The first error of one of `types` behind `error` (itself included): Ray wraps the errors
+    of tasks and workers (RayTaskError and its `cause`, WorkerGroupError's `worker_failures`,
+    UserExceptionWithTraceback's `_base_exc`, which has no public accessor) and chains them
+    (`__cause__`, `__context__`). A RayTaskError is also an instance of its cause's class; the
+    cause itself, the original error, is the one returned."""
+    seen, pending = set(), [error]
+    while pending:
+        err = pending.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, types) and not hasattr(err, "cause"):
+            return err
+        pending += [
+            *getattr(err, "worker_failures", {}).values(),
+            getattr(err, "_base_exc", None),
+            getattr(err, "cause", None),
+            err.__cause__,
+            err.__context__,
+        ]
     return None
+
+
+def stop_cause(error: BaseException) -> Optional[BaseException]:
+    """The error behind `error` that stops the run (STOPS_RUN), if any: Ray Data re-raises a
+    read task's error in the worker wrapped in its own (RayTaskError, UserCodeException)."""
+    return error_behind(error, STOPS_RUN)
 
 
 # ---------------------------------------------------------------------------------------------

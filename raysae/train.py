@@ -43,7 +43,7 @@ from raysae.checkpoint import load_sae, save_sae
 from raysae.config import RunConfig
 from raysae.data import Dataset, storage
 from raysae.evaluate import data_mean, evaluate
-from raysae.loop import StepInfo, fit, member_key, member_view, take_init_sample
+from raysae.loop import StepInfo, error_behind, fit, member_key, member_view, take_init_sample
 from raysae.metrics import scalars
 from raysae.saes import build_sae, initial_values
 from raysae.settings import ConfigError, to_dict, with_absolute_paths
@@ -364,26 +364,9 @@ def train_distributed(
 
 def storage_error_behind(error: BaseException) -> Optional[storage.StorageError]:
     """The StorageError a worker or one of its read tasks raised, if that is what failed a Ray
-    Train run: Ray wraps it (WorkerGroupError → UserExceptionWithTraceback → RayTaskError, and
-    `__cause__`), and its message is the one to show (e.g. the store unreachable past the retry
+    Train run: its message is the one to show (e.g. the store unreachable past the retry
     budget, after the restarts `max_failures` allows), not Ray's traceback text."""
-    seen, pending = set(), [error]
-    while pending:
-        err = pending.pop(0)
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        # A RayTaskError is also an instance of its cause's class; its `cause` is the original.
-        if isinstance(err, storage.StorageError) and not hasattr(err, "cause"):
-            return err
-        pending += [
-            *getattr(err, "worker_failures", {}).values(),
-            getattr(err, "_base_exc", None),  # UserExceptionWithTraceback: no public accessor
-            getattr(err, "cause", None),
-            err.__cause__,
-            err.__context__,
-        ]
-    return None
+    return error_behind(error, (storage.StorageError,))
 
 
 def finish_run(
