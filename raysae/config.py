@@ -240,6 +240,9 @@ class ScalingConfig:
     min_workers: Optional[int] = None
     """Elastic training: start with at least this many workers and grow to num_workers as the
     cluster allows; a resize restarts the workers from the latest checkpoint."""
+    resize_check_s: float = 60.0
+    """Elastic training: how often (seconds) a healthy worker group checks whether the cluster
+    now has room for more workers (Ray Train's elastic_resize_monitor_interval_s)."""
     use_gpu: Optional[bool] = None
     """One GPU per worker; None means yes when the cluster has GPUs."""
     cpus_per_worker: float = 1.0
@@ -260,6 +263,7 @@ class ScalingConfig:
             "cpus_per_worker",
             "checkpoint_every_tokens",
             "num_checkpoints_to_keep",
+            "resize_check_s",
             where="scaling",
         )
         check_non_negative(self, "max_failures", where="scaling")

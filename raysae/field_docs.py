@@ -37,6 +37,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
     'raysae.config.ScalingConfig': {
         'num_workers': 'Ray Train workers (one process each, DDP). With min_workers set, the most workers.',
         'min_workers': 'Elastic training: start with at least this many workers and grow to num_workers as the\n    cluster allows; a resize restarts the workers from the latest checkpoint.',
+        'resize_check_s': "Elastic training: how often (seconds) a healthy worker group checks whether the cluster\n    now has room for more workers (Ray Train's elastic_resize_monitor_interval_s).",
         'use_gpu': 'One GPU per worker; None means yes when the cluster has GPUs.',
         'cpus_per_worker': 'CPUs reserved per worker (fractions allowed).',
         'resources_per_worker': 'Extra Ray resources each worker needs, e.g. {"trainer_slot": 1} to pin workers to nodes.',

@@ -300,6 +300,7 @@ def build_trainer(
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
+            elastic_resize_monitor_interval_s=s.resize_check_s,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker},
         ),

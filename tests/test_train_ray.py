@@ -227,15 +227,22 @@ def test_driver_restart_resumes(ray_cluster, toy_uri, tmp_path):
 
 
 @pytest.mark.slow
-def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_path):
+def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_path, monkeypatch):
     """A head and two worker "nodes" on this machine; one node is removed mid-run and the
     elastic run (num_workers 1..2) continues on the other from the latest checkpoint."""
     import ray
 
+    # Just after the loss Ray Train still counts the removed node's resources and tries two
+    # workers first, until the worker group's start times out (60 s by default; Ray passes the
+    # driver's setting on to its controller): shortened here, it only costs test time.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+
     nodes = [ray_cluster.add_node(num_cpus=1, resources={"trainer_slot": 1}) for _ in range(2)]
     ray_cluster.wait_for_nodes()
-    # A registered node's resources reach the scheduler a moment later; an elastic run started
-    # before then begins with one worker and only grows after a 60 s resize check.
+    # A registered node's resources reach the scheduler a moment later, and Ray Train's elastic
+    # policy reads them from its autoscaling coordinator later still: a run can start with one
+    # worker although both slots are free. It then grows at the next resize check (every 2 s
+    # here, 60 s by default), a restart from the latest checkpoint.
     deadline = time.time() + 60
     while ray.available_resources().get("trainer_slot", 0) < 2 and time.time() < deadline:
         time.sleep(0.2)
@@ -246,9 +253,10 @@ def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_p
             max_failures=3,
             checkpoint_every_tokens=20_000,
             resources_per_worker={"trainer_slot": 1},
+            resize_check_s=2,
         )
         cfg = from_dict(
-            RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train), "total_tokens": 200_000}}
+            RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg.train), "total_tokens": 120_000}}
         )
         spread = MarkWhenSpread(world_size=2)
         removed = []
@@ -267,14 +275,18 @@ def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_p
         remover.start()
         t0 = time.perf_counter()
         result = train_distributed(cfg, str(tmp_path / "runs"), name="elastic", on_step=spread)
-        print(f"elastic test wall time {time.perf_counter() - t0:.1f} s")
+        spans = [h["nodes"] for h in result["history"]]
+        print(f"elastic test: {time.perf_counter() - t0:.1f} s, nodes per record {spans}")
         remover.join(timeout=1)
         assert removed, "the run never had two workers and a checkpoint at once"
-        assert removed[0] < 200_000
-        assert result["tokens"] == 200_000
+        assert removed[0] < 120_000
+        assert result["tokens"] == 120_000
         assert result["restarts"] >= 1
-        spans = [h["nodes"] for h in result["history"]]
-        assert spans[0] == 2 and spans[-1] == 1, spans  # two nodes, then the survivor alone
+        # Two nodes, then the survivor alone to the end (a run that started on one node before
+        # growing to two shows a 1 first).
+        assert 2 in spans, spans
+        last_spread = max(i for i, n in enumerate(spans) if n == 2)
+        assert spans[last_spread + 1 :] and set(spans[last_spread + 1 :]) == {1}, spans
     finally:
         for node in nodes:
             if node in ray_cluster.worker_nodes:
