@@ -259,16 +259,11 @@ def train_pack(
     budget; appends a record (see `pack_metrics`) to `history` and returns it every
     `log_every_tokens`, every `checkpoint_every` tokens and at the end, where a checkpoint
     is due with the report when `checkpoint_every` is set."""
-    train = members[0].train
-    total, d_in = train.total_tokens, members[0].model.cfg.d_in
+    total, d_in = members[0].train.total_tokens, members[0].model.cfg.d_in
     progress = new_progress() if progress is None else progress
     history = [] if history is None else history
     tokens = members[0].state.tokens
-    next_report = _next(tokens, train.log_every_tokens)
-    next_ckpt = _next(tokens, checkpoint_every) if checkpoint_every else math.inf
-    t0 = last_t = time.perf_counter()
-    last_tokens = tokens
-    ckpt_tokens, ckpt_time = (tokens, t0) if tokens else (None, None)  # resumed: a checkpoint
+    cadence = _Cadence(members[0].train.log_every_tokens, checkpoint_every, tokens)
     dtype = members[0].model.W_enc.dtype
     prefix = f"worker {world.rank}: " if world.size > 1 else ""
     for m in members:
@@ -284,46 +279,75 @@ def train_pack(
             raise error
         if batch is None:
             break
-        start = tokens + world.rank * batch.shape[0]  # this worker's rows in the token stream
-        for m in members:
-            out = train_step(
-                m.ddp, m.optimizer, batch, m.state, m.train, global_n, world.sync_fired
-            )
-            m.recon.update(batch, out.x_hat)
-            m.sparsity.update(out.latents, start=start, latent_norms=latent_norms(m.model))
-            m.losses = out.losses
+        _step_members(members, batch, global_n, world)
         tokens = members[0].state.tokens
         progress["epoch_tokens"] += global_n
         progress["rows_read"] += batch.shape[0] * world.size
         if on_step is not None:
-            on_step(StepInfo(tokens, world.rank, world.size, ckpt_tokens, ckpt_time))
+            on_step(StepInfo(tokens, world.rank, world.size, *cadence.checkpoint))
 
         done = total - tokens < world.size
-        if tokens >= next_report or tokens >= next_ckpt or done:
-            now = time.perf_counter()
-            rate = (tokens - last_tokens) / max(now - last_t, 1e-9)
-            record = {
-                **pack_metrics(members, world),
-                "tokens": tokens,
-                "tokens_per_s": rate,
-                "elapsed_s": now - t0,
-                **progress,
-            }
+        if cadence.due(tokens, done):
+            clock = cadence.times(tokens)
+            record = {**pack_metrics(members, world), **clock, **progress}
             history.append(record)
-            checkpoint = checkpoint_every is not None and (tokens >= next_ckpt or done)
+            checkpoint = cadence.checkpoint_due(tokens, done)
             if report is not None:
                 _report(report, record, checkpoint, world)
             if log is not None:
                 log(format_record(record, total))
-            next_report, last_t, last_tokens = _next(tokens, train.log_every_tokens), now, tokens
-            if checkpoint:
-                next_ckpt = _next(tokens, checkpoint_every)
-                ckpt_tokens, ckpt_time = tokens, time.perf_counter()
+            cadence.reported(tokens, checkpoint)
         if done:
             break
     if tokens < total and log is not None:
         log(f"data ran out after {tokens:,} of {total:,} tokens")
     return history
+
+
+def _step_members(members: list[Member], batch: Tensor, global_n: int, world: World) -> None:
+    """One optimizer step of every member on `batch`, and its training metrics."""
+    start = members[0].state.tokens + world.rank * batch.shape[0]  # this worker's rows
+    for m in members:
+        out = train_step(m.ddp, m.optimizer, batch, m.state, m.train, global_n, world.sync_fired)
+        m.recon.update(batch, out.x_hat)
+        m.sparsity.update(out.latents, start=start, latent_norms=latent_norms(m.model))
+        m.losses = out.losses
+
+
+class _Cadence:
+    """When the loop records (every `log_every` tokens), checkpoints (every `checkpoint_every`
+    tokens, if set) and the rate since the last record; `tokens` is where the loop starts."""
+
+    def __init__(self, log_every: int, checkpoint_every: Optional[int], tokens: int) -> None:
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.t0 = self.last_t = self.now = time.perf_counter()
+        self.last_tokens = tokens
+        self.next_report = _next(tokens, log_every)
+        self.next_ckpt = _next(tokens, checkpoint_every) if checkpoint_every else math.inf
+        # The newest checkpoint's (tokens, time): a resumed loop starts at one.
+        self.checkpoint = (tokens, self.t0) if tokens else (None, None)
+
+    def due(self, tokens: int, done: bool) -> bool:
+        return tokens >= self.next_report or tokens >= self.next_ckpt or done
+
+    def checkpoint_due(self, tokens: int, done: bool) -> bool:
+        return self.checkpoint_every is not None and (tokens >= self.next_ckpt or done)
+
+    def times(self, tokens: int) -> dict:
+        """The record's clock fields: tokens, the rate since the last record, the elapsed time."""
+        self.now = time.perf_counter()
+        rate = (tokens - self.last_tokens) / max(self.now - self.last_t, 1e-9)
+        return {"tokens": tokens, "tokens_per_s": rate, "elapsed_s": self.now - self.t0}
+
+    def reported(self, tokens: int, checkpointed: bool) -> None:
+        self.next_report, self.last_t, self.last_tokens = (
+            _next(tokens, self.log_every),
+            self.now,
+            tokens,
+        )
+        if checkpointed:
+            self.next_ckpt = _next(tokens, self.checkpoint_every)
+            self.checkpoint = (tokens, time.perf_counter())
 
 
 def _take(stream: Iterator[Tensor], world: World, left: int, dtype: torch.dtype, d_in: int, where):

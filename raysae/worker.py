@@ -49,38 +49,14 @@ def train_loop_per_worker(config: dict) -> dict:
     lead = runs[0]  # packed runs share data, budget, batch size and scaling (sweep_spec checks)
     ctx = ray.train.get_context()  # [ray]
     world = World(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
-
     log = (lambda line: print(line, flush=True)) if world.rank == 0 else (lambda line: None)
-    registered = ray.train.get_checkpoint()  # [ray]
-    checkpoint = _restore_point(registered, config["run_dir"], world, log)
-    # One Ray never registered is outside its retention: rank 0 deletes it once it has reported
-    # num_checkpoints_to_keep newer ones, when Ray would have deleted it.
-    unregistered = {"newer": 0}
-    if world.rank == 0 and checkpoint is not None and checkpoint is not registered:
-        unregistered["path"] = checkpoint.path
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
-        members, progress = build_pack(
-            runs,
-            config["init"],
-            torch.tensor(config["reference_mean"]),
-            world.device,
-            ckpt_dir,
-            wrap=ray.train.torch.prepare_model,  # [ray] DDP when world > 1
-        )
-        history = json.loads((Path(ckpt_dir) / "history.json").read_text()) if ckpt_dir else []
+
+    members, progress, history, unregistered = _restore(config, runs, world, log)
     progress["nodes"] = _count_nodes(world)
-
-    def report(record: dict, write_checkpoint: bool) -> None:
-        """Every rank reports (a barrier); rank 0 attaches the checkpoint: a folder per member
-        and the history, so a restarted run keeps its whole log."""
-        if not (write_checkpoint and world.rank == 0):
-            ray.train.report(record, checkpoint=None)  # [ray]
-            return
-        _report_checkpoint(record, members, progress, history, config["run_dir"])
-        unregistered["newer"] += 1
-        if "path" in unregistered and unregistered["newer"] >= lead.scaling.num_checkpoints_to_keep:
-            _delete_quietly(config["run_dir"], unregistered.pop("path"), log)
-
+    keep = lead.scaling.num_checkpoints_to_keep
+    report = _reporter(
+        members, progress, history, config["run_dir"], world, (unregistered, keep), log
+    )
     shard = ray.train.get_dataset_shard("train")  # [ray]
     per_worker = max(1, lead.train.batch_size // world.size)
     try:
@@ -106,6 +82,54 @@ def train_loop_per_worker(config: dict) -> dict:
     held_out = config["held_out"].shard(world.rank, world.size)
     metrics = evaluate_pack(members, lambda: held_out.batches(8192), world)
     return {"eval": metrics, "progress": progress, "history": history}
+
+
+def _restore(config: dict, runs: list[RunConfig], world: World, log: Callable[[str], None]):
+    """(members, progress, history, unregistered): the pack restored from the newest complete
+    checkpoint (see `_restore_point`) or started from the driver's initial values, and, on rank
+    0, the path of the checkpoint resumed from if Ray never registered it (else None)."""
+    import ray.train  # [ray]
+    import ray.train.torch  # [ray]
+
+    registered = ray.train.get_checkpoint()  # [ray]
+    checkpoint = _restore_point(registered, config["run_dir"], world, log)
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
+        members, progress = build_pack(
+            runs,
+            config["init"],
+            torch.tensor(config["reference_mean"]),
+            world.device,
+            ckpt_dir,
+            wrap=ray.train.torch.prepare_model,  # [ray] DDP when world > 1
+        )
+        history = json.loads((Path(ckpt_dir) / "history.json").read_text()) if ckpt_dir else []
+    resumed_unregistered = (
+        world.rank == 0 and checkpoint is not None and checkpoint is not registered
+    )
+    return members, progress, history, checkpoint.path if resumed_unregistered else None
+
+
+def _reporter(members, progress, history, run_dir, world, retention, log):
+    """The loop's `report`: every rank reports (a barrier); rank 0 attaches the checkpoint
+    (`_report_checkpoint`). `retention`: (a resumed checkpoint Ray never registered, or None;
+    num_checkpoints_to_keep). That checkpoint is outside Ray's retention: it is deleted once
+    num_checkpoints_to_keep newer ones were reported, when Ray would have deleted it."""
+    import ray.train  # [ray]
+
+    unregistered, keep = retention
+    newer = {"count": 0, "path": unregistered}
+
+    def report(record: dict, write_checkpoint: bool) -> None:
+        if not (write_checkpoint and world.rank == 0):
+            ray.train.report(record, checkpoint=None)  # [ray]
+            return
+        _report_checkpoint(record, members, progress, history, run_dir)
+        newer["count"] += 1
+        if newer["path"] is not None and newer["count"] >= keep:
+            _delete_quietly(run_dir, newer["path"], log)
+            newer["path"] = None
+
+    return report
 
 
 def _report_checkpoint(record: dict, members, progress: dict, history: list, run_dir: str) -> None:
