@@ -227,6 +227,7 @@ def preflight(
 
 def _check_output(sweep_dir: str, resume: bool, log: Callable[[str], None]) -> None:
     """Refuse to mix with an earlier sweep's results, or to resume a sweep that never started."""
+    storage.check_reachable(sweep_dir)  # a dead endpoint fails now, not after the retry budget
     started = storage.exists(storage.join(sweep_dir, SPEC_FILE))
     tune_state = storage.exists(storage.join(sweep_dir, TUNE_STATE))
     if resume:

@@ -152,6 +152,7 @@ def training_and_eval_streams(cfg: RunConfig, batch_size: int):
 def check_output(out: str, overwrite: bool) -> None:
     """Refuse to write over an earlier run's results unless told to, or to an output that
     cannot be written (checked without writing anything there)."""
+    storage.check_reachable(out)  # a dead endpoint fails now, not after the retry budget
     if storage.exists(storage.join(out, "metrics.json")) and not overwrite:
         raise OutputExistsError(
             f"{out} already holds a finished run (metrics.json); "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import socket
 import threading
 import time
 
@@ -96,6 +97,36 @@ def test_outage_past_the_retry_budget_is_reported_as_unreachable(
 
     proxy.restore()
     assert len(_read_all(dataset)) == len(dataset.parts)  # the same value reads again
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_endpoint_fails_the_first_request_at_once(tmp_path, monkeypatch, capsys) -> None:
+    """A mistyped or dead endpoint: `raysae train` stops in its pre-flight within seconds
+    (the first request to an endpoint is retried `PROBE_ATTEMPTS` times, not the ~100 s
+    budget of a store that has answered), naming the endpoint, and writes nothing."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
+    monkeypatch.delenv(storage.MAX_ATTEMPTS_ENV, raising=False)
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sae": {"architecture": "topk", "d_in": D_IN, "n_latents": 32, "k": 2},
+                "data": {"uri": "s3://bucket/acts"},
+            }
+        )
+    )
+    start = time.monotonic()
+    assert main(["train", str(config), "--local", "--out", str(tmp_path / "out")]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert err.startswith("raysae train: error: cannot reach s3://bucket/acts: ") and (
+        err.count("\n") == 1
+    ), err
+    assert f"the S3 endpoint {dead} is unreachable (every one of 3 attempts" in err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.timeout(60)

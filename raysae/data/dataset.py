@@ -146,6 +146,7 @@ def open_dataset(uri: str, *, verify: bool = False) -> Dataset:
     CRC-32 (or, in older manifests, its page checksums) is checked whenever rows are read
     (`read_part`).
     """
+    storage.check_reachable(uri)  # a dead endpoint fails now, not after the retry budget
     manifest = read_manifest(uri)
     present = storage.list_files(uri)
     for part in manifest.parts:

@@ -14,7 +14,9 @@ S3 settings
   store that is down for a while (a restart, a network blip) is waited out request by request;
   there are no hand-written retry loops here. The budget is per process:
   `RAYSAE_S3_MAX_ATTEMPTS` in its environment (for Ray workers, the environment the cluster
-  was started with), else the default of about 100 s of retries.
+  was started with), else the default of about 100 s of retries. A command's pre-flight first
+  checks that the endpoint answers at all, with a short budget (`check_reachable`), so a
+  mistyped or dead endpoint fails in seconds.
 - Unreachable is not corrupt: when the retries run out because the endpoint cannot be reached
   (refused, reset, timed out), the error is `StoreUnreachableError`, naming the endpoint and
   saying it is neither a credentials nor a data problem (`is_unreachable` tells them apart).
@@ -50,6 +52,12 @@ outage, after which they all fail without retrying."""
 
 MAX_ATTEMPTS_ENV = "RAYSAE_S3_MAX_ATTEMPTS"
 """Environment variable overriding `S3_MAX_ATTEMPTS` (a whole number ≥ 1)."""
+
+PROBE_ATTEMPTS = 3
+"""Attempts of the first request a process makes to an S3 endpoint (`check_reachable`): a
+mistyped or dead endpoint fails a command's pre-flight in well under a second (a silent one in
+about 3 × S3_CONNECT_TIMEOUT_S), not after the whole retry budget of every later request. Once
+the endpoint has answered, outages are waited out with the full budget."""
 
 
 class StorageError(OSError):
@@ -122,13 +130,15 @@ def locate(uri: str, *, endpoint: str | None = None) -> Location:
     return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), "local")
 
 
-def _locate_s3(uri: str, endpoint: str | None) -> Location:
-    """The S3 location of `uri`; the region stays unset for AWS so no lookup call is made."""
+def _locate_s3(uri: str, endpoint: str | None, max_attempts: int | None = None) -> Location:
+    """The S3 location of `uri`, its requests retried `max_attempts` times (default: as
+    `s3_max_attempts` says); the region stays unset for AWS so no lookup call is made."""
     path = uri[len("s3://") :].strip("/")
     if not path:
         raise StorageError(f"S3 URI {uri!r} names no bucket: use s3://bucket/prefix")
     region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1") if endpoint else None
-    return Location(s3_filesystem(endpoint, region), path, endpoint or "AWS S3 (default endpoint)")
+    filesystem = _s3_filesystem(endpoint, region, max_attempts or s3_max_attempts())
+    return Location(filesystem, path, endpoint or "AWS S3 (default endpoint)")
 
 
 def s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
@@ -171,6 +181,28 @@ def _s3_filesystem(endpoint: str | None, region: str | None, max_attempts: int) 
     return filesystem
 
 
+_REACHED: set[str] = set()
+"""S3 endpoints this process has had an answer from (see `check_reachable`)."""
+
+
+def check_reachable(uri: str, *, endpoint: str | None = None) -> None:
+    """Raise StoreUnreachableError at once if the S3 endpoint serving `uri` does not answer
+    one request (retried `PROBE_ATTEMPTS` times); nothing for local URIs, or an endpoint that
+    has answered this process before. Any answer counts (a missing key, access denied): those
+    are for the command's own requests to report."""
+    if not is_s3(uri):
+        return
+    probe = _locate_s3(uri, s3_endpoint(endpoint), PROBE_ATTEMPTS)
+    if probe.endpoint in _REACHED:
+        return
+    try:
+        probe.filesystem.get_file_info(probe.path)
+    except OSError as err:
+        if is_unreachable(err):
+            raise _unreachable(probe.endpoint, "reach", uri, err, PROBE_ATTEMPTS) from err
+    _REACHED.add(probe.endpoint)
+
+
 def filesystem_and_path(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and in-filesystem path for `uri` (see `locate`)."""
     location = locate(uri, endpoint=endpoint)
@@ -210,10 +242,12 @@ def raise_if_unreachable(
         raise _unreachable(where, action, uri, err) from err
 
 
-def _unreachable(endpoint: str, action: str, uri: str, err: BaseException) -> StoreUnreachableError:
-    """The one message for a store that could not be reached: where, how long it was retried,
-    what it is not, and what to do."""
-    attempts = s3_max_attempts()
+def _unreachable(
+    endpoint: str, action: str, uri: str, err: BaseException, attempts: int | None = None
+) -> StoreUnreachableError:
+    """The one message for a store that could not be reached: where, how long it was retried
+    (`attempts`, default this process's budget), what it is not, and what to do."""
+    attempts = attempts or s3_max_attempts()
     seconds = retry_seconds(attempts)
     spent = f"~{seconds:.0f} s" if seconds >= 10 else f"~{seconds:.1f} s"
     detail = str(err).split("; Details:")[0]  # the SDK's curl details repeat the endpoint
@@ -311,6 +345,7 @@ def check_writable(uri: str, *, endpoint: str | None = None) -> None:
     write in. On S3: a probe object is written under `uri` and deleted."""
     location = locate(uri, endpoint=endpoint)
     if is_s3(uri):
+        check_reachable(uri, endpoint=endpoint)
         probe = join(uri, f".raysae-probe-{uuid.uuid4().hex[:8]}")
         write_bytes(probe, b"", endpoint=endpoint)
         delete(probe, endpoint=endpoint)
