@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from isal import isal_zlib
 from safetensors.torch import load_file, save_file
 
 from raysae.config import SAEConfig
+from raysae.data import storage
+from raysae.data.dataset import READ_CHUNK
 from raysae.saes import SparseAutoencoder, build_sae
 from raysae.settings import from_dict, to_dict
 
@@ -164,36 +167,64 @@ def load_training_checkpoint(
 # controller only when the worker's report is next polled: a worker killed in between leaves a
 # complete folder that Ray's `get_checkpoint()` does not know (it restarts from the one before),
 # and a failed upload (a full disk) leaves a folder of missing or short files. So rank 0 writes
-# SEAL last, listing every file and its size; a folder is complete when the listing agrees with
-# its seal, and a restart takes the newest complete one (`newest_complete`), whatever Ray chose.
+# SEAL last, listing every file with its size and CRC-32; a folder is complete when the listing
+# agrees with its seal and every file's bytes with their CRC-32 (which catches what sizes do
+# not: bit rot, or pages a power loss never wrote), and a restart takes the newest complete one
+# (`newest_complete`), whatever Ray chose. Seals written before CRCs were recorded are checked
+# by size only.
 
 SEAL = "checkpoint.json"
 SEAL_VERSION = 1
 
 
-class CheckpointSpaceError(OSError):
-    """The disk holding a checkpoint is full; the message names it and the space needed."""
+class SpaceError(OSError):
+    """A disk is full; the message names it, the space needed, and how to go on."""
+
+
+class CheckpointSpaceError(SpaceError):
+    """The disk holding a checkpoint is full (raised in the workers: it stops the run)."""
+
+
+class ResultsSpaceError(SpaceError):
+    """The disk the final SAE and metrics.json go to is full (raised by the driver)."""
 
 
 def seal(directory: str | os.PathLike, tokens: int) -> int:
-    """Write SEAL into a finished checkpoint folder; returns the folder's bytes."""
+    """Write SEAL into a finished checkpoint folder; returns the folder's bytes. Reads every
+    file once more for its CRC-32 (just written, so from the page cache; ISA-L's CRC runs at
+    tens of GB/s, a small cost beside writing the files)."""
     directory = Path(directory)
-    files = {
-        p.relative_to(directory).as_posix(): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-    body = {"format_version": SEAL_VERSION, "tokens": tokens, "files": files}
+    files, crcs = {}, {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            name = p.relative_to(directory).as_posix()
+            with open(p, "rb", buffering=0) as f:
+                crcs[name], files[name] = _crc32(f)
+    body = {"format_version": SEAL_VERSION, "tokens": tokens, "files": files, "crc32": crcs}
     _atomic_write(directory / SEAL, lambda p: Path(p).write_text(json.dumps(body, indent=1)))
     return sum(files.values()) + (directory / SEAL).stat().st_size
 
 
+def _crc32(stream) -> tuple[int, int]:
+    """(CRC-32, bytes) of the rest of `stream` (a file or a pyarrow input stream), read in
+    cache-sized chunks and hashed with ISA-L's CRC-32, as dataset parts are."""
+    crc = size = 0
+    while chunk := stream.read(READ_CHUNK):
+        crc = isal_zlib.crc32(chunk, crc)
+        size += len(chunk)
+    return crc, size
+
+
+def sae_bytes(model: SparseAutoencoder) -> int:
+    """About what `save_sae` writes for this model: its tensors and a little JSON."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 64 * 1024
+
+
 def training_checkpoint_bytes(model: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> int:
     """About what `save_training_checkpoint` writes for this model: its tensors and Adam's."""
-    tensors = [*model.state_dict().values()]
-    tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    n_latents = model.cfg.n_latents
-    return sum(t.numel() * t.element_size() for t in tensors) + 8 * n_latents + 64 * 1024
+    adam = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    adam_bytes = sum(t.numel() * t.element_size() for t in adam)
+    return sae_bytes(model) + adam_bytes + 8 * model.cfg.n_latents
 
 
 def no_space(error: BaseException) -> bool:
@@ -210,7 +241,12 @@ def no_space(error: BaseException) -> bool:
 
 def newest_complete(fs, run_path: str, log=print) -> Optional[tuple[str, int]]:
     """(fs path, tokens) of the newest sealed, complete `checkpoint_*` folder under `run_path`
-    on pyarrow filesystem `fs`, or None if there is none; logs each newer folder it skips."""
+    on pyarrow filesystem `fs`, or None if there is none; logs each newer folder it skips.
+
+    Complete: every file its seal lists is there with that size and (seals with CRCs) that
+    CRC-32. The CRCs are checked newest first until one folder passes, so a restart reads the
+    checkpoint it resumes from once more (and each corrupt newer one); a store that cannot be
+    reached raises (storage.is_unreachable) rather than passing for corruption."""
     import pyarrow.fs as pafs
 
     selector = pafs.FileSelector(run_path, recursive=True, allow_not_found=True)
@@ -219,7 +255,7 @@ def newest_complete(fs, run_path: str, log=print) -> Optional[tuple[str, int]]:
         relative = info.path[len(run_path) :].strip("/").split("/", 1)
         if len(relative) == 2 and relative[0].startswith("checkpoint_") and info.is_file:
             listed.setdefault(relative[0], {})[relative[1]] = info.size
-    sealed = []
+    sealed, skipped = [], 0
     for name in sorted(listed, reverse=True):
         files = listed[name]
         if SEAL not in files:
@@ -228,16 +264,74 @@ def newest_complete(fs, run_path: str, log=print) -> Optional[tuple[str, int]]:
             with fs.open_input_stream(f"{run_path}/{name}/{SEAL}") as f:
                 body = json.loads(f.read())
             wrong = [f for f, size in body["files"].items() if files.get(f) != size]
-        except (OSError, ValueError, KeyError, AttributeError) as e:
+            crcs = {f: int(crc) for f, crc in body.get("crc32", {}).items()}
+            tokens = int(body["tokens"])
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+            if storage.is_unreachable(e):
+                raise
             log(f"checkpoint {run_path}/{name}: unreadable {SEAL} ({e}); skipped")
+            skipped += 1
             continue
         if wrong:
             log(
                 f"checkpoint {run_path}/{name} is incomplete ({wrong[0]} missing or short); skipped"
             )
+            skipped += 1
             continue
-        sealed.append((int(body["tokens"]), name))
-    if not sealed:
-        return None
-    tokens, name = max(sealed)
-    return f"{run_path}/{name}", tokens
+        sealed.append((tokens, name, crcs))
+    for tokens, name, crcs in sorted(sealed, key=lambda c: c[:2], reverse=True):
+        bad = _first_corrupt(fs, f"{run_path}/{name}", crcs)
+        if bad is None:
+            return f"{run_path}/{name}", tokens
+        log(f"checkpoint {run_path}/{name} is corrupt ({bad}); skipped")
+        skipped += 1
+    if skipped:
+        log(f"no complete checkpoint left under {run_path}")
+    return None
+
+
+REMOTE_READ = 16 * 2**20
+"""Bytes per request when a checkpoint's files are read back from S3 for their CRC-32s."""
+
+
+def _first_corrupt(fs, folder: str, crcs: dict[str, int]) -> Optional[str]:
+    """What is wrong with the first file of `folder` (on pyarrow filesystem `fs`) whose bytes do
+    not match their CRC-32 in `crcs`, or None if all of them do."""
+    import pyarrow.fs as pafs
+
+    # Remote: read through a buffer of REMOTE_READ bytes, as each read of an S3 file is a GET.
+    buffer = None if isinstance(fs, pafs.LocalFileSystem) else REMOTE_READ
+    for name, expected in sorted(crcs.items()):
+        try:
+            with fs.open_input_stream(
+                f"{folder}/{name}", compression=None, buffer_size=buffer
+            ) as f:
+                crc, _ = _crc32(f)
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as e:
+            if storage.is_unreachable(e):
+                raise
+            return f"{name} cannot be read: {e}"
+        if crc != expected:
+            return f"{name} does not match its CRC-32 in {SEAL}"
+    return None
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """Flush every file under the local folder `directory` to its disk, then every folder
+    (deepest first: their entries name the files), then the folder's own entry in its parent."""
+    directory = os.path.abspath(directory)
+    for root, _, names in os.walk(directory, topdown=False):
+        for name in names:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+    _fsync(os.path.dirname(directory))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too opens read-only on Linux, and fsyncs
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

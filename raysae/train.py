@@ -28,6 +28,7 @@ Output, under OUT/NAME/ (a local directory or s3://bucket/prefix):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -39,7 +40,7 @@ from typing import Optional
 import torch
 
 from raysae import data, interrupt
-from raysae.checkpoint import load_sae, save_sae
+from raysae.checkpoint import CONFIG, ResultsSpaceError, load_sae, no_space, sae_bytes, save_sae
 from raysae.config import RunConfig
 from raysae.data import Dataset, storage
 from raysae.evaluate import data_mean, evaluate
@@ -171,8 +172,11 @@ def finish(
     directions=None,
     extra: Optional[dict] = None,
     log: Callable[[str], None] = print,
+    *,
+    resumable: bool,
 ) -> dict:
-    """Fold the input scale; write OUT/sae and OUT/metrics.json (with the held-out `metrics`)."""
+    """Fold the input scale; write OUT/sae and OUT/metrics.json (with the held-out `metrics`).
+    `resumable`: the run has checkpoints, so re-running it after a full disk resumes."""
     result = {
         "config": to_dict(cfg),
         "wall_s": wall,
@@ -185,16 +189,59 @@ def finish(
         recovery = feature_recovery(directions, model.W_dec)
         result["feature_recovery"] = {k: v for k, v in recovery.items() if k != "max_cos"}
     model.fold_input_scale_()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_sae(
-            model,
-            Path(tmp) / "sae",
-            metadata={"tokens": result["tokens"], "eval": scalars(metrics)},
-        )
-        storage.upload_dir(Path(tmp) / "sae", storage.join(out, "sae"))
-    storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(result, indent=2).encode())
+    write_results(model, result, out, resumable)
     log(summary(result))
     return result
+
+
+def write_results(model, result: dict, out: str, resumable: bool) -> None:
+    """Write the SAE to OUT/sae (config.json last: with it the folder is complete) and then
+    `result` to OUT/metrics.json (with it the run is finished). An earlier run's metrics.json
+    and config.json (--overwrite) go first, so that no failure leaves a folder that looks
+    complete over files of two runs. A full disk raises ResultsSpaceError, naming it and the
+    space needed, once the partial SAE is removed."""
+    body = json.dumps(result, indent=2).encode()
+    sae_dir, metrics_path = storage.join(out, "sae"), storage.join(out, "metrics.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "sae"
+        try:
+            save_sae(
+                model, local, metadata={"tokens": result["tokens"], "eval": scalars(result["eval"])}
+            )
+        except Exception as e:
+            if not no_space(e):
+                raise
+            needed = sae_bytes(model) + len(body)
+            raise _results_space_error(tempfile.gettempdir(), needed, resumable) from None
+        try:
+            storage.delete(metrics_path)
+            storage.delete(storage.join(sae_dir, CONFIG))
+            storage.upload_dir(local, sae_dir)
+            storage.write_bytes(metrics_path, body)
+        except Exception as e:
+            if not no_space(e):
+                raise
+            # The space is needed, and an SAE without its metrics.json is no finished run. If
+            # it cannot be removed, what is left has no config.json: load_sae refuses it.
+            fs, path = storage.filesystem_and_path(sae_dir)
+            with contextlib.suppress(OSError):
+                fs.delete_dir(path)
+            needed = sum(p.stat().st_size for p in local.iterdir()) + len(body)
+            raise _results_space_error(out, needed, resumable) from None
+
+
+def _results_space_error(where: str, needed: int, resumable: bool) -> ResultsSpaceError:
+    """The error for final results that did not fit on `where`: the space they need, and that
+    re-running the command resumes (from the final checkpoint) or, for --local, trains again."""
+    again = (
+        "it resumes from the last checkpoint"
+        if resumable
+        else "--local keeps no checkpoints, so it trains again from the start"
+    )
+    return ResultsSpaceError(
+        f"no space left on {where}: the SAE and its metrics.json need about "
+        f"{needed / 2**20:,.1f} MiB; free that much there and re-run the same command ({again})"
+    )
 
 
 def member_dirs(out: str, n: int) -> list[str]:
@@ -248,7 +295,7 @@ def run_single_process(
     metrics = evaluate(
         model, held_out(), n_eval, reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in)
     )
-    return finish(model, cfg, out, history, wall, metrics, directions, log=log)
+    return finish(model, cfg, out, history, wall, metrics, directions, log=log, resumable=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +444,18 @@ def finish_run(
         extra = {k: progress[k] for k in ("replayed_tokens", "restarts", "nodes", "rows_read")}
         extra.update(run_dir=member_out, checkpoint=result.checkpoint.path)
         results.append(
-            finish(model, cfg, member_out, history, wall, held_out, directions, extra, log)
+            finish(
+                model,
+                cfg,
+                member_out,
+                history,
+                wall,
+                held_out,
+                directions,
+                extra,
+                log,
+                resumable=True,
+            )
         )
     return results
 

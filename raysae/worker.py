@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,9 @@ from pathlib import Path
 import torch
 
 from raysae.checkpoint import (
+    SEAL,
     CheckpointSpaceError,
+    fsync_tree,
     newest_complete,
     no_space,
     save_training_checkpoint,
@@ -134,7 +137,8 @@ def _reporter(members, progress, history, run_dir, world, retention, log):
 
 def _report_checkpoint(record: dict, members, progress: dict, history: list, run_dir: str) -> None:
     """Rank 0's report: the record with a checkpoint, a folder per member and the history (so a
-    restarted run keeps its whole log), sealed last; a full disk raises CheckpointSpaceError."""
+    restarted run keeps its whole log), sealed last, then flushed to a local disk; a full disk
+    raises CheckpointSpaceError."""
     import ray.train  # [ray]
 
     # Named here (as Ray would: checkpoint_<time>) so that a failed upload can be removed.
@@ -149,6 +153,15 @@ def _report_checkpoint(record: dict, members, progress: dict, history: list, run
             seal(tmp, members[0].state.tokens)  # last: the folder is complete
             checkpoint = ray.train.Checkpoint.from_directory(tmp)  # [ray]
             ray.train.report(record, checkpoint=checkpoint, checkpoint_dir_name=name)  # [ray]
+        # Ray's copy (pyarrow's copy_files) leaves the files in the page cache and returns: a
+        # power loss or a kernel crash soon after could leave a sealed folder whose pages never
+        # reached the disk (right sizes, wrong bytes; the CRC-32s in its seal would catch it on
+        # restart, at the cost of resuming from an older one). An S3 PUT is durable once it
+        # returns. No folder: Ray skipped the report (its barrier was reset by a failed worker).
+        if not storage.is_s3(run_dir):
+            copied = os.path.join(storage.locate(run_dir).path, name)
+            if os.path.isdir(copied):
+                fsync_tree(copied)
     except Exception as e:
         if not no_space(e):
             raise
@@ -158,8 +171,9 @@ def _report_checkpoint(record: dict, members, progress: dict, history: list, run
 def _restore_point(registered, run_dir: str, world: World, log: Callable[[str], None]):
     """The checkpoint to resume from: the newest complete one in `run_dir`, which is Ray's
     registered latest unless a worker died before Ray registered a newer one, or Ray's latest
-    is incomplete (see raysae.checkpoint.SEAL). Rank 0 chooses and every rank restores its
-    choice: DDP replicas must start equal. Ray's choice stands for checkpoints without seals."""
+    is incomplete or corrupt (see raysae.checkpoint.SEAL). Rank 0 chooses (checking the CRC-32s
+    of what it picks) and every rank restores its choice: DDP replicas must start equal. Ray's
+    choice stands for checkpoints without seals; with none left, the run starts afresh."""
     import ray.train  # [ray]
 
     fs, run_path = storage.filesystem_and_path(run_dir)
@@ -173,8 +187,13 @@ def _restore_point(registered, run_dir: str, world: World, log: Callable[[str], 
                     f"resuming from {choice} ({found[1]:,} tokens), the newest complete "
                     f"checkpoint; Ray's latest registered one is {registered and registered.path}"
                 )
+        elif registered is not None and not _sealed(registered):
+            choice = registered.path  # written by a raysae without seals
         elif registered is not None:
-            choice = registered.path
+            log(
+                f"Ray's latest registered checkpoint {registered.path} is not complete and no "
+                "other is: training starts from the beginning"
+            )
     if world.size > 1:
         import torch.distributed as dist
 
@@ -186,6 +205,14 @@ def _restore_point(registered, run_dir: str, world: World, log: Callable[[str], 
     if registered is not None and registered.path.rstrip("/") == choice.rstrip("/"):
         return registered
     return ray.train.Checkpoint(path=choice, filesystem=fs)  # [ray]
+
+
+def _sealed(checkpoint) -> bool:
+    """Whether a Ray checkpoint's folder holds a seal (then `newest_complete` judged it)."""
+    import pyarrow.fs as pafs
+
+    info = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{SEAL}")
+    return info.type == pafs.FileType.File
 
 
 def _space_error(run_dir: str, name: str, members) -> CheckpointSpaceError:

@@ -18,6 +18,7 @@ from conftest_data import (  # noqa: F401
     s3_endpoint,
     s3_prefix,
     s3_requests,
+    small_disk,
     smollm2_gguf,
     tiny_model_dir,
 )

@@ -1,4 +1,5 @@
-"""Fixtures of the data plane: a local S3 server, one shared Ray instance, a tiny random LM.
+"""Fixtures of the data plane: a local S3 server, one shared Ray instance, a tiny random LM, and
+small real filesystems to fill.
 
 Imported by tests/conftest.py. Everything here is offline and sized for a 2-core machine.
 """
@@ -9,6 +10,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -91,6 +93,31 @@ def s3_endpoint() -> str:
 def s3_prefix(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
     """A fresh ``s3://raysae-test/<test name>`` prefix for one test."""
     return f"s3://{S3_BUCKET}/{request.node.name.replace('[', '-').replace(']', '')}"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """`small_disk(size, name="small")`: a new folder `name` under tmp_path with a real tmpfs of
+    `size` (mount's syntax: "64k", "1m") mounted on it, to fill for a true ENOSPC; unmounted
+    when the test ends. Skips the test where it cannot mount (that needs root)."""
+    mounted = []
+
+    def mount(size: str, name: str = "small") -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs to fill ({done.stderr.strip()}): needs root")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", str(path)], check=False)
 
 
 @pytest.fixture(scope="session")

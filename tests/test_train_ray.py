@@ -338,44 +338,28 @@ def test_bad_rows_stop_the_run_at_once_naming_part_and_row(ray_cluster, tmp_path
     assert not list(out.glob("*/metrics.json")) and not list(out.glob("*/sae"))
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    """A real small filesystem at `path`, or skip: mounting needs root."""
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs to fill ({done.stderr.strip()}): needs root")
-
-
-def test_full_disk_stops_with_the_space_needed(ray_cluster, toy_uri, tmp_path, capsys):
+def test_full_disk_stops_with_the_space_needed(ray_cluster, toy_uri, tmp_path, capsys, small_disk):
     """Output on a 1 MiB filesystem, checkpoints of ~6 MiB: one clear message, exit 2, and no
     folder of short files left where a resume could pick it."""
     from raysae.__main__ import main
 
-    out = tmp_path / "small"
-    _mount_tmpfs(out, "1m")
-    try:
-        cfg = run_config(toy_uri, num_workers=1, max_failures=2, checkpoint_every_tokens=4000)
-        cfg = from_dict(
-            RunConfig,
-            {
-                **to_dict(cfg),
-                "sae": {**to_dict(cfg.sae), "n_latents": 8192},
-                "train": {**to_dict(cfg.train), "total_tokens": 8000, "log_every_tokens": 4000},
-            },
-        )
-        config = _write_yaml(tmp_path / "run.yaml", cfg)
-        code = main(["train", str(config), "--out", str(out), "--name", "full"])
-        message = capsys.readouterr().err
-        assert code == 2, message[-3000:]
-        assert re.search(
-            f"no space left on {out / 'full'}: the next checkpoint needs about 6\\.[0-9] MiB",
-            message,
-        ), message[-3000:]
-        assert "Traceback" not in message and "Errno" not in message, message[-3000:]
-        assert not list((out / "full").glob("checkpoint_*")), "a partial checkpoint was left"
-    finally:
-        subprocess.run(["umount", str(out)], check=False)
+    out = small_disk("1m")
+    cfg = run_config(toy_uri, num_workers=1, max_failures=2, checkpoint_every_tokens=4000)
+    cfg = from_dict(
+        RunConfig,
+        {
+            **to_dict(cfg),
+            "sae": {**to_dict(cfg.sae), "n_latents": 8192},
+            "train": {**to_dict(cfg.train), "total_tokens": 8000, "log_every_tokens": 4000},
+        },
+    )
+    config = _write_yaml(tmp_path / "run.yaml", cfg)
+    code = main(["train", str(config), "--out", str(out), "--name", "full"])
+    message = capsys.readouterr().err
+    assert code == 2, message[-3000:]
+    assert re.search(
+        f"no space left on {out / 'full'}: the next checkpoint needs about 6\\.[0-9] MiB",
+        message,
+    ), message[-3000:]
+    assert "Traceback" not in message and "Errno" not in message, message[-3000:]
+    assert not list((out / "full").glob("checkpoint_*")), "a partial checkpoint was left"
