@@ -25,6 +25,7 @@ from raysae.config import TOPK_FAMILY, RunConfig
 from raysae.data import BadDataError, Dataset, storage
 from raysae.loop import STOPS_RUN
 from raysae.settings import ConfigError, from_dict, to_dict
+from raysae.step import BadBatchError
 from raysae.sweep_spec import SweepSpec, expand, packs, with_absolute_paths
 from raysae.synthetic import write_toy_dataset
 from raysae.train import (
@@ -34,6 +35,11 @@ from raysae.train import (
     member_dirs,
     open_for_ray,
 )
+
+DATA_STOPS = (BadDataError, BadBatchError)
+"""The run-stopping errors (raysae.loop.STOPS_RUN) that are bound to the dataset, so a retry of
+the trial on the same dataset fails again at once (`record_stop`). A full disk is not: once
+space is freed, Tune's retry (or --resume) resumes from the last checkpoint."""
 
 SPEC_FILE = "sweep_spec.json"
 """Written into OUTPUT/NAME once the pre-flight checks pass: marks the folder as a sweep's and
@@ -90,9 +96,11 @@ def _fingerprint(dataset: Dataset) -> str:
 
 
 def record_stop(trial_dir: str, dataset: Dataset, error: BaseException) -> None:
-    """Remember in the trial's folder that bad data stopped it (best effort: on a full disk
-    nothing more can be written). Tune retries a failed trial (max_failures) and the retry,
+    """Remember in the trial's folder that bad data stopped it (`DATA_STOPS`; other errors are
+    not recorded), best effort. Tune retries a failed trial (max_failures) and the retry,
     resumed from a checkpoint, could read the parts in another order and miss the bad one."""
+    if not isinstance(error, DATA_STOPS):
+        return
     body = {"error": str(error), "kind": type(error).__name__, "dataset": _fingerprint(dataset)}
     try:
         storage.write_bytes(storage.join(trial_dir, STOPPED_FILE), json.dumps(body).encode())
@@ -108,7 +116,7 @@ def raise_if_stopped(trial_dir: str, dataset: Dataset) -> None:
     body = json.loads(storage.read_bytes(path))
     if body.get("dataset") != _fingerprint(dataset):
         return  # the dataset was re-harvested since: train on it
-    kinds = {kind.__name__: kind for kind in STOPS_RUN}
+    kinds = {kind.__name__: kind for kind in DATA_STOPS}
     raise kinds.get(body.get("kind"), BadDataError)(body["error"])
 
 

@@ -296,6 +296,7 @@ def test_a_trial_stopped_by_bad_data_fails_again_on_retry_without_training(tmp_p
     import torch
 
     from raysae import data
+    from raysae.checkpoint import CheckpointSpaceError
     from raysae.sweep import raise_if_stopped, record_stop
 
     uri, trial = str(tmp_path / "acts"), str(tmp_path / "trials" / "trial-1")
@@ -307,3 +308,8 @@ def test_a_trial_stopped_by_bad_data_fails_again_on_retry_without_training(tmp_p
         raise_if_stopped(trial, dataset)
     data.write_dataset(uri, torch.randn(100, 4), rows_per_part=50, overwrite=True)
     raise_if_stopped(trial, data.open_dataset(uri))  # re-harvested: train again
+
+    # A full disk stopped it: once space is freed, the retry resumes (nothing recorded).
+    other = str(tmp_path / "trials" / "trial-2")
+    record_stop(other, dataset, CheckpointSpaceError("no space left on /out: ..."))
+    raise_if_stopped(other, dataset)

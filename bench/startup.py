@@ -1,0 +1,55 @@
+"""How long `raysae --help` and `raysae <command> --help` take to print, in fresh interpreters.
+
+    python bench/startup.py [--repeats 9] [--tree PATH]
+
+Each command is run `--repeats` times, alternating commands so that no case gets a warmer disk
+cache; the table gives the median and the range in seconds, and the load average before and
+after. `--tree` times another checkout of raysae (for example an older commit, made with
+`git worktree add /tmp/before <commit>`), imported from there through PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+COMMANDS = ([], ["train"], ["sweep"], ["eval"], ["harvest"])
+
+
+def time_once(args: list[str], tree: str) -> float:
+    env = {**os.environ, "PYTHONPATH": tree}
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "raysae", *args, "--help"],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=tree,
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--tree", default=os.path.dirname(os.path.dirname(__file__)) or ".")
+    args = parser.parse_args()
+    tree = os.path.abspath(args.tree)
+    print(f"tree {tree}; load average before: {os.getloadavg()}")
+    times: dict[str, list[float]] = {" ".join(c) or "(none)": [] for c in COMMANDS}
+    for _ in range(args.repeats):
+        for command in COMMANDS:
+            times[" ".join(command) or "(none)"].append(time_once(list(command), tree))
+    print("| raysae ... --help | median s | min–max s |")
+    print("|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.2f} | {min(ts):.2f}–{max(ts):.2f} |")
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
