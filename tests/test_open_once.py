@@ -76,7 +76,9 @@ def test_four_point_sweep_opens_the_dataset_once(
         "output": str(tmp_path / "sweeps"),
         "base": base_config(s3_dataset),
         "space": {"sae.k": [2, 4], "train.lr": [1e-3, 3e-3]},  # 4 points
-        "pack": 2,  # 2 trials of 2 packed SAEs
+        # One trial of 4 packed SAEs: a dataset opened again per point, per member or per
+        # trial would show as a second read as surely as with more trials, at a trial's cost.
+        "pack": 4,
         "max_concurrent_trials": 1,
     }
     path = tmp_path / "sweep.yaml"
