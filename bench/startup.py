@@ -1,11 +1,12 @@
 """How long `raysae --help` and `raysae <command> --help` take to print, in fresh interpreters.
 
-    python bench/startup.py [--repeats 9] [--tree PATH]
+    python bench/startup.py [--repeats 9] [--tree PATH ...]
 
-Each command is run `--repeats` times, alternating commands so that no case gets a warmer disk
-cache; the table gives the median and the range in seconds, and the load average before and
-after. `--tree` times another checkout of raysae (for example an older commit, made with
-`git worktree add /tmp/before <commit>`), imported from there through PYTHONPATH.
+Each command is run `--repeats` times, alternating commands (and trees) so that no case gets a
+warmer disk cache; the table gives the median and the range in seconds, and the load average
+before and after. `--tree` times checkouts of raysae (default this one; for example an older
+commit too, made with `git worktree add --detach /tmp/before <commit>`), each imported from
+its own folder through PYTHONPATH, with this interpreter and its installed dependencies.
 """
 
 from __future__ import annotations
@@ -36,18 +37,20 @@ def time_once(args: list[str], tree: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--tree", default=os.path.dirname(os.path.dirname(__file__)) or ".")
+    parser.add_argument("--tree", action="append", help="a raysae checkout (repeatable)")
     args = parser.parse_args()
-    tree = os.path.abspath(args.tree)
-    print(f"tree {tree}; load average before: {os.getloadavg()}")
-    times: dict[str, list[float]] = {" ".join(c) or "(none)": [] for c in COMMANDS}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    trees = [os.path.abspath(t) for t in args.tree or [here]]
+    print(f"load average before: {os.getloadavg()}")
+    times = {(t, " ".join(c) or "(none)"): [] for t in trees for c in COMMANDS}
     for _ in range(args.repeats):
         for command in COMMANDS:
-            times[" ".join(command) or "(none)"].append(time_once(list(command), tree))
-    print("| raysae ... --help | median s | min–max s |")
-    print("|---|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.2f} | {min(ts):.2f}–{max(ts):.2f} |")
+            for tree in trees:
+                times[tree, " ".join(command) or "(none)"].append(time_once(list(command), tree))
+    print("| tree | raysae ... --help | median s | min–max s |")
+    print("|---|---|---|---|")
+    for (tree, name), ts in times.items():
+        print(f"| {tree} | {name} | {statistics.median(ts):.2f} | {min(ts):.2f}–{max(ts):.2f} |")
     print(f"load average after: {os.getloadavg()}")
 
 
