@@ -1,6 +1,6 @@
-"""SAELens's format (raysae.saelens): every architecture written, read by SAELens 6.54.12
-itself and computing what raysae computes; SAELens SAEs read by raysae's load_sae; round trips
-bit-exact; the refusals.
+"""`raysae export` and SAELens's format: every architecture written, read by SAELens 6.54.12
+itself and computing what raysae computes; SAELens SAEs read by raysae (and `raysae eval`);
+round trips bit-exact; a sweep's frontier exported; the refusals.
 
 Measured agreement (D=16, 64 latents, 2048 rows, float32 on CPU): the active latents are the
 same on every row for every architecture, and SAELens's latents and reconstructions differ
@@ -16,16 +16,23 @@ The tests using the sae_lens package skip where it is not installed (`pip instal
 """
 
 import json
+import math
+import shutil
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from raysae import saelens
-from raysae.checkpoint import load_sae
-from raysae.config import SAEConfig, TrainConfig
+from raysae.__main__ import main
+from raysae.checkpoint import load_sae, save_sae, save_training_checkpoint
+from raysae.config import RunConfig, SAEConfig, TrainConfig
+from raysae.data import write_dataset
 from raysae.saes import ARCHITECTURES, build_sae
+from raysae.settings import from_dict
 from raysae.step import TrainState, make_optimizer, train_step
+from raysae.train import run_single_process
 
 D, N, K = 16, 64, 4
 TOLERANCE = 1e-5
@@ -88,7 +95,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_saelens_loads_the_export_and_computes_what_raysae_does(arch, tmp_path):
     sae_lens = pytest.importorskip("sae_lens")
     model = trained_sae(arch)
-    saelens.write_saelens(model, tmp_path / "sl")
+    checkpoint = save_sae(model, tmp_path / "sae")
+    assert main(["export", str(checkpoint), str(tmp_path / "sl"), "--format", "saelens"]) == 0
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"))
     assert type(theirs).__name__ == SAELENS_CLASS[arch]
     cfg = json.loads((tmp_path / "sl" / "cfg.json").read_text())
@@ -189,8 +197,8 @@ def test_saelens_raysae_saelens_round_trip_is_exact(architecture, tmp_path):
     assert relative(ours.latents, theirs) < TOLERANCE
     assert relative(ours.x_hat, source.decode(theirs)) < TOLERANCE
 
-    metadata = json.loads((tmp_path / "src" / "cfg.json").read_text())["metadata"]
-    saelens.write_saelens(model, tmp_path / "out", metadata)
+    command = ["export", str(tmp_path / "src"), str(tmp_path / "out"), "--format", "saelens"]
+    assert main(command) == 0
     before, after = (load_file(tmp_path / d / "sae_weights.safetensors") for d in ("src", "out"))
     assert before.keys() == after.keys()
     for name in before:  # bit-identical
@@ -273,3 +281,299 @@ def test_unreadable_saelens_folders_are_clear_errors(tmp_path):
         folder = saelens_folder(tmp_path / str(i), cfg, tensors)
         with pytest.raises(saelens.SAELensFormatError, match=message):
             load_sae(folder)
+
+
+def test_an_architecture_saelens_lacks_names_the_alternatives(tmp_path, monkeypatch, capsys):
+    """Every raysae architecture has an SAELens equivalent today; one added without (a
+    Matryoshka SAE, say) fails before anything is written, naming what SAELens can hold."""
+    monkeypatch.delitem(saelens.TO_SAELENS, "gated")
+    checkpoint = save_sae(trained_sae("gated"), tmp_path / "sae")
+    assert main(["export", str(checkpoint), str(tmp_path / "sl"), "--format", "saelens"]) == 2
+    err = capsys.readouterr().err
+    assert "'gated' has no SAELens 6.54.12 equivalent" in err
+    assert "relu, topk, jumprelu, batchtopk" in err and "--format raysae" in err
+    assert not (tmp_path / "sl").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_export_refuses_a_non_empty_folder_unless_it_is_an_earlier_export(tmp_path, capsys):
+    checkpoint = str(save_sae(trained_sae("topk"), tmp_path / "sae"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", checkpoint, str(out), "--format", "saelens"]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "pass --overwrite" in err
+    assert main(["export", checkpoint, str(out), "--format", "saelens", "--overwrite"]) == 2
+    assert "is not an earlier export" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"  # left alone
+
+    sl = tmp_path / "sl"
+    assert main(["export", checkpoint, str(sl), "--format", "saelens"]) == 0
+    assert main(["export", checkpoint, str(sl), "--format", "saelens"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main(["export", checkpoint, str(sl), "--overwrite"]) == 0  # now raysae's format
+    assert sorted(p.name for p in sl.iterdir()) == ["config.json", "sae.safetensors"]
+    assert main(["export", checkpoint, checkpoint, "--overwrite"]) == 2
+    assert "which is being exported" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sae", "sl"]  # no leftovers
+
+
+def test_cli_usage_errors_name_the_fix(capsys):
+    assert main(["export", "--sweep", "x"]) == 2
+    assert "--sweep and --frontier go together" in capsys.readouterr().err
+    assert main(["export", "a"]) == 2
+    assert "raysae export CHECKPOINT OUT" in capsys.readouterr().err
+    assert main(["export", "a", "b", "--overall"]) == 2
+    assert "--overall picks a sweep's frontier" in capsys.readouterr().err
+
+
+def test_exporting_and_reading_imports_no_ray(tmp_path):
+    """`raysae export` (its --help: tests/test_settings.py) runs without Ray, and reads and
+    writes SAELens's files without sae_lens."""
+    from test_settings import main_in_fresh_python
+
+    checkpoint = save_sae(trained_sae("jumprelu"), tmp_path / "sae")
+    main_in_fresh_python(
+        ["export", str(checkpoint), str(tmp_path / "sl"), "--format", "saelens"], absent=("ray",)
+    )
+    assert (tmp_path / "sl" / "cfg.json").exists()
+    main_in_fresh_python(
+        ["export", str(tmp_path / "sl"), str(tmp_path / "back")],
+        imports="raysae.checkpoint, raysae.saelens, raysae.export",
+        absent=("ray", "sae_lens"),
+    )
+    assert (tmp_path / "back" / "config.json").exists()
+
+
+# ------------------------------------------------------------ what it was trained on; eval
+
+HARVEST = {  # what raysae harvest records of its TextWindows settings (raysae.harvest._commit)
+    "model": "HuggingFaceTB/SmolLM2-135M",
+    "corpus": "wikitext",
+    "corpus_config": "wikitext-2-raw-v1",
+    "corpus_split": "train",
+    "context_length": 64,
+    "prepend_bos": True,
+    "exclude_special_tokens": True,
+}
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A committed dataset (the real writer) whose manifest says it came from block 3 of a
+    transformers model, 4 parts of 2048 rows."""
+    return write_harvest_like_dataset(tmp_path / "acts")
+
+
+def write_harvest_like_dataset(uri):
+    write_dataset(
+        str(uri),
+        rows(8192, seed=11),
+        dtype="float32",
+        rows_per_part=2048,
+        model=HARVEST["model"],
+        hook="blocks.3.hook_resid_post",
+        layer=3,
+        harvest=HARVEST,
+    )
+    return uri
+
+
+def run_config(uri, **sae) -> RunConfig:
+    return from_dict(
+        RunConfig,
+        {
+            "sae": {"d_in": D, "n_latents": N, "k": K, **sae},
+            "train": {
+                "total_tokens": 4096,
+                "batch_size": 512,
+                "log_every_tokens": 4096,
+                "init_tokens": 1024,
+                "lr": 3e-3,
+            },
+            "data": {"uri": str(uri), "eval_parts": 1},
+        },
+    )
+
+
+def test_export_records_the_dataset_and_eval_reads_the_saelens_folder(dataset, tmp_path, capsys):
+    run_single_process(run_config(dataset), str(tmp_path / "run"), log=lambda line: None)
+    sae = tmp_path / "run" / "sae"
+    assert main(["export", str(sae), str(tmp_path / "sl"), "--format", "saelens"]) == 0
+    meta = json.loads((tmp_path / "sl" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == HARVEST["model"]
+    assert meta["hook_name"] == "blocks.3.hook_resid_post"
+    assert meta["context_size"] == 64 and meta["prepend_bos"] is True
+    assert meta["exclude_special_tokens"] is True
+    assert meta["dataset_path"] == "wikitext" and meta["sae_lens_training_version"] is None
+    ours = meta["raysae"]
+    assert ours["layer"] == 3 and ours["dataset"] == str(dataset) and ours["tokens"] == 4096
+    assert ours["corpus_config"] == "wikitext-2-raw-v1" and 0 < ours["eval"]["fvu"] < 1
+
+    # raysae eval on the SAELens folder: the same numbers as on the raysae checkpoint
+    reports = []
+    for folder in (sae, tmp_path / "sl"):
+        out = tmp_path / f"{folder.name}.json"
+        command = ["eval", str(folder), "--data", str(dataset), "--eval-parts", "1"]
+        assert main([*command, "--kmeans-k", "4", "--tokens", "2048", "--out", str(out)]) == 0
+        reports.append(json.loads(out.read_text()))
+    raysae_sae, saelens_sae = (r["sae"] for r in reports)
+    assert saelens_sae["l0"] == raysae_sae["l0"]
+    assert math.isclose(saelens_sae["fvu"], raysae_sae["fvu"], rel_tol=1e-5)
+
+
+def test_an_unreadable_dataset_leaves_its_fields_out_and_data_gives_them(dataset, tmp_path, capsys):
+    run_single_process(run_config(dataset), str(tmp_path / "run"), log=lambda line: None)
+    moved = tmp_path / "moved"
+    dataset.rename(moved)
+    sae = str(tmp_path / "run" / "sae")
+    assert main(["export", sae, str(tmp_path / "a"), "--format", "saelens"]) == 0
+    out = capsys.readouterr().out
+    assert f"dataset {dataset}" in out and "cannot be read" in out and "--data DATASET" in out
+    meta = json.loads((tmp_path / "a" / "cfg.json").read_text())["metadata"]
+    assert "model_name" not in meta and "hook_name" not in meta
+    assert meta["raysae"]["dataset"] == str(dataset)  # where it was trained, as recorded
+    command = ["export", sae, str(tmp_path / "b"), "--format", "saelens", "--data", str(moved)]
+    assert main(command) == 0
+    meta = json.loads((tmp_path / "b" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.3.hook_resid_post" and meta["raysae"]["layer"] == 3
+    assert main(["export", sae, str(tmp_path / "c"), "--data", str(tmp_path / "nope")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_default_format_keeps_raysae_s_own_and_folds_the_input_scale(tmp_path):
+    model = trained_sae("gated")
+    save_sae(model, tmp_path / "sae", metadata={"tokens": 5})
+    assert main(["export", str(tmp_path / "sae"), str(tmp_path / "out")]) == 0
+    back = load_sae(tmp_path / "out")
+    assert float(back.input_scale) == 1.0
+    x = rows(256, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).x_hat, model(x).x_hat, rtol=0, atol=1e-5)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["metadata"] == {"tokens": 5}
+
+
+# ------------------------------------------------------------ a sweep's frontier
+
+
+class TuneResult:
+    """The attributes of a Ray Tune Result that raysae.sweep.collect reads, for a sweep
+    output made without Ray: every file in it is written by raysae's own writers."""
+
+    def __init__(self, config: dict, metrics: dict, path: str):
+        self.config, self.metrics, self.path, self.error = config, metrics, path, None
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A finished sweep's folder, written as `raysae sweep` writes it: each trial's members
+    trained (run_single_process → train.finish, the writer of trials/…/{sae, metrics.json}),
+    one ASHA-stopped trial with only a training checkpoint, then sweep.collect,
+    report.with_frontiers and report.write_results."""
+    from raysae import report
+    from raysae.settings import to_dict
+    from raysae.sweep import collect
+    from raysae.sweep_spec import SweepSpec, expand, packs
+    from raysae.train import member_dirs
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = tmp / "acts"
+    write_harvest_like_dataset(uri)
+    spec = SweepSpec(
+        name="s",
+        output=str(tmp / "sweeps"),
+        base=run_config(uri),
+        architectures={"topk": {"sae.k": [2, 8]}, "relu": {"sae.l1_coefficient": [0.3, 3.0]}},
+        pack=2,
+    )
+    sweep_dir = tmp / "sweeps" / "s"
+    groups = packs(expand(spec), spec.pack)
+    stopped = run_config(uri, k=1)  # a third trial, stopped by ASHA after one checkpoint
+    groups.append([stopped])
+    config = {
+        "packs": [[to_dict(c) for c in g] for g in groups],
+        "trials_dir": str(sweep_dir / "trials"),
+    }
+    results = []
+    for t, group in enumerate(groups):
+        trial_id = f"5e1ec_{t:05d}"
+        trial_dir = sweep_dir / "trials" / f"trial-{trial_id}"
+        metrics = {"trial_id": trial_id}
+        if group is groups[-1]:
+            model = build_sae(stopped.sae)
+            model.init_from_sample_(rows(1024, seed=12))
+            optimizer = make_optimizer(model, stopped.train)
+            checkpoint = trial_dir / "checkpoint_000000"
+            save_training_checkpoint(checkpoint / "m0", model, optimizer, TrainState.fresh(N), {})
+            metrics.update({"m0/l0": 0.5, "m0/fvu": 0.97, "checkpoint_path": str(checkpoint)})
+        else:
+            for cfg, member in zip(group, member_dirs(str(trial_dir), len(group))):
+                run_single_process(cfg, member, log=lambda line: None)
+        results.append(TuneResult({**config, "pack": t}, metrics, str(trial_dir)))
+    table = report.with_frontiers(collect(results, str(sweep_dir)))
+    report.write_results(table, str(sweep_dir))
+    return sweep_dir, table
+
+
+def test_frontier_export_writes_the_sweep_s_own_frontier_with_an_index(sweep, tmp_path, capsys):
+    sweep_dir, table = sweep
+    dest = tmp_path / "frontier"
+    assert main(["export", "--sweep", str(sweep_dir), "--frontier", str(dest)]) == 0
+    on = table[table["pareto"]].sort_values(["architecture", "l0"])
+    assert 2 <= len(on) < len(table)
+    index = json.loads((dest / "index.json").read_text())
+    assert index["format"] == "saelens" and index["frontier"] == "each architecture"
+    saes = index["saes"]
+    assert [(e["trial_id"], e["member"]) for e in saes] == list(zip(on["trial_id"], on["member"]))
+    assert [e["l0"] for e in saes] == on["l0"].tolist()
+    assert [e["fvu"] for e in saes] == on["fvu"].tolist()
+    csv = pd.read_csv(dest / "index.csv")
+    assert csv["folder"].tolist() == [e["folder"] for e in saes]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        ["index.json", "index.csv", *csv["folder"]]
+    )
+    stopped = [e for e in saes if e["status"] == "early_stopped"]
+    assert len(stopped) == 1 and stopped[0]["folder"] == "topk-5e1ec_00002-m0"
+    for entry in saes:
+        folder = dest / entry["folder"]
+        model = load_sae(folder)
+        assert model.cfg.architecture == entry["architecture"] and float(model.input_scale) == 1
+        meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+        if entry["status"] == "finished":  # the dataset from its metrics.json
+            assert meta["hook_name"] == "blocks.3.hook_resid_post"
+        else:  # a training checkpoint has no metrics.json next to it: left out
+            assert "hook_name" not in meta
+    assert "pass --data DATASET" in capsys.readouterr().out
+
+    # all architectures' frontier; a sweep folder moved elsewhere (copied from S3, say)
+    moved = tmp_path / "moved"
+    shutil.copytree(sweep_dir, moved)
+    command = ["export", "--sweep", str(moved), "--frontier", str(dest), "--overall"]
+    assert main(command) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert main([*command, "--overwrite", "--format", "raysae"]) == 0
+    index = json.loads((dest / "index.json").read_text())
+    overall = table[table["pareto_all"]]
+    assert len(index["saes"]) == len(overall) and index["format"] == "raysae"
+    assert all((dest / e["folder"] / "config.json").exists() for e in index["saes"])
+
+
+def test_saelens_loads_every_frontier_sae(sweep, tmp_path):
+    sae_lens = pytest.importorskip("sae_lens")
+    sweep_dir, _ = sweep
+    dest = tmp_path / "frontier"
+    assert main(["export", "--sweep", str(sweep_dir), "--frontier", str(dest)]) == 0
+    x = rows(256, seed=9)
+    for entry in json.loads((dest / "index.json").read_text())["saes"]:
+        theirs = sae_lens.SAE.load_from_disk(str(dest / entry["folder"]))
+        assert theirs.cfg.architecture() == entry["saelens_architecture"]
+        ours = load_sae(dest / entry["folder"])
+        with torch.no_grad():
+            assert torch.equal(theirs.encode(x) != 0, ours(x).latents != 0)
+
+
+def test_frontier_errors_name_the_fix(tmp_path, capsys):
+    assert main(["export", "--sweep", str(tmp_path), "--frontier", str(tmp_path / "d")]) == 2
+    assert "no results.parquet or results.csv" in capsys.readouterr().err
+    assert main(["export", "--sweep", "s3://b/s", "--frontier", str(tmp_path / "d")]) == 2
+    assert "aws s3 sync" in capsys.readouterr().err
