@@ -144,6 +144,22 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if verify_dataset(args.dataset, threads=args.threads) else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from raysae.export import export_command
+
+    export_command(
+        args.checkpoint,
+        args.out,
+        sweep=args.sweep,
+        frontier=args.frontier,
+        fmt=args.format,
+        data=args.data,
+        overall=args.overall,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
 def _positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text.replace("_", ""))
@@ -348,6 +364,59 @@ def _verify_options(verify: argparse.ArgumentParser) -> None:
     verify.set_defaults(func=_verify)
 
 
+def _export_options(export: argparse.ArgumentParser) -> None:
+    export.description = (
+        "Write a trained SAE (raysae or SAELens folder) to OUT in raysae's format or "
+        "SAELens's (cfg.json + sae_weights.safetensors, for sae_lens.SAE.load_from_disk), "
+        "input scaling folded in; with --sweep and --frontier, every SAE on a finished "
+        "sweep's Pareto frontier, one sub-folder each, plus index.json and index.csv "
+        "(folder, architecture, L0, FVU, trial). The model, hook, context size and corpus "
+        "the SAE was trained on go into SAELens's metadata, from the dataset named in the "
+        "run's metrics.json or given with --data. SAELens architectures: relu -> standard, "
+        "topk -> topk, jumprelu -> jumprelu, gated -> gated, batchtopk -> jumprelu (its "
+        "inference threshold). Imports no Ray."
+    )
+    export.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="SAE folder, e.g. OUT/sae from raysae train, or an SAELens one",
+    )
+    export.add_argument("out", nargs="?", help="folder to write the SAE into")
+    export.add_argument(
+        "--format",
+        choices=("raysae", "saelens"),  # raysae.export.FORMATS (not imported: --help stays fast)
+        default=None,
+        help="raysae (sae.safetensors + config.json) or saelens; default raysae for one "
+        "checkpoint, saelens for --frontier",
+    )
+    export.add_argument(
+        "--sweep", metavar="OUT/NAME", help="a finished sweep's folder (its results.parquet)"
+    )
+    export.add_argument(
+        "--frontier",
+        metavar="DEST",
+        help="with --sweep: write the SAEs on the sweep's Pareto frontier to DEST/<folder>/",
+    )
+    export.add_argument(
+        "--overall",
+        action="store_true",
+        help="with --frontier: the frontier over all architectures (results' pareto_all) "
+        "instead of each architecture's",
+    )
+    export.add_argument(
+        "--data",
+        metavar="DATASET",
+        help="the raysae dataset the SAE(s) were trained on, for SAELens's metadata "
+        "(default: data.uri in the run's metrics.json next to the checkpoint)",
+    )
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier export in OUT (a folder holding anything else is never replaced)",
+    )
+    export.set_defaults(func=_export)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "train": ("train one SAE from a run config (YAML)", _train_options),
     "sweep": ("run a sweep of SAEs from a spec (YAML) with Ray Tune", _sweep_options),
@@ -355,6 +424,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "harvest": ("record a transformers model's activations as Parquet shards", _harvest_options),
     "eval": ("evaluate a trained SAE against baselines on activations", _eval_options),
     "verify": ("check every byte of a dataset against its manifest", _verify_options),
+    "export": ("write an SAE, or a sweep's Pareto frontier, in SAELens's format", _export_options),
 }
 """Subcommand → (one-line help, the function adding its description and options)."""
 

@@ -49,9 +49,13 @@ def save_sae(
 
 
 def load_sae(directory: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Read a checkpoint written by `save_sae`."""
+    """Read a checkpoint written by `save_sae`, or an SAELens SAE (raysae.saelens)."""
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG, directory / WEIGHTS
+    if not config_path.exists() and (directory / "cfg.json").exists():  # SAELens's cfg.json
+        from raysae.saelens import load_saelens
+
+        return load_saelens(directory, device)
     for p in (config_path, weights_path):
         if not p.exists():
             raise FileNotFoundError(f"{p} is missing: {directory} is not a raysae SAE checkpoint")

@@ -228,7 +228,9 @@ def test_settings_specs_and_evaluation_import_no_ray():
     assert "--splice-tokens" in done.stdout
 
 
-@pytest.mark.parametrize("command", [["--help"], ["sweep", "--help"], ["eval", "--help"]])
+@pytest.mark.parametrize(
+    "command", [["--help"], ["sweep", "--help"], ["eval", "--help"], ["export", "--help"]]
+)
 def test_help_imports_neither_torch_nor_ray(command):
     """Every `raysae` call builds a parser first: describing options must stay cheap."""
     done = main_in_fresh_python(command, absent=("torch", "ray", "pyarrow"))
