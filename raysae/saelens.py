@@ -253,12 +253,9 @@ def read_saelens_files(directory: str | os.PathLike) -> tuple[dict[str, Any], di
     return cfg, load_file(str(directory / WEIGHTS))
 
 
-def from_saelens(
-    cfg: dict[str, Any], tensors: dict[str, Tensor], where: str = "SAELens SAE"
-) -> SparseAutoencoder:
-    """The raysae SAE computing what SAELens computes for this cfg.json and its tensors (see
-    the module docstring for what is exact, converted and refused); `where` names the source
-    in errors."""
+def _checked(cfg: dict[str, Any], tensors: dict[str, Tensor], where: str):
+    """(architecture, d_in, d_sae, metadata) of an SAELens 6 cfg.json whose tensors match it;
+    SAELensFormatError naming what is wrong otherwise."""
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     version = meta.get("sae_lens_version") or cfg.get("sae_lens_version")
     if not version or _major(version) < 6:
@@ -301,6 +298,16 @@ def from_saelens(
                 f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {expected} "
                 f"for d_in={d_in}, d_sae={d_sae}"
             )
+    return architecture, d_in, d_sae, meta
+
+
+def from_saelens(
+    cfg: dict[str, Any], tensors: dict[str, Tensor], where: str = "SAELens SAE"
+) -> SparseAutoencoder:
+    """The raysae SAE computing what SAELens computes for this cfg.json and its tensors (see
+    the module docstring for what is exact, converted and refused); `where` names the source
+    in errors."""
+    architecture, d_in, d_sae, meta = _checked(cfg, tensors, where)
     t = {k: v.to(torch.float32) for k, v in tensors.items()}
     W_enc = t["W_enc"].T.contiguous()  # raysae's (n_latents, d_in)
     W_dec, b_dec = t["W_dec"], t["b_dec"]
