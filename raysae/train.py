@@ -62,8 +62,10 @@ class OutputExistsError(FileExistsError):
 
 
 def run_name(cfg: RunConfig) -> str:
-    """A deterministic run name: the same config resumes the same run."""
-    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    """A deterministic run name: the same config resumes the same run. The trackers are not
+    part of it: adding one to a run that is resumed continues that run."""
+    identity = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.sae.architecture}-{cfg.sae.n_latents}-{digest}"
 
 
