@@ -55,6 +55,10 @@ from raysae.synthetic import (
     recovery_line,
     toy_directions,
 )
+from raysae.tracking import Session, member_runs, resolve
+
+TRACKING_EXPERIMENT = "raysae-train"
+"""The trackers' experiment (MLflow's; the W&B group) of `raysae train` runs, unless set."""
 
 
 class OutputExistsError(FileExistsError):
@@ -234,7 +238,11 @@ def summary(result: dict) -> str:
 def run_single_process(
     cfg: RunConfig, out: str, overwrite: bool = False, log: Callable[[str], None] = print
 ) -> dict:
-    """Train one SAE in this process; write OUT/sae and OUT/metrics.json; return the metrics."""
+    """Train one SAE in this process; write OUT/sae and OUT/metrics.json; return the metrics.
+
+    With trackers (cfg.tracking), the run is a new tracker run named run_name(cfg) each time
+    (a run in one process starts from scratch), in OUT/tensorboard and OUT/mlruns by default."""
+    tracking = resolve(cfg.tracking, out, TRACKING_EXPERIMENT)
     check_output(out, overwrite)
     batches, held_out, n_eval, directions = training_and_eval_streams(cfg, cfg.train.batch_size)
     torch.manual_seed(cfg.train.seed)
@@ -243,14 +251,25 @@ def run_single_process(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
         f"for {cfg.train.total_tokens:,} tokens in one process"
     )
-    t0 = time.perf_counter()
-    history = fit(model, batches, cfg.train, log=log)
-    wall = time.perf_counter() - t0
-    # FVU_B is measured about the held-out data's own mean (a first pass over it).
-    metrics = evaluate(
-        model, held_out(), n_eval, reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in)
-    )
-    return finish(model, cfg, out, history, wall, metrics, directions, log=log)
+    session = Session(tracking, fresh=True)
+    runs = member_runs([cfg], [run_name(cfg)], [storage.absolute(out)])
+    session.start()
+    try:
+        t0 = time.perf_counter()
+        history = fit(
+            model, batches, cfg.train, log=log, report=lambda r, _: session.log_record(runs, r)
+        )
+        wall = time.perf_counter() - t0
+        # FVU_B is measured about the held-out data's own mean (a first pass over it).
+        metrics = evaluate(
+            model, held_out(), n_eval, reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in)
+        )
+        result = finish(model, cfg, out, history, wall, metrics, directions, log=log)
+        session.log_eval(runs, [metrics], result["tokens"])
+        session.close(runs)
+        return result
+    finally:
+        session.close_all(failed=True)  # only runs an error left open
 
 
 # ---------------------------------------------------------------------------------------------
