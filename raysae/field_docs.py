@@ -137,6 +137,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'max_failures': 'Retries of a failed trial (it resumes from its checkpoint).',
         'harvest': "Optional: the harvest (raysae harvest's settings) that makes base.data.uri when it holds\n    no dataset yet; base.data.uri must be one of its layers' outputs.",
         'toy_dataset': 'Optional: toy data written to base.data.uri when it holds no dataset yet.',
+        'tracking': "Experiment trackers (TensorBoard, MLflow, W&B): one tracker run per SAE, packed or not,\n    in OUTPUT/NAME/tensorboard and OUTPUT/NAME/mlruns unless set; fixed when the sweep starts\n    (`--resume` keeps the first run's).",
     },
     'raysae.sweep_spec.ToyDatasetSpec': {
         'n_tokens': 'Rows to write (the last base.data.eval_parts parts are held out for evaluation).',
