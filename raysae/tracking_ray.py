@@ -1,6 +1,6 @@
-"""raysae.tracking on Ray: a Tune callback for sweeps.
+"""raysae.tracking on Ray: a Tune callback for sweeps, a Ray Train callback for `raysae train`.
 
-It only routes records to a raysae.tracking.Session, which writes one tracker run per SAE
+Both only route records to a raysae.tracking.Session, which writes one tracker run per SAE
 (see there why Ray's own TBX / MLflow / W&B callbacks, one run per trial, do not fit):
 
     SweepTracking (ray.tune.logger.LoggerCallback, on the sweep's driver)
@@ -8,11 +8,18 @@ It only routes records to a raysae.tracking.Session, which writes one tracker ru
         each training result  → every member's "train/..." series at its tokens
         the trial's last one  → every member's held-out "eval/..." (sweep_trial reports them)
         the trial ends        → the runs close (failed, if the trial failed)
+
+    TrainTracking (ray.train.UserCallback, on Ray Train's controller, which Ray places on the
+    driver's node) for `raysae train` on Ray: each report → the run's "train/..." series; the
+    runs close at the last record; the driver then adds the held-out evaluation (`finish`).
 """
 
 from __future__ import annotations
 
-# Imported by raysae.sweep only when a run has trackers: Ray's import is slow.
+from typing import Optional
+
+# Imported by raysae.train and raysae.sweep only when a run has trackers: Ray's import is slow.
+from ray.train import UserCallback
 from ray.tune.logger import LoggerCallback
 
 from raysae.config import RunConfig, TrackingConfig
@@ -73,3 +80,38 @@ class SweepTracking(LoggerCallback):
 
     def on_experiment_end(self, trials, **info) -> None:
         self.session.close_all(failed=True)  # trials still open did not finish (interrupted)
+
+
+class TrainTracking(UserCallback):
+    """The tracker run of a `raysae train` run on Ray Train: its training records as they are
+    reported (rank 0's, as Tune's TuneReportCallback takes them)."""
+
+    def __init__(
+        self, tracking: TrackingConfig, runs: list[MemberRun], total_tokens: int, workers: int
+    ):
+        self.session = Session(tracking)
+        self.runs = runs
+        # The loop's last record is at total_tokens, less at most workers - 1 (raysae.train).
+        self.last = total_tokens - workers + 1
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        record = metrics[0]
+        self.session.log_record(self.runs, record)
+        if record["tokens"] >= self.last:  # this process ends with the run: close now
+            self.session.close(self.runs)
+
+
+def finish(
+    tracking: TrackingConfig,
+    runs: list[MemberRun],
+    evals: Optional[list[dict]] = None,
+    tokens: int = 0,
+    failed: bool = False,
+) -> None:
+    """On the driver, after a Ray Train run: add each member's held-out evaluation `evals` to
+    its run (continued: TrainTracking closed it) and close it, as failed if `failed`."""
+    session = Session(tracking)
+    session.open(runs)
+    if evals is not None:
+        session.log_eval(runs, evals, tokens)
+    session.close(runs, failed=failed)

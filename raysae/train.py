@@ -24,6 +24,8 @@ Output, under OUT/NAME/ (a local directory or s3://bucket/prefix):
     checkpoint_*/         Ray Train's checkpoints (training state; see raysae.checkpoint)
     sae/                  the final SAE, input scale folded in (safetensors + config.json)
     metrics.json          config, training log, held-out evaluation (+ toy feature recovery)
+With trackers (`tracking:`, raysae.tracking), by default also OUT/tensorboard/NAME/ and the
+MLflow store OUT/mlruns/ (a --local run: OUT/tensorboard/<run name>/, OUT/mlruns/).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from raysae.synthetic import (
     recovery_line,
     toy_directions,
 )
-from raysae.tracking import Session, member_runs, resolve
+from raysae.tracking import Session, member_runs, reachable, resolve
 
 TRACKING_EXPERIMENT = "raysae-train"
 """The trackers' experiment (MLflow's; the W&B group) of `raysae train` runs, unless set."""
@@ -360,19 +362,30 @@ def train_distributed(
     (a new local one by default), joined once the output and dataset are checked.
 
     Resumes the run OUT/NAME if it has checkpoints; returns the final metrics (also written to
-    OUT/NAME/metrics.json).
+    OUT/NAME/metrics.json). With trackers, the run's tracker run is NAME (continued on resume):
+    Ray Train's controller logs the records as they come (raysae.tracking_ray.TrainTracking),
+    this process the held-out evaluation at the end.
     """
     import ray
 
     cfg, out = with_absolute_paths(cfg), storage.absolute(out)
     name = name or run_name(cfg)
     run_dir = storage.join(out, name)
+    tracking = resolve(cfg.tracking, out, TRACKING_EXPERIMENT)
     check_output(run_dir, overwrite)
     dataset = open_for_ray([cfg])
     if not ray.is_initialized():
         ray.init(address=address)
         interrupt.reclaim()  # SIGTERM stops the run cleanly, not through Ray's bare exit
-    trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step)
+    tracking = reachable(tracking)
+    runs = member_runs([cfg], [name], [run_dir])
+    callbacks = []
+    if tracking.trackers:
+        from raysae.tracking_ray import TrainTracking
+
+        s = cfg.scaling
+        callbacks.append(TrainTracking(tracking, runs, cfg.train.total_tokens, s.num_workers))
+    trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step, callbacks=callbacks)
     log(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
         f"on {cfg.data.uri} with {cfg.scaling.num_workers} worker(s); run {run_dir}"
@@ -380,9 +393,23 @@ def train_distributed(
     t0 = time.perf_counter()
     with interrupt.ray_train_stops():  # Ctrl-C / SIGTERM: Ray Train aborts its workers
         result = trainer.fit()
-    if result.error:
-        raise storage_error_behind(result.error) or result.error
-    return finish_run(result, [cfg], run_dir, time.perf_counter() - t0, dataset, log)[0]
+    try:
+        if result.error:
+            raise storage_error_behind(result.error) or result.error
+        final = finish_run(result, [cfg], run_dir, time.perf_counter() - t0, dataset, log)[0]
+    except Exception:
+        _finish_tracking(tracking, runs, failed=True)
+        raise
+    _finish_tracking(tracking, runs, [final["eval"]], final["tokens"])
+    return final
+
+
+def _finish_tracking(tracking, runs, evals=None, tokens=0, failed=False) -> None:
+    """The driver's part of a Ray Train run's trackers: the held-out evaluation, the end."""
+    if tracking.trackers:
+        from raysae.tracking_ray import finish
+
+        finish(tracking, runs, evals, tokens, failed)
 
 
 def storage_error_behind(error: BaseException) -> Optional[storage.StorageError]:
