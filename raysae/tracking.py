@@ -480,7 +480,7 @@ class _MLflow:
 
 class _Wandb:
     """wandb's Run objects, several at once in this process (wandb.init's reinit="create_new";
-    Ray's WandbLoggerCallback starts an actor per trial instead, from before wandb could), each
+    Ray's WandbLoggerCallback starts a logging actor per trial, a process per run), each
     with the member's config; "tokens" is the x-axis of every series (define_metric), so a
     restarted run that re-reports earlier tokens is still plotted where it belongs."""
 
@@ -509,9 +509,16 @@ class _Wandb:
             name=run.name,
             config=run.config,
             reinit="create_new",
-            settings=wandb.Settings(init_timeout=30, console="off", silent=True, disable_git=True),
+            # login_timeout: with no credentials, an interactive terminal gets W&B's login
+            # prompt for that long (not forever), then W&B gives a run that logs nothing.
+            settings=wandb.Settings(
+                init_timeout=30, login_timeout=20, console="off", silent=True, disable_git=True
+            ),
             **kwargs,
         )
+        if wb.disabled and s.mode != "disabled":
+            wb.finish()
+            raise RuntimeError("W&B gave a disabled run: not logged in (wandb login)")
         wb.define_metric("tokens")
         wb.define_metric("*", step_metric="tokens")
         self.runs[run.output] = wb

@@ -170,3 +170,18 @@ def test_places_are_made_concrete_and_an_s3_output_needs_them(tmp_path, monkeypa
     with pytest.raises(ConfigError, match=r"tracking.mlflow.tracking_uri: the output s3://b/x"):
         tracking.resolve(TrackingConfig(trackers=("mlflow",)), "s3://b/x", "exp")
     assert tracking.resolve(TrackingConfig(), "s3://b/x", "exp") == TrackingConfig()
+
+
+def test_wandb_online_without_a_login_is_a_warning(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    settings = TrackingConfig(trackers=("wandb", "tensorboard"))
+    session = tracking.Session(tracking.resolve(settings, str(tmp_path / "out"), "x"))
+    cfg = from_dict(RunConfig, TINY)
+    runs = tracking.member_runs([cfg], ["run"], [str(tmp_path / "out")])
+    with pytest.warns(tracking.TrackerWarning, match=r"wandb tracker \(project raysae, online\)"):
+        session.log_record(runs, {"tokens": 500, "m0/fvu": 0.5})
+    assert session.active == ["tensorboard"]
+    session.close(runs)
+    assert tensorboard_runs(tmp_path / "out" / "tensorboard")["run"]["train/fvu"] == [(500, 0.5)]
