@@ -9,6 +9,8 @@ restored trial resumes its own Train checkpoints. Layout under OUTPUT/NAME/:
     trials/trial-<id>/checkpoint_*/                 Ray Train checkpoints of the trial
     results.parquet, results.csv                    one row per SAE
     pareto.csv, pareto.png                          the frontier (L0 vs FVU) per architecture
+    tensorboard/trial-<id>/[m<i>/], mlruns/          with trackers (raysae.tracking): one run
+                                                    per SAE, unless the spec puts them elsewhere
 """
 
 from __future__ import annotations
