@@ -15,6 +15,7 @@ from typing import Literal, Optional
 from raysae.settings import (
     ConfigError,
     Location,
+    check_choices,
     check_non_negative,
     check_positive,
     from_dict,
@@ -24,6 +25,7 @@ from raysae.settings import (
 
 Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 TOPK_FAMILY = ("topk", "batchtopk")
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 
 @dataclass(frozen=True)
@@ -275,6 +277,71 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class TensorBoardConfig:
+    """TensorBoard event files (written with tensorboardX), one folder per SAE."""
+
+    logdir: Optional[str] = None
+    """A local directory for the event files (`tensorboard --logdir` it); None: the command's
+    output folder's tensorboard/ (a local output; an s3:// output needs a logdir here)."""
+
+
+@dataclass(frozen=True)
+class MLflowConfig:
+    """MLflow runs, one per SAE, with its config as parameters."""
+
+    tracking_uri: Optional[str] = None
+    """An MLflow tracking server (http://host:5000) or any store MLflow takes (sqlite:///…,
+    databricks, a local directory: MLflow's file store); None: a local store in the output
+    folder's mlruns/ (an SQLite database, mlflow.db, the local store MLflow recommends; an
+    s3:// output needs a tracking_uri here)."""
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases runs, one per SAE, with its config as the run's config."""
+
+    project: str = "raysae"
+    """The W&B project."""
+    entity: Optional[str] = None
+    """The W&B team or user; None: the logged-in user's default."""
+    mode: Literal["online", "offline", "disabled"] = "online"
+    """online: stream to W&B; offline: write the runs locally (`wandb sync` uploads them
+    later); disabled: W&B's no-op mode."""
+    dir: Optional[str] = None
+    """A local directory W&B writes its files under (its wandb/ folder); None: W&B's own
+    choice (WANDB_DIR, else the working directory)."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, where="tracking.wandb")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers that follow training: one tracker run per SAE (a packed sweep
+    trial makes one per member), its config as parameters and every logged metric as a
+    series over tokens. A tracker that cannot be reached is warned about, not fatal."""
+
+    trackers: tuple[Tracker, ...] = ()
+    """Which trackers to log to: any of tensorboard, mlflow, wandb (each needs its library:
+    pip install raysae[tensorboard], raysae[mlflow], raysae[wandb])."""
+    experiment: Optional[str] = None
+    """The MLflow experiment the runs go into (made if missing) and their W&B group; None: the
+    sweep's name, or raysae-train for raysae train."""
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
+    """TensorBoard's settings."""
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    """MLflow's settings."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases's settings."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, where="tracking")
+        twice = sorted({t for t in self.trackers if self.trackers.count(t) > 1})
+        if twice:
+            raise ConfigError(f"tracking.trackers lists {', '.join(twice)} more than once")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """One training run: the file `raysae train CONFIG.yaml` reads."""
 
@@ -286,6 +353,9 @@ class RunConfig:
     """The optimisation."""
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     """Workers, GPUs, failures and checkpoints on the Ray cluster."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment trackers (TensorBoard, MLflow, W&B) following the run; not part of the run's
+    identity (its name), so adding a tracker to a run that is resumed continues it."""
 
 
 def load_run_config(

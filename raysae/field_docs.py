@@ -13,11 +13,15 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'read_cpus': 'CPUs each Ray Data read task reserves (fractions let reads share a small machine with\n    fractional-CPU workers; reads that cannot get their CPUs stall training).',
         'deterministic_order': "Ray Data keeps the (seeded) part order when streaming: runs with the same seed see the\n    same batches, at some cost in ingest throughput (Ray's preserve_order).",
     },
+    'raysae.config.MLflowConfig': {
+        'tracking_uri': "An MLflow tracking server (http://host:5000) or any store MLflow takes (sqlite:///…,\n    databricks, a local directory: MLflow's file store); None: a local store in the output\n    folder's mlruns/ (an SQLite database, mlflow.db, the local store MLflow recommends; an\n    s3:// output needs a tracking_uri here).",
+    },
     'raysae.config.RunConfig': {
         'sae': 'The sparse autoencoder.',
         'data': 'The activations.',
         'train': 'The optimisation.',
         'scaling': 'Workers, GPUs, failures and checkpoints on the Ray cluster.',
+        'tracking': "Experiment trackers (TensorBoard, MLflow, W&B) following the run; not part of the run's\n    identity (its name), so adding a tracker to a run that is resumed continues it.",
     },
     'raysae.config.SAEConfig': {
         'd_in': "Width of the activations (the model's d_model for residual-stream SAEs).",
@@ -45,6 +49,9 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'checkpoint_every_tokens': 'Write a checkpoint every this many tokens (and at the end).',
         'num_checkpoints_to_keep': 'Older checkpoints are deleted from storage.',
     },
+    'raysae.config.TensorBoardConfig': {
+        'logdir': "A local directory for the event files (`tensorboard --logdir` it); None: the command's\n    output folder's tensorboard/ (a local output; an s3:// output needs a logdir here).",
+    },
     'raysae.config.ToyDataConfig': {
         'n_features': 'Number of true feature directions (more than d_in: superposition).',
         'active_per_token': 'Expected number of active features per token.',
@@ -59,6 +66,13 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'noise_std': 'Std of isotropic Gaussian noise added to each token.',
         'seed': 'Seed of the feature directions and of the token stream.',
     },
+    'raysae.config.TrackingConfig': {
+        'trackers': 'Which trackers to log to: any of tensorboard, mlflow, wandb (each needs its library:\n    pip install raysae[tensorboard], raysae[mlflow], raysae[wandb]).',
+        'experiment': "The MLflow experiment the runs go into (made if missing) and their W&B group; None: the\n    sweep's name, or raysae-train for raysae train.",
+        'tensorboard': "TensorBoard's settings.",
+        'mlflow': "MLflow's settings.",
+        'wandb': "Weights & Biases's settings.",
+    },
     'raysae.config.TrainConfig': {
         'total_tokens': 'Training budget in tokens (activation rows).',
         'batch_size': 'Tokens per optimizer step (summed over workers in distributed runs).',
@@ -72,6 +86,12 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'log_every_tokens': 'Print and record training metrics every this many tokens.',
         'init_tokens': 'Tokens of data used to initialise b_dec and the input scale.',
         'seed': 'Seed for parameter initialisation (and data order where the data source takes one).',
+    },
+    'raysae.config.WandbConfig': {
+        'project': 'The W&B project.',
+        'entity': "The W&B team or user; None: the logged-in user's default.",
+        'mode': "online: stream to W&B; offline: write the runs locally (`wandb sync` uploads them\n    later); disabled: W&B's no-op mode.",
+        'dir': "A local directory W&B writes its files under (its wandb/ folder); None: W&B's own\n    choice (WANDB_DIR, else the working directory).",
     },
     'raysae.harvest.HarvestConfig': {
         'model': 'Causal LM: a hub id, a local model directory, or a local `.gguf` file.',
@@ -117,6 +137,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'max_failures': 'Retries of a failed trial (it resumes from its checkpoint).',
         'harvest': "Optional: the harvest (raysae harvest's settings) that makes base.data.uri when it holds\n    no dataset yet; base.data.uri must be one of its layers' outputs.",
         'toy_dataset': 'Optional: toy data written to base.data.uri when it holds no dataset yet.',
+        'tracking': "Experiment trackers (TensorBoard, MLflow, W&B): one tracker run per SAE, packed or not,\n    in OUTPUT/NAME/tensorboard and OUTPUT/NAME/mlruns unless set; fixed when the sweep starts\n    (`--resume` keeps the first run's).",
     },
     'raysae.sweep_spec.ToyDatasetSpec': {
         'n_tokens': 'Rows to write (the last base.data.eval_parts parts are held out for evaluation).',

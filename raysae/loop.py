@@ -492,15 +492,17 @@ def fit(
     batches: Iterable[Tensor],
     cfg: TrainConfig,
     log: Optional[Callable[[str], None]] = print,
+    report: Optional[Report] = None,
 ) -> list[dict]:
     """Train one SAE in this process on `batches` until cfg.total_tokens, initialised from the
     first cfg.init_tokens rows; returns the logged records (see `pack_metrics`; FVU_B is
-    about the initialisation sample's mean)."""
+    about the initialisation sample's mean). `report` sees each record as it is made (a pack
+    record of one member: "m0/..." keys), as train_pack's does."""
     torch.manual_seed(cfg.seed)
     stream = iter(batches)
     sample, consumed = take_init_sample(stream, cfg.init_tokens)
     check_batch(sample, model.cfg.d_in, "initialisation sample")
     model.init_from_sample_(sample)
     member = Member.of(model, cfg, reference_mean=sample.double().mean(0))
-    history = train_pack([member], itertools.chain(consumed, stream), log=log)
+    history = train_pack([member], itertools.chain(consumed, stream), log=log, report=report)
     return [member_view(record, 0) for record in history]

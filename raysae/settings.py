@@ -202,12 +202,20 @@ def check_non_negative(config: Any, *names: str, where: str) -> None:
 
 
 def check_choices(config: Any, *, where: str) -> None:
-    """Every `Literal`-typed field of `config` holds one of its values. from_dict checks input
-    from files and command lines; this also covers settings built in code."""
+    """Every `Literal`-typed field of `config` holds one of its values, and so does every item
+    of a `tuple[Literal[...], ...]` field. from_dict checks input from files and command lines;
+    this also covers settings built in code."""
     for name, hint in typing.get_type_hints(type(config)).items():
-        value = getattr(config, name, None)
-        if typing.get_origin(_without_none(hint)) is Literal and value is not None:
-            _choice(typing.get_args(_without_none(hint)), value, _dotted(where, name))
+        value, hint = getattr(config, name, None), _without_none(hint)
+        if value is None:
+            continue
+        if typing.get_origin(hint) is Literal:
+            _choice(typing.get_args(hint), value, _dotted(where, name))
+        elif typing.get_origin(hint) is tuple and typing.get_args(hint)[1:] == (Ellipsis,):
+            item = typing.get_args(hint)[0]
+            if typing.get_origin(item) is Literal:
+                for i, v in enumerate(value):
+                    _choice(typing.get_args(item), v, f"{_dotted(where, name)}[{i}]")
 
 
 # ---------------------------------------------------------------- files, overrides, paths

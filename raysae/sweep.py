@@ -9,6 +9,8 @@ restored trial resumes its own Train checkpoints. Layout under OUTPUT/NAME/:
     trials/trial-<id>/checkpoint_*/                 Ray Train checkpoints of the trial
     results.parquet, results.csv                    one row per SAE
     pareto.csv, pareto.png                          the frontier (L0 vs FVU) per architecture
+    tensorboard/trial-<id>/[m<i>/], mlruns/          with trackers (raysae.tracking): one run
+                                                    per SAE, unless the spec puts them elsewhere
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import pandas as pd
 from raysae import interrupt, report
 from raysae.config import TOPK_FAMILY, RunConfig
 from raysae.data import BadDataError, Dataset, storage
-from raysae.loop import STOPS_RUN
+from raysae.loop import STOPS_RUN, member_key
 from raysae.settings import ConfigError, from_dict, to_dict
 from raysae.step import BadBatchError
 from raysae.sweep_spec import SweepSpec, expand, packs, with_absolute_paths
 from raysae.synthetic import write_toy_dataset
+from raysae.tracking import resolve
 from raysae.train import (
     OutputExistsError,
     build_trainer,
@@ -68,8 +71,7 @@ def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
     name = f"trial-{ray.tune.get_context().get_trial_id()}"
     done = _finished_metrics(storage.join(config["trials_dir"], name), len(runs))
     if done:  # finished before an interruption Tune had not yet recorded: keep, do not re-run
-        best = min(done, key=lambda r: r["eval"]["fvu"])
-        ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
+        ray.tune.report(final_report(done))
         return
     dataset = datasets[runs[0].data.uri]
     trial_dir = storage.join(config["trials_dir"], name)
@@ -86,8 +88,18 @@ def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
     except STOPS_RUN as e:
         record_stop(trial_dir, dataset, e)
         raise
+    ray.tune.report(final_report(finals))
+
+
+def final_report(finals: list[dict]) -> dict:
+    """A trial's last result to Tune, from its members' final metrics: the best member's
+    held-out metrics unprefixed (what ASHA and the results read) and every member's as
+    "m<i>/eval/<metric>" (what the trackers log, raysae.tracking_ray)."""
     best = min(finals, key=lambda r: r["eval"]["fvu"])
-    ray.tune.report({**best["eval"], "tokens": best["tokens"], "done_eval": True})
+    members = {
+        f"{member_key(i)}/eval/{k}": v for i, r in enumerate(finals) for k, v in r["eval"].items()
+    }
+    return {**best["eval"], **members, "tokens": best["tokens"], "done_eval": True}
 
 
 def _fingerprint(dataset: Dataset) -> str:
@@ -145,6 +157,8 @@ def run_sweep(
     sweep_dir = storage.join(spec.output, spec.name)
     points = expand(spec)
     groups = packs(points, spec.pack)
+    # The trackers' libraries and places are checked first: a missing one writes nothing.
+    tracking = resolve(spec.tracking, sweep_dir, spec.name)
     datasets = preflight(spec, points, sweep_dir, resume, log, address)
     if not ray.is_initialized():
         ray.init(address=address)
@@ -182,6 +196,7 @@ def run_sweep(
                 storage_path=root,
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                callbacks=_tracking_callbacks(tracking, spec.name),
                 verbose=1,
             ),
         )
@@ -200,6 +215,15 @@ def run_sweep(
     log(f"sweep finished in {time.perf_counter() - t0:.0f} s")
     log(report.summary(table, sweep_dir))
     return table
+
+
+def _tracking_callbacks(tracking, name: str) -> list:
+    """The Tune callback following every SAE in the chosen trackers (none without trackers)."""
+    if not tracking.trackers:
+        return []
+    from raysae.tracking_ray import SweepTracking
+
+    return [SweepTracking(tracking, name)]
 
 
 def has_started(spec: SweepSpec) -> bool:

@@ -19,6 +19,7 @@
     max_concurrent_trials: 1
     scheduler: {type: asha, metric: fvu, grace_tokens: 50_000}   # optional early stopping
     harvest: {model: ..., layers: [3], output: data/smollm2}  # or toy_dataset: make data if missing
+    tracking: {trackers: [tensorboard, mlflow]}   # optional: one tracker run per SAE
 
 Every key is checked when the spec is loaded (raysae.settings.from_dict, and every point is
 built), so a misspelt key anywhere fails before anything is written, naming it.
@@ -35,7 +36,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from raysae.config import RunConfig, ToyDataConfig
+from raysae.config import RunConfig, ToyDataConfig, TrackingConfig
 from raysae.data.storage import absolute
 from raysae.harvest import HarvestConfig, layer_uri
 from raysae.settings import (
@@ -125,6 +126,10 @@ class SweepSpec:
     no dataset yet; base.data.uri must be one of its layers' outputs."""
     toy_dataset: Optional[ToyDatasetSpec] = None
     """Optional: toy data written to base.data.uri when it holds no dataset yet."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment trackers (TensorBoard, MLflow, W&B): one tracker run per SAE, packed or not,
+    in OUTPUT/NAME/tensorboard and OUTPUT/NAME/mlruns unless set; fixed when the sweep starts
+    (`--resume` keeps the first run's)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -206,6 +211,11 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
                 points.append(_point(spec.base, values))
     if not points:
         raise ConfigError("the sweep's space is empty: give values in space or architectures")
+    if any(p.tracking != TrackingConfig() for p in points):
+        raise ConfigError(
+            "base.tracking: a sweep's trackers are set in its own top-level tracking: section, "
+            "for every SAE of the sweep (not in base, nor in the space)"
+        )
     _check_packable(points, spec.pack)
     return points
 

@@ -24,6 +24,8 @@ Output, under OUT/NAME/ (a local directory or s3://bucket/prefix):
     checkpoint_*/         Ray Train's checkpoints (training state; see raysae.checkpoint)
     sae/                  the final SAE, input scale folded in (safetensors + config.json)
     metrics.json          config, training log, held-out evaluation (+ toy feature recovery)
+With trackers (`tracking:`, raysae.tracking), by default also OUT/tensorboard/NAME/ and the
+MLflow store OUT/mlruns/ (a --local run: OUT/tensorboard/<run name>/, OUT/mlruns/).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ from raysae.synthetic import (
     recovery_line,
     toy_directions,
 )
+from raysae.tracking import Session, member_runs, reachable, resolve
+
+TRACKING_EXPERIMENT = "raysae-train"
+"""The trackers' experiment (MLflow's; the W&B group) of `raysae train` runs, unless set."""
 
 
 class OutputExistsError(FileExistsError):
@@ -63,8 +69,10 @@ class OutputExistsError(FileExistsError):
 
 
 def run_name(cfg: RunConfig) -> str:
-    """A deterministic run name: the same config resumes the same run."""
-    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    """A deterministic run name: the same config resumes the same run. The trackers are not
+    part of it: adding one to a run that is resumed continues that run."""
+    identity = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.sae.architecture}-{cfg.sae.n_latents}-{digest}"
 
 
@@ -279,7 +287,11 @@ def summary(result: dict) -> str:
 def run_single_process(
     cfg: RunConfig, out: str, overwrite: bool = False, log: Callable[[str], None] = print
 ) -> dict:
-    """Train one SAE in this process; write OUT/sae and OUT/metrics.json; return the metrics."""
+    """Train one SAE in this process; write OUT/sae and OUT/metrics.json; return the metrics.
+
+    With trackers (cfg.tracking), the run is a new tracker run named run_name(cfg) each time
+    (a run in one process starts from scratch), in OUT/tensorboard and OUT/mlruns by default."""
+    tracking = resolve(cfg.tracking, out, TRACKING_EXPERIMENT)
     check_output(out, overwrite)
     batches, held_out, n_eval, directions = training_and_eval_streams(cfg, cfg.train.batch_size)
     torch.manual_seed(cfg.train.seed)
@@ -288,14 +300,27 @@ def run_single_process(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
         f"for {cfg.train.total_tokens:,} tokens in one process"
     )
-    t0 = time.perf_counter()
-    history = fit(model, batches, cfg.train, log=log)
-    wall = time.perf_counter() - t0
-    # FVU_B is measured about the held-out data's own mean (a first pass over it).
-    metrics = evaluate(
-        model, held_out(), n_eval, reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in)
-    )
-    return finish(model, cfg, out, history, wall, metrics, directions, log=log, resumable=False)
+    session = Session(tracking, fresh=True)
+    runs = member_runs([cfg], [run_name(cfg)], [storage.absolute(out)])
+    session.start()
+    try:
+        t0 = time.perf_counter()
+        history = fit(
+            model, batches, cfg.train, log=log, report=lambda r, _: session.log_record(runs, r)
+        )
+        wall = time.perf_counter() - t0
+        # FVU_B is measured about the held-out data's own mean (a first pass over it).
+        metrics = evaluate(
+            model, held_out(), n_eval, reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in)
+        )
+        result = finish(
+            model, cfg, out, history, wall, metrics, directions, log=log, resumable=False
+        )
+        session.log_eval(runs, [metrics], result["tokens"])
+        session.close(runs)
+        return result
+    finally:
+        session.close_all(failed=True)  # only runs an error left open
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,19 +411,30 @@ def train_distributed(
     (a new local one by default), joined once the output and dataset are checked.
 
     Resumes the run OUT/NAME if it has checkpoints; returns the final metrics (also written to
-    OUT/NAME/metrics.json).
+    OUT/NAME/metrics.json). With trackers, the run's tracker run is NAME (continued on resume):
+    Ray Train's controller logs the records as they come (raysae.tracking_ray.TrainTracking),
+    this process the held-out evaluation at the end.
     """
     import ray
 
     cfg, out = with_absolute_paths(cfg), storage.absolute(out)
     name = name or run_name(cfg)
     run_dir = storage.join(out, name)
+    tracking = resolve(cfg.tracking, out, TRACKING_EXPERIMENT)
     check_output(run_dir, overwrite)
     dataset = open_for_ray([cfg])
     if not ray.is_initialized():
         ray.init(address=address)
         interrupt.reclaim()  # SIGTERM stops the run cleanly, not through Ray's bare exit
-    trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step)
+    tracking = reachable(tracking)
+    runs = member_runs([cfg], [name], [run_dir])
+    callbacks = []
+    if tracking.trackers:
+        from raysae.tracking_ray import TrainTracking
+
+        s = cfg.scaling
+        callbacks.append(TrainTracking(tracking, runs, cfg.train.total_tokens, s.num_workers))
+    trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step, callbacks=callbacks)
     log(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
         f"on {cfg.data.uri} with {cfg.scaling.num_workers} worker(s); run {run_dir}"
@@ -406,9 +442,23 @@ def train_distributed(
     t0 = time.perf_counter()
     with interrupt.ray_train_stops():  # Ctrl-C / SIGTERM: Ray Train aborts its workers
         result = trainer.fit()
-    if result.error:
-        raise storage_error_behind(result.error) or result.error
-    return finish_run(result, [cfg], run_dir, time.perf_counter() - t0, dataset, log)[0]
+    try:
+        if result.error:
+            raise storage_error_behind(result.error) or result.error
+        final = finish_run(result, [cfg], run_dir, time.perf_counter() - t0, dataset, log)[0]
+    except Exception:
+        _finish_tracking(tracking, runs, failed=True)
+        raise
+    _finish_tracking(tracking, runs, [final["eval"]], final["tokens"])
+    return final
+
+
+def _finish_tracking(tracking, runs, evals=None, tokens=0, failed=False) -> None:
+    """The driver's part of a Ray Train run's trackers: the held-out evaluation, the end."""
+    if tracking.trackers:
+        from raysae.tracking_ray import finish
+
+        finish(tracking, runs, evals, tokens, failed)
 
 
 def storage_error_behind(error: BaseException) -> Optional[storage.StorageError]:

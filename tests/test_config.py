@@ -2,7 +2,14 @@ import typing
 
 import pytest
 
-from raysae.config import Architecture, RunConfig, SAEConfig, TrainConfig, load_run_config
+from raysae.config import (
+    Architecture,
+    RunConfig,
+    SAEConfig,
+    TrackingConfig,
+    TrainConfig,
+    load_run_config,
+)
 from raysae.saes import ARCHITECTURES
 from raysae.settings import ConfigError, from_dict, to_dict
 
@@ -77,3 +84,31 @@ def test_load_run_config_with_overrides(tmp_path):
     with pytest.raises(ConfigError, match="exactly one of data.uri"):
         path.write_text("sae: {d_in: 8, n_latents: 16, k: 4}\ndata: {}\n")
         load_run_config(str(path))
+
+
+def test_trackers_are_choices_named_by_their_dotted_key():
+    run = {"sae": {"d_in": 8, "n_latents": 64}, "data": {"toy": {}}}
+    cfg = from_dict(RunConfig, {**run, "tracking": {"trackers": ["tensorboard", "mlflow"]}})
+    assert cfg.tracking.trackers == ("tensorboard", "mlflow")
+    with pytest.raises(
+        ConfigError,
+        match=r"tracking.trackers\[1\]='mlfow' is not one of: tensorboard, mlflow, wandb",
+    ):
+        from_dict(RunConfig, {**run, "tracking": {"trackers": ["tensorboard", "mlfow"]}})
+    with pytest.raises(ConfigError, match=r"tracking.trackers\[0\]='tb' is not one of"):
+        TrackingConfig(trackers=("tb",))  # built in code: the same check
+    with pytest.raises(ConfigError, match="tracking.wandb.mode='ofline' is not one of"):
+        from_dict(RunConfig, {**run, "tracking": {"wandb": {"mode": "ofline"}}})
+    with pytest.raises(ConfigError, match=r"tracking.mlflow: unknown key\(s\) 'uri'"):
+        from_dict(RunConfig, {**run, "tracking": {"mlflow": {"uri": "http://x"}}})
+    with pytest.raises(ConfigError, match="lists mlflow more than once"):
+        TrackingConfig(trackers=("mlflow", "mlflow"))
+
+
+def test_trackers_are_not_part_of_a_runs_name():
+    """Adding a tracker to a run that is resumed (the same command) continues that run."""
+    from raysae.train import run_name
+
+    run = {"sae": {"d_in": 8, "n_latents": 64}, "data": {"toy": {}}}
+    tracked = from_dict(RunConfig, {**run, "tracking": {"trackers": ["mlflow"]}})
+    assert run_name(tracked) == run_name(from_dict(RunConfig, run))

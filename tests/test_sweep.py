@@ -1,6 +1,8 @@
-"""Ray Tune sweeps on toy data: a 4-trial sweep interrupted and resumed; packing."""
+"""Ray Tune sweeps on toy data: a 4-trial sweep interrupted and resumed; packing, followed in
+TensorBoard and MLflow."""
 
 import hashlib
+import json
 import shlex
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from processes import Output, wait_for_idle_cpus
+from trackers import mlflow_runs, tensorboard_runs
 
 from raysae import report
 from raysae.__main__ import main
@@ -21,6 +24,7 @@ from raysae.settings import ConfigError, from_dict
 from raysae.sweep import SPEC_FILE, TUNE_STATE, preflight, run_sweep
 from raysae.sweep_spec import SweepSpec, expand, parse_sweep_spec
 from raysae.synthetic import write_toy_dataset
+from raysae.tracking import mlflow_store
 
 pytestmark = pytest.mark.timeout(480)
 
@@ -162,8 +166,12 @@ def test_packed_trial_matches_separate_trials_and_reads_once(ray_cluster, tmp_pa
     separate = run_sweep(
         from_dict(SweepSpec, spec_dict(tmp_path, "separate", architectures=arch, base=base))
     )
+    # The packed sweep is also followed in TensorBoard and MLflow (read back below).
+    tracking = {"trackers": ["tensorboard", "mlflow"]}
     packed = run_sweep(
-        from_dict(SweepSpec, spec_dict(tmp_path, "packed", architectures=arch, base=base, pack=2))
+        parse_sweep_spec(
+            spec_dict(tmp_path, "packed", architectures=arch, base=base, pack=2, tracking=tracking)
+        )
     )
     assert len(separate) == len(packed) == 2 and packed["trial_id"].nunique() == 1
     for k in (2, 4):
@@ -173,6 +181,31 @@ def test_packed_trial_matches_separate_trials_and_reads_once(ray_cluster, tmp_pa
         assert b["l0"] == pytest.approx(a["l0"], rel=1e-4)
     # One read serves both packed SAEs: the packed trial read as many rows as one separate trial.
     assert packed["rows_read"].iloc[0] == separate["rows_read"].iloc[0] == 16_000
+
+    # One tracker run per SAE of the packed trial, not one per trial: its own config as
+    # parameters, its own series over tokens, the last held-out FVU its results row's.
+    sweep_dir = tmp_path / "sweeps" / "packed"
+    trial = f"trial-{packed['trial_id'].iloc[0]}"
+    tb = tensorboard_runs(sweep_dir / "tensorboard")
+    ml = mlflow_runs(mlflow_store(str(sweep_dir)), "packed")
+    assert sorted(tb) == sorted(ml) == [f"{trial}/m0", f"{trial}/m1"]
+    for _, row in packed.iterrows():
+        name = f"{trial}/m{row['member']}"
+        metrics = json.loads((Path(row["checkpoint"]).parent / "metrics.json").read_text())
+        history, steps = metrics["history"], [8_000, 16_000]
+        assert [r["tokens"] for r in history] == steps
+        params, series = ml[name]["params"], ml[name]["metrics"]
+        assert ml[name]["status"] == "FINISHED" and ml[name]["tags"]["trial_id"] in trial
+        assert params["sae.architecture"] == "topk" and params["sae.k"] == str(int(row["k"]))
+        assert float(params["train.lr"]) == row["lr"] == 3e-3
+        for key in ("fvu", "l0", "dead_fraction", "loss/reconstruction", "tokens_per_s"):
+            assert [s for s, _ in series[f"train/{key}"]] == steps, key
+            assert [s for s, _ in tb[name][f"train/{key}"]] == steps, key
+        last = history[-1]["fvu"]
+        assert series["train/fvu"][-1] == (16_000, pytest.approx(last))
+        assert tb[name]["train/fvu"][-1] == (16_000, pytest.approx(last, rel=1e-6))
+        assert series["eval/fvu"] == [(16_000, pytest.approx(row["fvu"]))]
+        assert tb[name]["eval/fvu"] == [(16_000, pytest.approx(row["fvu"], rel=1e-6))]
 
 
 def test_bad_specs_fail_before_anything_runs(tmp_path):

@@ -13,11 +13,15 @@ from strategies import mutated, unknown_keys
 from raysae.__main__ import main
 from raysae.config import (
     DataConfig,
+    MLflowConfig,
     RunConfig,
     SAEConfig,
     ScalingConfig,
+    TensorBoardConfig,
     ToyDataConfig,
+    TrackingConfig,
     TrainConfig,
+    WandbConfig,
 )
 from raysae.harvest import HarvestConfig
 from raysae.settings import ConfigError, from_dict
@@ -168,6 +172,7 @@ TYPOS = [
     (toy_spec, "scheduler", "metrc", "scheduler: unknown key(s) 'metrc'"),
     (toy_spec, "base.train", "lrr", "base.train: unknown key(s) 'lrr'"),
     (toy_spec, "space", "sae.kk", "space key 'sae.kk': 'kk' is not a field of sae"),
+    (toy_spec, "tracking.mlflow", "uri", "tracking.mlflow: unknown key(s) 'uri'"),
 ]
 
 
@@ -183,6 +188,49 @@ def test_a_typo_anywhere_fails_at_load_and_writes_nothing(
     assert main(["sweep", str(path)]) == 2
     assert message in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("out", "acts", "data"))
+
+
+@pytest.mark.parametrize(
+    "tracking, message",
+    [
+        (
+            {"trackers": ["tensorboard", "mlfow"]},
+            "tracking.trackers[1]='mlfow' is not one of: tensorboard, mlflow, wandb",
+        ),
+        ({"wandb": {"mode": "of"}}, "tracking.wandb.mode='of' is not one of"),
+    ],
+)
+def test_an_unknown_tracker_fails_at_load_naming_the_choices(tmp_path, capsys, tracking, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**toy_spec(tmp_path), "tracking": tracking}))
+    assert main(["sweep", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("out", "acts"))
+
+
+def test_a_sweeps_trackers_are_its_own_not_each_points():
+    with pytest.raises(ConfigError, match="base.tracking: a sweep's trackers are set in its own"):
+        parse_sweep_spec({**toy_spec(FUZZ_ROOT), "space": {"tracking.trackers": [["mlflow"]]}})
+    base = {**BASE, "tracking": {"trackers": ["mlflow"]}}
+    with pytest.raises(ConfigError, match="base.tracking: a sweep's trackers are set in its own"):
+        expand(
+            SweepSpec(name="s", output="o", base=from_dict(RunConfig, base), space={"sae.k": [2]})
+        )
+    tracked = parse_sweep_spec({**toy_spec(FUZZ_ROOT), "tracking": {"trackers": ["tensorboard"]}})
+    assert tracked.tracking.trackers == ("tensorboard",)
+
+
+def test_a_missing_tracker_library_fails_the_sweep_before_anything_is_written(
+    tmp_path, capsys, monkeypatch
+):
+    from raysae import tracking
+
+    monkeypatch.setitem(tracking.MODULES, "wandb", "raysae_test_no_such_module")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**toy_spec(tmp_path), "tracking": {"trackers": ["wandb"]}}))
+    assert main(["sweep", str(path)]) == 2
+    assert "pip install raysae[wandb]" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("out", "acts"))
 
 
 def test_a_dataset_the_harvest_does_not_make_fails_at_load(tmp_path):
@@ -203,6 +251,10 @@ SECTIONS = {
     "toy_dataset": ToyDatasetSpec,
     "toy_dataset.features": ToyDataConfig,
     "harvest": HarvestConfig,
+    "tracking": TrackingConfig,
+    "tracking.tensorboard": TensorBoardConfig,
+    "tracking.mlflow": MLflowConfig,
+    "tracking.wandb": WandbConfig,
 }
 """Sections of a spec → the settings they are read into."""
 

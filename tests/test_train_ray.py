@@ -16,16 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
+from trackers import mlflow_runs, tensorboard_runs
 
 from raysae import data
 from raysae.checkpoint import load_sae, newest_complete
-from raysae.config import RunConfig, ToyDataConfig
+from raysae.config import RunConfig, ToyDataConfig, TrackingConfig
 from raysae.data import storage
 from raysae.evaluate import evaluate
 from raysae.faults import DieOnce, MarkWhenSpread
 from raysae.settings import ConfigError, from_dict, to_dict
 from raysae.synthetic import ToyData
-from raysae.train import run_single_process, train_distributed
+from raysae.tracking import mlflow_store
+from raysae.train import run_name, run_single_process, train_distributed
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
 
@@ -68,7 +70,9 @@ def run_config(uri, **scaling):
 
 
 def test_two_workers_match_single_process_and_reported_fvu_is_exact(ray_cluster, toy_uri, tmp_path):
-    cfg = run_config(toy_uri)
+    # Both runs are followed in TensorBoard and MLflow too (read back at the end).
+    tracked = TrackingConfig(trackers=("tensorboard", "mlflow"))
+    cfg = dataclasses.replace(run_config(toy_uri), tracking=tracked)
     dist = train_distributed(cfg, str(tmp_path / "ray"), name="two")
     local = run_single_process(cfg, str(tmp_path / "local"))
     assert dist["tokens"] == local["tokens"] == 60_000
@@ -90,6 +94,26 @@ def test_two_workers_match_single_process_and_reported_fvu_is_exact(ray_cluster,
     assert metrics["eval"]["fvu"] == dist["eval"]["fvu"] and metrics["history"]
     # Checkpoints at 20k, 40k and 60k; scaling.num_checkpoints_to_keep (2) are kept.
     assert len(list((tmp_path / "ray" / "two").glob("checkpoint_*/checkpoint.json"))) == 2
+
+    # The trackers: one run each, named after the run, the config as parameters, the series
+    # over tokens; the Ray run's records logged by Ray Train's controller, its held-out FVU by
+    # the driver.
+    for out, result, name in [("ray", dist, "two"), ("local", local, run_name(cfg))]:
+        history = result["history"]  # as metrics.json has it
+        steps = [r["tokens"] for r in history]
+        assert steps == [20_000, 40_000, 60_000]
+        tb = tensorboard_runs(tmp_path / out / "tensorboard")
+        ml = mlflow_runs(mlflow_store(str(tmp_path / out)), "raysae-train")
+        assert list(tb) == list(ml) == [name], out
+        run = ml[name]
+        assert run["status"] == "FINISHED" and run["params"]["sae.k"] == str(K)
+        for key in ("fvu", "l0", "dead_fraction", "tokens_per_s"):
+            assert [s for s, _ in run["metrics"][f"train/{key}"]] == steps, (out, key)
+            assert [s for s, _ in tb[name][f"train/{key}"]] == steps, (out, key)
+        assert run["metrics"]["train/fvu"][-1] == (60_000, pytest.approx(history[-1]["fvu"]))
+        assert tb[name]["train/fvu"][-1] == (60_000, pytest.approx(history[-1]["fvu"], rel=1e-6))
+        assert run["metrics"]["eval/fvu"] == [(60_000, pytest.approx(result["eval"]["fvu"]))]
+        assert tb[name]["eval/fvu"] == [(60_000, pytest.approx(result["eval"]["fvu"], rel=1e-6))]
 
 
 def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, toy_uri, s3_prefix, monkeypatch):
