@@ -21,10 +21,10 @@ and raysae.tracking_ray hooks it into Tune (a LoggerCallback, the base of Ray's 
 Ray Train (a UserCallback). `raysae train --local` calls it from the training loop's report.
 
 A run is named after where its SAE's results go (a sweep's trials/trial-<id>/m<i>, a run's
-OUT/NAME), and opening it again continues it (the same TensorBoard folder, the MLflow run with
-that raysae.output tag, the W&B run id made from it): a resumed sweep or restarted run goes on
-with the same tracker runs. A `--local` run starts from scratch each time, and so does its
-tracker run.
+OUT/NAME), and opening it again continues it (the same TensorBoard folder, the MLflow run
+tagged with the raysae.run_id made from it, the W&B run of that id): a resumed sweep or a
+restarted run goes on with the same tracker runs. A `--local` run starts from scratch each
+time, and so does its tracker run.
 
 Trackers never stop training: one that cannot be reached, or fails later, is reported with a
 TrackerWarning and left out for the rest of the command. A tracker whose library is missing is
