@@ -51,6 +51,7 @@ from raysae.settings import (
     to_dict,
     with_absolute_paths,
 )
+from raysae.tracking import check_places
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 MAX_POINTS = 10_000
@@ -140,6 +141,7 @@ class SweepSpec:
         check_non_negative(self, "max_failures", where="")
         if self.harvest is not None and self.toy_dataset is not None:
             raise ConfigError("give at most one of harvest and toy_dataset")
+        check_places(self.tracking, self.output)  # e.g. an s3:// output: where do they go?
         toy = self.toy_dataset
         if (
             toy is not None

@@ -21,10 +21,10 @@ and raysae.tracking_ray hooks it into Tune (a LoggerCallback, the base of Ray's 
 Ray Train (a UserCallback). `raysae train --local` calls it from the training loop's report.
 
 A run is named after where its SAE's results go (a sweep's trials/trial-<id>/m<i>, a run's
-OUT/NAME), and opening it again continues it (the same TensorBoard folder, the MLflow run with
-that raysae.output tag, the W&B run id made from it): a resumed sweep or restarted run goes on
-with the same tracker runs. A `--local` run starts from scratch each time, and so does its
-tracker run.
+OUT/NAME), and opening it again continues it (the same TensorBoard folder, the MLflow run
+tagged with the raysae.run_id made from it, the W&B run of that id): a resumed sweep or a
+restarted run goes on with the same tracker runs. A `--local` run starts from scratch each
+time, and so does its tracker run.
 
 Trackers never stop training: one that cannot be reached, or fails later, is reported with a
 TrackerWarning and left out for the rest of the command. A tracker whose library is missing is
@@ -80,15 +80,11 @@ def check_installed(tracking: TrackingConfig, where: str = "tracking") -> None:
             )
 
 
-def resolve(tracking: TrackingConfig, output: str, experiment: str, where: str = "tracking"):
-    """`tracking` with every place made concrete and absolute (the trackers run in Tune's and
-    Ray Train's driver-side processes, which have other working directories): TensorBoard in
-    OUTPUT/tensorboard and MLflow in OUTPUT/mlruns/mlflow.db unless given, the experiment (MLflow's, and
-    the W&B group) `experiment` unless given. An s3:// output has no local default: a ConfigError
-    asks for the setting."""
-    if not tracking.trackers:
-        return tracking
-    check_installed(tracking, where)
+def check_places(tracking: TrackingConfig, output: str, where: str = "tracking") -> None:
+    """A ConfigError unless every chosen tracker has a place to write: an s3:// output has no
+    local default for TensorBoard's event files or MLflow's store, so the setting is asked for;
+    TensorBoard's and W&B's folders are local. Checked when a sweep spec is loaded (before it
+    is submitted to a cluster, too) and again by `resolve`."""
     remote = storage.is_s3(output)
     tb, ml, wb = tracking.tensorboard, tracking.mlflow, tracking.wandb
     if "tensorboard" in tracking.trackers and tb.logdir is None and remote:
@@ -104,6 +100,19 @@ def resolve(tracking: TrackingConfig, output: str, experiment: str, where: str =
     for key, value in (("tensorboard.logdir", tb.logdir), ("wandb.dir", wb.dir)):
         if value is not None and storage.is_s3(value):
             raise ConfigError(f"{where}.{key}={value}: give a local directory")
+
+
+def resolve(tracking: TrackingConfig, output: str, experiment: str, where: str = "tracking"):
+    """`tracking` with every place made concrete and absolute (the trackers run in Tune's and
+    Ray Train's driver-side processes, which have other working directories): TensorBoard in
+    OUTPUT/tensorboard and MLflow in OUTPUT/mlruns/mlflow.db unless given, the experiment
+    (MLflow's, and the W&B group) `experiment` unless given. A missing library or a missing
+    place (`check_installed`, `check_places`) is a ConfigError; nothing is written here."""
+    if not tracking.trackers:
+        return tracking
+    check_installed(tracking, where)
+    check_places(tracking, output, where)
+    tb, ml, wb = tracking.tensorboard, tracking.mlflow, tracking.wandb
     local = storage.absolute(output)
     return dataclasses.replace(
         tracking,

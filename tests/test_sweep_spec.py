@@ -218,6 +218,11 @@ def test_a_sweeps_trackers_are_its_own_not_each_points():
         )
     tracked = parse_sweep_spec({**toy_spec(FUZZ_ROOT), "tracking": {"trackers": ["tensorboard"]}})
     assert tracked.tracking.trackers == ("tensorboard",)
+    remote = {**toy_spec(FUZZ_ROOT), "output": "s3://bucket/sweeps"}
+    with pytest.raises(ConfigError, match="tracking.tensorboard.logdir: the output s3://bucket"):
+        parse_sweep_spec({**remote, "tracking": {"trackers": ["tensorboard"]}})
+    given = {"trackers": ["tensorboard"], "tensorboard": {"logdir": "tb"}}
+    assert parse_sweep_spec({**remote, "tracking": given}).tracking.tensorboard.logdir == "tb"
 
 
 def test_a_missing_tracker_library_fails_the_sweep_before_anything_is_written(
