@@ -310,7 +310,7 @@ def _step_members(members: list[Member], batch: Tensor, global_n: int, world: Wo
     for m in members:
         out = train_step(m.ddp, m.optimizer, batch, m.state, m.train, global_n, world.sync_fired)
         m.recon.update(batch, out.x_hat)
-        m.sparsity.update(out.latents, start=start, latent_norms=latent_norms(m.model))
+        m.sparsity.update(out.codes, start=start, latent_norms=latent_norms(m.model))
         m.losses = out.losses
 
 
@@ -460,7 +460,7 @@ def evaluate_pack(members: list[Member], batches: Callable[[], Iterable[Tensor]]
             for batch in batches():
                 out = m.model(batch.to(world.device))
                 m.recon.update(batch, out.x_hat)
-                m.sparsity.update(out.latents, start=position, latent_norms=latent_norms(m.model))
+                m.sparsity.update(out.codes, start=position, latent_norms=latent_norms(m.model))
                 position += batch.shape[0]
         recon, sparsity = world.merge(m.recon, m.sparsity)
         metrics = {**recon.compute(), **scalars(sparsity.compute())}

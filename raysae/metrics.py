@@ -40,11 +40,13 @@ Chan's update and the last-fired positions by max; every other field is a plain 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from raysae.saes.sparse import SparseLatents
 
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of tokens is 'dense'."""
@@ -302,15 +304,22 @@ class SparsityStats:
         self.fire_counts = torch.zeros(self.n_latents, dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, latents: Tensor, start: Optional[int] = None, *, latent_norms: Tensor) -> None:
-        """latents: (B, n_latents); start: stream position of the first row (default self.end);
-        latent_norms: (n_latents,) the l1 weights, from `latent_norms` (required: l1 in input
-        units needs the model's decoder norms and input scale)."""
-        if latents.ndim != 2 or latents.shape[1] != self.n_latents:
-            raise ValueError(
-                f"expected latents of shape (B, {self.n_latents}), got {tuple(latents.shape)}"
-            )
-        b = latents.shape[0]
+    def update(
+        self,
+        latents: Union[Tensor, SparseLatents],
+        start: Optional[int] = None,
+        *,
+        latent_norms: Tensor,
+    ) -> None:
+        """latents: (B, n_latents), or a SparseLatents (the TopK family's active latents, the
+        same result without a (B, n_latents) tensor); start: stream position of the first row
+        (default self.end); latent_norms: (n_latents,) the l1 weights, from `latent_norms`
+        (required: l1 in input units needs the model's decoder norms and input scale)."""
+        sparse = isinstance(latents, SparseLatents)
+        shape = (latents.n_rows, latents.n_latents) if sparse else tuple(latents.shape)
+        if len(shape) != 2 or shape[1] != self.n_latents:
+            raise ValueError(f"expected latents of shape (B, {self.n_latents}), got {shape}")
+        b = shape[0]
         start = self.end if start is None else start
         if start < 0:
             raise ValueError(f"start={start}: stream positions are >= 0")
@@ -323,20 +332,13 @@ class SparsityStats:
             return
         self._track(start, start + b)
         self.n += b
-        latents = latents.detach()
-        active = latents != 0
-        counts = active.sum(0)
-        # 1 + row of each latent's last firing, 0 if none (int32 keeps the (B, n) temporary small).
-        rows = torch.arange(1, b + 1, dtype=torch.int32, device=latents.device)
-        last_row = (active * rows[:, None]).amax(0).to(torch.int64)
-        last = torch.where(last_row > 0, start + last_row - 1, -1)
-        self._to(latents.device)
+        counts, last, abs_sums = (
+            _sparse_counts(latents, start) if sparse else _dense_counts(latents.detach(), start)
+        )
+        self._to(counts.device)
         self.fire_counts += counts
         self.last_fired = torch.maximum(self.last_fired, last)
-        # Σ_tokens |f_i| per latent, then weighted: (B, n) → (n,) costs what a plain sum did.
-        l1 = latents.abs().sum(0, dtype=torch.float64) @ latent_norms.to(
-            latents.device, torch.float64
-        )
+        l1 = abs_sums @ latent_norms.to(counts.device, torch.float64)
         self.sums += torch.stack([counts.sum().to(torch.float64), l1])
 
     def _track(self, begin: int, end: int) -> None:
@@ -415,6 +417,34 @@ class SparsityStats:
         s.fire_counts = t[5 : 5 + n_latents].round().to(torch.int64)
         s.last_fired = t[5 + n_latents :].round().to(torch.int64)
         return s
+
+
+def _dense_counts(latents: Tensor, start: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per latent of (B, n) latents: fire count, last stream position fired (−1: none) and
+    Σ_tokens |f_i| in float64."""
+    active = latents != 0
+    # 1 + row of each latent's last firing, 0 if none (int32 keeps the (B, n) temporary small).
+    rows = torch.arange(1, latents.shape[0] + 1, dtype=torch.int32, device=latents.device)
+    last_row = (active * rows[:, None]).amax(0).to(torch.int64)
+    last = torch.where(last_row > 0, start + last_row - 1, -1)
+    # Σ_tokens |f_i| per latent (weighted after): (B, n) → (n,) costs what a plain sum did.
+    return active.sum(0), last, latents.abs().sum(0, dtype=torch.float64)
+
+
+def _sparse_counts(latents: SparseLatents, start: int) -> tuple[Tensor, Tensor, Tensor]:
+    """`_dense_counts` from the listed entries only: O(nnz), not O(B · n). Integers equal the
+    dense ones exactly; the |f| sums to float64 rounding (another order of addition). No
+    boolean indexing, so nothing waits for the device."""
+    n, values, cols = latents.n_latents, latents.values, latents.cols
+    active = values != 0
+    counts = torch.zeros(n, dtype=torch.int64, device=values.device)
+    counts.index_add_(0, cols, active.to(torch.int64))
+    positions = torch.where(active, latents.rows + start, -1)
+    last = torch.full((n,), -1, dtype=torch.int64, device=values.device)
+    last.scatter_reduce_(0, cols, positions, "amax")
+    abs_sums = torch.zeros(n, dtype=torch.float64, device=values.device)
+    abs_sums.index_add_(0, cols, values.abs().to(torch.float64))
+    return counts, last, abs_sums
 
 
 def frequency_histogram(freq: Tensor, bins: int = 20) -> dict:

@@ -122,9 +122,8 @@ def train_step(
     optimizer.step()
     sae.normalize_decoder_()
 
-    # Latents are never negative (every architecture ends in a ReLU or a threshold), so "fired
-    # in this batch" is a column max > 0: one pass over (B, n), no boolean copy of it.
-    fired = sync_fired(out.latents.amax(0) > 0).cpu()
+    # From the sparse form for the TopK family (no (B, n) tensor), else a column max > 0.
+    fired = sync_fired(out.fired()).cpu()
     state.tokens_since_fired = torch.where(fired, 0, state.tokens_since_fired + n_tokens)
     state.tokens += n_tokens
     state.step += 1

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from raysae.config import SAEConfig
 from raysae.saes import ARCHITECTURES
+from raysae.saes.sparse import SparseLatents
 
 F64 = torch.float64
 KINDS = ("gaussian", "low_rank", "heavy_tailed", "duplicates", "zero_rows")
@@ -104,6 +105,28 @@ def sae_configs(
         b_dec_init=draw(st.sampled_from(["geometric_median", "mean", "zeros"])),
         normalize_inputs=draw(st.booleans()),
     )
+
+
+@st.composite
+def sparse_latents(draw, *, max_tokens: int = 40, max_latents: int = 24) -> SparseLatents:
+    """Active latents as the TopK family lists them: per token (TopK: k distinct latents per
+    row, row-major) or per batch (BatchTopK: any distinct (row, col) pairs, in any order).
+    Values ≥ 0, some exactly 0 (a top-k pre-activation clipped by the ReLU: not fired)."""
+    b, n = draw(st.integers(0, max_tokens)), draw(st.integers(1, max_latents))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.sampled_from(["topk", "batchtopk"])) == "topk":
+        k = draw(st.integers(1, n))
+        cols = torch.rand(b, n, generator=g).argsort(-1)[:, :k]
+        rows = torch.arange(b).repeat_interleave(k)
+        cols = cols.reshape(-1)
+    else:
+        nnz = draw(st.integers(0, b * n))
+        flat = torch.randperm(b * n, generator=g)[:nnz]
+        rows, cols = flat // n, flat % n
+    values = torch.randn(rows.shape[0], generator=g).abs()
+    zeros = draw(st.sampled_from([0.0, 0.3, 1.0]))  # fraction of listed entries clipped to 0
+    values = values * (torch.rand(rows.shape[0], generator=g) >= zeros)
+    return SparseLatents(rows, cols, values, b, n)
 
 
 @st.composite

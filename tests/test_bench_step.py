@@ -34,3 +34,19 @@ def test_one_step_check_fails_for_a_different_k(monkeypatch):
     )
     with pytest.raises(SystemExit, match="one-step check failed"):
         bench.main([*SIZE, "--impls", "plain torch"])
+
+
+def test_loop_step_bench_runs_at_a_tiny_size():
+    """bench/loop_step.py: one round of every case in a worker importing this checkout."""
+    import subprocess
+
+    root = Path(__file__).parent.parent
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "loop_step.py"), "--sizes", "16,64,4,32"]
+        + ["--rounds", "1", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    assert "| gemm | step | loop |" in out and f"| {root.resolve()} |" in out

@@ -11,7 +11,14 @@ import torch
 from hypothesis import assume, example, given, note
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule
-from strategies import activations, fold_tree, merge_trees, partitions, reconstructions
+from strategies import (
+    activations,
+    fold_tree,
+    merge_trees,
+    partitions,
+    reconstructions,
+    sparse_latents,
+)
 
 from raysae.config import SAEConfig
 from raysae.metrics import (
@@ -22,6 +29,7 @@ from raysae.metrics import (
     latent_norms,
 )
 from raysae.saes import build_sae
+from raysae.saes.sparse import SparseLatents
 
 F64 = torch.float64
 
@@ -362,6 +370,65 @@ def test_sparsity_counts_are_consistent(latents, window, data):
     assert sum(m["frequency_histogram"]["counts"]) + never == latents.shape[1]
     assert m["dead_fraction"] >= never / latents.shape[1]  # never fired ⇒ dead
     assert_metrics_close(m, reference_sparsity(latents, dead_window=window, norms=norms))
+
+
+def rows_of(s: SparseLatents, lo: int, hi: int) -> SparseLatents:
+    """The entries of tokens lo..hi−1, renumbered from 0: a slice of the batch."""
+    keep = (s.rows >= lo) & (s.rows < hi)
+    return SparseLatents(s.rows[keep] - lo, s.cols[keep], s.values[keep], hi - lo, s.n_latents)
+
+
+def assert_same_sparsity(got: SparsityStats, want: SparsityStats) -> None:
+    """Equal counters (integers exactly, the l1 sum to float64 rounding) and equal compute()."""
+    assert (got.n, got.begin, got.end) == (want.n, want.begin, want.end)
+    assert torch.equal(got.fire_counts, want.fire_counts)
+    assert torch.equal(got.last_fired, want.last_fired)
+    assert float(got.sums[0]) == float(want.sums[0])
+    assert math.isclose(float(got.sums[1]), float(want.sums[1]), rel_tol=1e-12, abs_tol=1e-300)
+    g, w = got.compute(), want.compute()
+    assert g["frequency_histogram"] == w["frequency_histogram"]
+    assert_metrics_close(g, {k: v for k, v in w.items() if k != "frequency_histogram"}, 1e-12)
+
+
+@given(st.lists(sparse_latents(max_tokens=16, max_latents=12), min_size=1, max_size=4), st.data())
+def test_sparse_updates_and_merges_equal_dense_ones(batches, data):
+    """SparsityStats from the TopK family's sparse latents equals it from the dense (B, n)
+    latents: several batches at drawn stream positions, each split into parts that are
+    updated separately and merged in a drawn order."""
+    n = data.draw(st.sampled_from(sorted({b.n_latents for b in batches})))
+    batches = [b for b in batches if b.n_latents == n]
+    window = data.draw(st.integers(1, 50))
+    norms = data.draw(norm_vectors(n))
+    sparse_acc, dense_acc = SparsityStats(n, window), SparsityStats(n, window)
+    sparse_parts, dense_parts = [], []
+    for batch in batches:
+        start = data.draw(st.one_of(st.none(), st.integers(0, 200)))
+        sparse_acc.update(batch, start, latent_norms=norms)
+        dense_acc.update(batch.dense(), start, latent_norms=norms)
+        offset = sparse_acc.end - batch.n_rows if start is None else start
+        for lo, hi in data.draw(partitions(batch.n_rows, max_parts=3)):
+            for parts, form in ((sparse_parts, lambda s: s), (dense_parts, SparseLatents.dense)):
+                part = SparsityStats(n, window)
+                part.update(form(rows_of(batch, lo, hi)), offset + lo, latent_norms=norms)
+                parts.append(part)
+        assert_same_sparsity(sparse_acc, dense_acc)
+    tree = data.draw(merge_trees(len(sparse_parts)))
+    merged_sparse = fold_tree(tree, sparse_parts, lambda a, b: a.merge(b))
+    merged_dense = fold_tree(tree, dense_parts, lambda a, b: a.merge(b))
+    assert_same_sparsity(merged_sparse, merged_dense)
+    assert_same_sparsity(merged_sparse, dense_acc)
+    assert torch.equal(merged_sparse.state_tensor()[5:], merged_dense.state_tensor()[5:])
+
+
+@given(sparse_latents())
+def test_fired_flags_from_sparse_latents_equal_the_dense_rule(latents):
+    dense = latents.dense()
+    assert dense.shape == (latents.n_rows, latents.n_latents)
+    want = dense.amax(0) > 0 if latents.n_rows else torch.zeros(latents.n_latents, dtype=bool)
+    assert torch.equal(latents.fired(), want)
+    # fired = has an entry > 0; an entry listed with value 0 (clipped by the ReLU) is not one
+    positive = set(latents.cols[latents.values > 0].tolist())
+    assert set(latents.fired().nonzero().flatten().tolist()) == positive
 
 
 @given(st.integers(1, 12), st.integers(1, 40), st.data())

@@ -1,5 +1,6 @@
 """Fast paths equal plain paths: sparse decode and the sparse TopK encoder backward."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -95,3 +96,75 @@ def test_ragged_decode_equals_dense_decode_for_random_latents(B, n, d, p, seed):
     W = torch.randn(n, d, generator=g, dtype=torch.float64)
     rows, cols = latents.nonzero(as_tuple=True)
     torch.testing.assert_close(ragged_decode(rows, cols, latents[rows, cols], W, B), latents @ W)
+
+
+# -- the training step without dense latents ---------------------------------------------------
+
+
+class _DenseLatents:
+    """Calls the SAE like a DDP wrapper (`module` is the SAE) and hands back its output with
+    dense latents only, as the TopK family's forward did before it had a sparse form."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        from raysae.saes import SAEOutput
+
+        out = self.module(*args, **kwargs)
+        assert out.sparse is not None  # the TopK family does give a sparse form
+        return SAEOutput(out.x_hat, out.sparse.dense(), out.losses)
+
+
+def _train(architecture: str, dense: bool, steps: int = 6):
+    """`steps` loop steps (raysae.loop._step_members, as training runs them) of a small SAE on
+    fixed data; dense=True hides the sparse form from the step and the metrics, so they take
+    the dense-latent path the TopK family used before it had one."""
+    from raysae.config import SAEConfig, TrainConfig
+    from raysae.loop import Member, World, _step_members
+    from raysae.saes import build_sae
+
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_in=8, n_latents=48, k=3, architecture=architecture, k_aux=4)
+    model = build_sae(cfg)
+    data = torch.randn(steps, 32, 8) * torch.linspace(0.1, 3.0, 8)
+    model.init_from_sample_(data.flatten(0, 1))
+    # A short dead window: latents go dead within the run, so AuxK (which reads the fired flags)
+    # shapes the trajectory.
+    train = TrainConfig(total_tokens=10_000, batch_size=32, dead_tokens=64, lr=3e-3)
+    member = Member.of(model, train, torch.zeros(8))
+    if dense:
+        member.ddp = _DenseLatents(model)
+    for batch in data:
+        _step_members([member], batch, batch.shape[0], World())
+    return member
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_training_from_sparse_latents_equals_the_dense_path(architecture):
+    sparse, dense = _train(architecture, dense=False), _train(architecture, dense=True)
+    assert int((dense.state.tokens_since_fired >= 64).sum()) > 0  # AuxK was on at some step
+    for (name, a), b in zip(sparse.model.state_dict().items(), dense.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(sparse.state.tokens_since_fired, dense.state.tokens_since_fired)
+    s, d = sparse.sparsity, dense.sparsity
+    assert (s.n, s.begin, s.end) == (d.n, d.begin, d.end)
+    assert torch.equal(s.fire_counts, d.fire_counts) and torch.equal(s.last_fired, d.last_fired)
+    assert float(s.sums[0]) == float(d.sums[0])
+    torch.testing.assert_close(s.sums[1], d.sums[1], rtol=1e-12, atol=0)
+    assert torch.equal(sparse.recon.sums, dense.recon.sums)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_training_forward_builds_no_dense_latents(architecture):
+    """The step reads the sparse form only; `latents` is still there, built on demand."""
+    from raysae.config import SAEConfig
+    from raysae.saes import build_sae
+
+    torch.manual_seed(0)
+    model = build_sae(SAEConfig(d_in=8, n_latents=48, k=3, architecture=architecture))
+    out = model(torch.randn(16, 8))
+    assert out.sparse is not None and out._latents is None
+    assert out.codes is out.sparse
+    assert torch.equal(out.fired(), out.latents.amax(0) > 0)
+    assert out.latents.shape == (16, 48) and int((out.latents != 0).sum()) <= 3 * 16

@@ -18,24 +18,64 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import NamedTuple, Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raysae.config import SAEConfig
+from raysae.saes.sparse import SparseLatents
 
 
-class SAEOutput(NamedTuple):
-    """What `forward` returns."""
+class SAEOutput:
+    """What `forward` returns: x_hat, latents and losses, and the latents' sparse form if any.
+
+    The TopK family hands its active latents over as `sparse` (a SparseLatents) and `latents`
+    is built from them on first access, so the training step, which reads only the fired flags
+    and the sparsity metrics (from `codes`), never builds the (B, n_latents) tensor.
+    """
+
+    __slots__ = ("x_hat", "losses", "sparse", "_latents")
 
     x_hat: Tensor
     """(B, d_in) reconstruction, in the units of the input."""
-    latents: Tensor
-    """(B, n_latents) latent activations (units of the scaled input unless folded)."""
     losses: dict[str, Tensor]
     """Unweighted scalar loss terms by metric name; `reconstruction` = mean_b ‖x_s − x̂_s‖²."""
+    sparse: Optional[SparseLatents]
+    """The active latents as coordinate lists (TopK family), or None."""
+
+    def __init__(
+        self,
+        x_hat: Tensor,
+        latents: Optional[Tensor],
+        losses: dict[str, Tensor],
+        sparse: Optional[SparseLatents] = None,
+    ):
+        if latents is None and sparse is None:
+            raise ValueError("SAEOutput needs dense latents or their sparse form")
+        self.x_hat, self.losses, self.sparse, self._latents = x_hat, losses, sparse, latents
+
+    @property
+    def latents(self) -> Tensor:
+        """(B, n_latents) latent activations (units of the scaled input unless folded)."""
+        if self._latents is None:
+            self._latents = self.sparse.dense()
+        return self._latents
+
+    @property
+    def codes(self) -> Union[Tensor, SparseLatents]:
+        """The latents in their cheapest form: `sparse` if there is one, else `latents`; what
+        `SparsityStats.update` takes."""
+        return self.latents if self.sparse is None else self.sparse
+
+    def fired(self) -> Tensor:
+        """(n_latents,) bool: latents with an activation > 0 on some token of the batch."""
+        if self.sparse is not None:
+            return self.sparse.fired()
+        # Latents are never negative (every architecture ends in a ReLU or a threshold), so
+        # "fired" is a column max > 0: one pass over (B, n), no boolean copy of it.
+        return self.latents.amax(0) > 0
 
 
 class SparseAutoencoder(nn.Module):
@@ -68,8 +108,9 @@ class SparseAutoencoder(nn.Module):
 
     def _forward_scaled(
         self, x_s: Tensor, dead_mask: Optional[Tensor]
-    ) -> tuple[Tensor, Tensor, dict]:
-        """(B, d_in) scaled input → (x̂_s, latents, extra losses). Default: encode then dense decode."""
+    ) -> tuple[Tensor, Union[Tensor, SparseLatents], dict]:
+        """(B, d_in) scaled input → (x̂_s, latents, extra losses); latents dense (B, n_latents)
+        or, for the TopK family, a SparseLatents. Default: encode then dense decode."""
         latents = self._encode_scaled(x_s)
         return self._decode_scaled(latents), latents, {}
 
@@ -102,6 +143,8 @@ class SparseAutoencoder(nn.Module):
         x_s = self._check_input(x) * self.input_scale
         x_hat_s, latents, losses = self._forward_scaled(x_s, dead_mask)
         losses = {"reconstruction": (x_hat_s - x_s).pow(2).sum(-1).mean(), **losses}
+        if isinstance(latents, SparseLatents):
+            return SAEOutput(x_hat_s / self.input_scale, None, losses, sparse=latents)
         return SAEOutput(x_hat_s / self.input_scale, latents, losses)
 
     def total_loss(self, losses: dict[str, Tensor], sparsity_scale: float = 1.0) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from raysae.saes.base import SparseAutoencoder
-from raysae.saes.sparse import ragged_decode
+from raysae.saes.sparse import SparseLatents, ragged_decode
 from raysae.saes.topk import auxk_losses
 
 
@@ -42,7 +42,7 @@ class BatchTopKSAE(SparseAutoencoder):
         flat, values = flat[order], values[order]
         rows, cols = flat // n, flat % n
         x_hat_s = ragged_decode(rows, cols, values, self.W_dec, B) + self.b_dec
-        latents = torch.zeros_like(pre).flatten().index_put_((flat,), values.detach()).view(B, n)
+        latents = SparseLatents(rows, cols, values.detach(), B, n)
         return x_hat_s, latents, auxk_losses(self, pre, dead_mask, x_s, x_hat_s)
 
     @torch.no_grad()

@@ -8,9 +8,52 @@ Reference-equivalence tests hold them equal to the dense versions (tests/test_sp
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class SparseLatents(NamedTuple):
+    """The active latents of a batch as coordinate lists, the TopK family's natural output.
+
+    Entry j is latent `cols[j]` of token `rows[j]` with activation `values[j]` (detached); no
+    (row, col) pair appears twice, and every pair not listed is 0. A listed value may itself be
+    0 (a top-k pre-activation that the ReLU clipped): such an entry did not fire. Training reads
+    the fired flags and the sparsity metrics from here, so no (B, n_latents) tensor is built;
+    `dense()` builds it for callers that want one.
+    """
+
+    rows: Tensor
+    """(nnz,) int64 token of each entry, in 0..n_rows−1."""
+    cols: Tensor
+    """(nnz,) int64 latent of each entry, in 0..n_latents−1."""
+    values: Tensor
+    """(nnz,) activation of each entry."""
+    n_rows: int
+    """Tokens in the batch (B)."""
+    n_latents: int
+    """Latents of the SAE (n)."""
+
+    @classmethod
+    def from_topk(cls, indices: Tensor, values: Tensor, n_latents: int) -> SparseLatents:
+        """From per-token top-k (indices, values), each (B, k)."""
+        b, k = indices.shape
+        rows = torch.arange(b, device=indices.device).repeat_interleave(k)
+        return cls(rows, indices.reshape(-1), values.detach().reshape(-1), b, n_latents)
+
+    def dense(self) -> Tensor:
+        """(n_rows, n_latents) latents, zeros outside the listed entries."""
+        out = torch.zeros(
+            self.n_rows, self.n_latents, dtype=self.values.dtype, device=self.values.device
+        )
+        return out.index_put_((self.rows, self.cols), self.values)
+
+    def fired(self) -> Tensor:
+        """(n_latents,) bool: latent i has an entry > 0, the dense rule `latents.amax(0) > 0`."""
+        top = torch.zeros(self.n_latents, dtype=self.values.dtype, device=self.values.device)
+        return top.scatter_reduce_(0, self.cols, self.values, "amax") > 0
 
 
 def sparse_decode(indices: Tensor, values: Tensor, W_dec: Tensor) -> Tensor:

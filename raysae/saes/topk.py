@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from raysae.saes.base import SparseAutoencoder
-from raysae.saes.sparse import sparse_decode, topk_encode
+from raysae.saes.sparse import SparseLatents, sparse_decode, topk_encode
 
 
 def auxk_losses(
@@ -55,7 +55,7 @@ class TopKSAE(SparseAutoencoder):
     def _forward_scaled(self, x_s, dead_mask):
         values, indices, pre = topk_encode(x_s - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
         x_hat_s = sparse_decode(indices, values, self.W_dec) + self.b_dec
-        latents = torch.zeros_like(pre).scatter_(1, indices, values.detach())
+        latents = SparseLatents.from_topk(indices, values, self.cfg.n_latents)
         return x_hat_s, latents, auxk_losses(self, pre, dead_mask, x_s, x_hat_s)
 
     def loss_coefficients(self) -> dict[str, float]:
