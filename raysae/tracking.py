@@ -53,6 +53,8 @@ from urllib.parse import urlsplit
 
 from raysae.config import RunConfig, TrackingConfig
 from raysae.data import storage
+from raysae.loop import member_view
+from raysae.metrics import scalars
 from raysae.settings import ConfigError, to_dict
 
 MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
@@ -219,8 +221,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 def training_metrics(record: dict, member: int) -> dict[str, float]:
     """Member `member`'s series from a pack record (raysae.loop.pack_metrics): its "m<i>/"
     metrics and the shared ones (SHARED_METRICS), as "train/<metric>"."""
-    prefix = f"m{member}/"
-    view = {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+    view = member_view(record, member, keep_unprefixed=False)
     view.update({k: record[k] for k in SHARED_METRICS if k in record})
     return _numbers("train/", view)
 
@@ -231,11 +232,8 @@ def eval_metrics(metrics: dict) -> dict[str, float]:
 
 
 def _numbers(prefix: str, metrics: dict) -> dict[str, float]:
-    return {
-        f"{prefix}{k}": float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
+    """The finite numbers of `metrics` (raysae.metrics.scalars), as floats named prefix + key."""
+    return {f"{prefix}{k}": float(v) for k, v in scalars(metrics).items() if math.isfinite(v)}
 
 
 # ---------------------------------------------------------------------------------------------
