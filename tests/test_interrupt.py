@@ -1,5 +1,5 @@
 """Ctrl-C and SIGTERM: `raysae train` stops cleanly, exits 130 / 143 and prints the command that
-goes on (the sweep's drill is in test_sweep.py)."""
+goes on, and a killed driver's run resumes (the sweep's drill is in test_sweep.py)."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,6 +16,8 @@ from processes import Output, wait_for_idle_cpus
 
 from raysae import interrupt, loop
 from raysae.__main__ import main
+from raysae.checkpoint import newest_complete
+from raysae.data import storage
 
 LOCAL = {
     "sae": {"architecture": "topk", "d_in": 16, "n_latents": 64, "k": 4},
@@ -102,15 +105,42 @@ def _write_ray_config(path, uri):
     return path
 
 
+def _resume_point(run: Path) -> tuple[int, int]:
+    """(tokens, replayed tokens after resuming) of the newest complete checkpoint under `run`:
+    a resume reads that checkpoint's epoch again from its start, so the tokens of it already
+    trained on are added to the replayed ones."""
+    fs, path = storage.filesystem_and_path(str(run))
+    found = newest_complete(fs, path, log=lambda _: None)
+    assert found is not None
+    state = json.loads((Path(found[0]) / "m0" / "train_state.json").read_text())
+    progress = state["progress"]
+    return found[1], progress["replayed_tokens"] + progress["epoch_tokens"]
+
+
+def _wait_for_checkpoint(run: Path, process: subprocess.Popen, after: int = -1) -> None:
+    """Until `process` has written a complete checkpoint newer than `after` tokens."""
+    fs, path = storage.filesystem_and_path(str(run))
+    deadline = time.time() + 240
+    while True:
+        found = newest_complete(fs, path, log=lambda _: None)
+        if found is not None and found[1] > after:
+            return
+        assert process.poll() is None and time.time() < deadline, "no new checkpoint appeared"
+        time.sleep(0.2)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_ray_train_ctrl_c_stops_workers_and_the_printed_command_resumes(
+@pytest.mark.timeout(480)
+def test_ray_train_killed_then_ctrl_c_and_the_printed_command_resumes(
     ray_cluster, tmp_path_factory, tmp_path
 ):
-    """Ctrl-C to `raysae train` on Ray once a checkpoint exists: Ray Train aborts the workers
-    (the cluster's CPUs come back), exit 130, no traceback, and the printed command resumes to
-    the exact budget; the rate after the resume counts only the tokens trained since it."""
+    """One run, stopped twice on Ray. First its driver is killed (SIGKILL: nothing runs, no
+    message) after a checkpoint: the same command resumes from the newest complete checkpoint,
+    counting its epoch's trained tokens as replayed. Then Ctrl-C once that run has checkpointed
+    again: Ray Train aborts the workers (the cluster's CPUs come back), exit 130, no traceback,
+    and the printed command resumes to the exact budget; after each resume the rate counts only
+    the tokens trained since it."""
     import ray
 
     from raysae import data
@@ -121,38 +151,51 @@ def test_ray_train_ctrl_c_stops_workers_and_the_printed_command_resumes(
     x, _ = ToyData(ToyDataConfig(n_features=128, active_per_token=3, seed=3), 32).sample(6 * 8192)
     data.write_dataset(uri, x, dtype="float32", rows_per_part=8192, model="toy")
     config = _write_ray_config(tmp_path / "run.yaml", uri)
-    out = tmp_path / "out"
+    out, run = tmp_path / "out", tmp_path / "out" / "r"
     address = ray.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "raysae", "train", str(config), "--out", str(out)]
     command += ["--name", "r", "--address", address]
+
+    # 1. The driver killed outright, most likely before Ray registered its checkpoint.
     first = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_for_checkpoint(run, first)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (run / "metrics.json").exists()
+    killed_at, replayed_after_kill = _resume_point(run)
+
+    # 2. The same command resumes; Ctrl-C once it has written a checkpoint of its own.
+    second = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    output = Output(first)
-    deadline = time.time() + 240
-    # Ray Train has registered a checkpoint once it writes its checkpoint manager's snapshot.
-    while not (out / "r" / "checkpoint_manager_snapshot.json").exists():
-        assert first.poll() is None and time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
+    output = Output(second)
+    _wait_for_checkpoint(run, second, after=killed_at)
     stop = output.mark()
-    os.killpg(first.pid, signal.SIGINT)
+    os.killpg(second.pid, signal.SIGINT)
     assert output.wait(timeout=120) == 130, output.since()[-3000:]
     # Ray's own log lines before the signal are not ours to judge (on a loaded machine they may
     # carry Ray's "safe to ignore" warnings, tracebacks included); from the stop on, none.
     assert "Traceback" not in output.since(stop), output.since(stop)[-3000:]
     resume = output.since(stop).split("Resume with:\n", 1)[1].splitlines()[0].strip()
     assert shlex.split(resume) == command
-    assert not (out / "r" / "metrics.json").exists()
+    assert not (run / "metrics.json").exists()
     wait_for_idle_cpus()  # the aborted run's Train worker gave its CPU back
 
-    # The printed command, run in this process (its interpreter is this one): a fresh process
-    # would only add its start-up to the test.
+    # 3. The printed command, run in this process (its interpreter is this one): a fresh
+    # process would only add its start-up to the test.
     assert main(shlex.split(resume)[3:]) == 0
-    metrics = json.loads((out / "r" / "metrics.json").read_text())
-    # A restart of its own (a worker health check failing on a loaded machine) is allowed.
-    assert metrics["tokens"] == 300_000 and metrics["restarts"] >= 1
+    metrics = json.loads((run / "metrics.json").read_text())
+    # Restarts of its own (a worker health check failing on a loaded machine) are allowed.
+    assert metrics["tokens"] == 300_000 and metrics["restarts"] >= 2
     history = metrics["history"]
-    resumed = next(i for i, r in enumerate(history) if r["restarts"] > 0)
-    trained_since = history[resumed]["tokens"] - history[resumed - 1]["tokens"]
-    rate_times_elapsed = history[resumed]["tokens_per_s"] * history[resumed]["elapsed_s"]
-    assert rate_times_elapsed == pytest.approx(trained_since)
+    after_kill = [r for r in history if r["restarts"] == 1]
+    assert after_kill and all(r["replayed_tokens"] == replayed_after_kill for r in after_kill)
+    resumes = [
+        i for i in range(1, len(history)) if history[i]["restarts"] > history[i - 1]["restarts"]
+    ]
+    assert len(resumes) >= 2
+    for i in resumes:
+        trained_since = history[i]["tokens"] - history[i - 1]["tokens"]
+        assert history[i]["tokens_per_s"] * history[i]["elapsed_s"] == pytest.approx(trained_since)
