@@ -33,6 +33,22 @@ class Output:
     def since(self, mark: int = 0) -> str:
         return "".join(self.lines[mark:])
 
+    def ours_since(self, mark: int = 0) -> str:
+        """`since(mark)` without the log lines of Ray's own bookkeeping actors (see
+        RAY_INTERNAL_ACTORS): what raysae, its Train workers and Tune printed."""
+        return "".join(line for line in self.lines[mark:] if not _ray_internal(line))
+
+
+RAY_INTERNAL_ACTORS = ("PlacementGroupCleaner",)
+"""Ray Train's actors whose tracebacks are Ray's business, not raysae's: the placement-group
+cleaner looks its controller up through the state API at address "auto", which fails with
+"Found multiple active Ray instances" whenever another Ray runs on the same machine (another
+test session, or the submit drill's head)."""
+
+
+def _ray_internal(line: str) -> bool:
+    return any(f"({name} pid=" in line for name in RAY_INTERNAL_ACTORS)
+
 
 def wait_for_idle_cpus(timeout: float = 60) -> None:
     """Wait until the session cluster has every CPU free again (no Ray workers left behind)."""

@@ -177,7 +177,7 @@ def test_ray_train_killed_then_ctrl_c_and_the_printed_command_resumes(
     assert output.wait(timeout=120) == 130, output.since()[-3000:]
     # Ray's own log lines before the signal are not ours to judge (on a loaded machine they may
     # carry Ray's "safe to ignore" warnings, tracebacks included); from the stop on, none.
-    assert "Traceback" not in output.since(stop), output.since(stop)[-3000:]
+    assert "Traceback" not in output.ours_since(stop), output.ours_since(stop)[-3000:]
     resume = output.since(stop).split("Resume with:\n", 1)[1].splitlines()[0].strip()
     assert shlex.split(resume) == command
     assert not (run / "metrics.json").exists()
