@@ -105,12 +105,17 @@ def _write_ray_config(path, uri):
     return path
 
 
+def _newest(run: Path):
+    """(path, tokens) of the newest complete checkpoint under `run`, or None."""
+    fs, path = storage.filesystem_and_path(str(run))
+    return newest_complete(fs, path, log=lambda _: None)
+
+
 def _resume_point(run: Path) -> tuple[int, int]:
     """(tokens, replayed tokens after resuming) of the newest complete checkpoint under `run`:
     a resume reads that checkpoint's epoch again from its start, so the tokens of it already
     trained on are added to the replayed ones."""
-    fs, path = storage.filesystem_and_path(str(run))
-    found = newest_complete(fs, path, log=lambda _: None)
+    found = _newest(run)
     assert found is not None
     state = json.loads((Path(found[0]) / "m0" / "train_state.json").read_text())
     progress = state["progress"]
@@ -119,10 +124,9 @@ def _resume_point(run: Path) -> tuple[int, int]:
 
 def _wait_for_checkpoint(run: Path, process: subprocess.Popen, after: int = -1) -> None:
     """Until `process` has written a complete checkpoint newer than `after` tokens."""
-    fs, path = storage.filesystem_and_path(str(run))
     deadline = time.time() + 240
     while True:
-        found = newest_complete(fs, path, log=lambda _: None)
+        found = _newest(run)
         if found is not None and found[1] > after:
             return
         assert process.poll() is None and time.time() < deadline, "no new checkpoint appeared"
