@@ -86,6 +86,9 @@ class SparseAutoencoder(nn.Module):
     """
 
     sparsity_loss: Optional[str] = None
+    auto_autocast: bool = True
+    """Whether `train.autocast: auto` may run this architecture's forward in bfloat16 (on CUDA);
+    False where bfloat16 pre-activations (8 significant bits) break its training."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
