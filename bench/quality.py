@@ -29,7 +29,8 @@ the held-out mean, float64 sums), L0 = mean latents > 0 per token, dead = fracti
 that fire on no held-out token.
 
 --variant "NAME: key=value; key=value" adds a raysae run with settings changed (`sae.*`,
-`train.*` fields; see raysae/config.py). Ablation switches that are not settings:
+`train.*` fields; see raysae/config.py); with `impl=SAELens` first, a SAELens run with
+TopKTrainingSAEConfig (`sae.*`) or SAETrainerConfig (`train.*`) fields changed. Ablation switches that are not settings:
 `decoder=free` (no unit-norm renormalisation and no parallel-gradient removal),
 `decoder_init_norm=0.1` (rows scaled after init, W_enc as well, SAELens's heuristic).
 """
@@ -210,22 +211,34 @@ def _sparsify_schedule(optimizer, warmup: int, total: int):
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
-def train_saelens(batches: list[Tensor], d: int, n: int, k: int, seed: int, _) -> Reconstruct:
+def train_saelens(
+    batches: list[Tensor], d: int, n: int, k: int, seed: int, overrides: dict[str, str]
+) -> Reconstruct:
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    sections = {"sae": {}, "train": {}}
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if section not in sections or not field:
+            raise SystemExit(f"--variant key {key!r}: expected sae.FIELD or train.FIELD")
+        sections[section][field] = _parse(value)
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, dtype="float32", device="cpu")
+        TopKTrainingSAEConfig(
+            d_in=d, d_sae=n, k=k, dtype="float32", device="cpu", **sections["sae"]
+        )
     )
     tokens = len(batches) * batches[0].shape[0]
+    lr = sections["train"].get("lr", SAETrainerConfig.lr)
     trainer = SAETrainer(
-        # lr_end as LanguageModelSAERunnerConfig fills it in (lr / 10; the constant schedule ignores it)
+        # lr_end as LanguageModelSAERunnerConfig fills it in (lr / 10; the constant schedule
+        # ignores it)
         cfg=SAETrainerConfig(
             total_training_samples=tokens,
             train_batch_size_samples=batches[0].shape[0],
-            lr_end=SAETrainerConfig.lr / 10,
+            **{"lr_end": lr / 10, **sections["train"]},
         ),
         sae=sae,
         data_provider=iter(()),
@@ -284,9 +297,12 @@ def main(argv: list[str] | None = None) -> None:
         f"n_latents={args.n_latents}, k={args.k}, seed {args.seed}",
         flush=True,
     )
-    runs = [(impl, impl, {}) for impl in args.impls] + [
-        (f"raysae, {name}", "raysae", pairs) for name, pairs in variants
-    ]
+    runs = [(impl, impl, {}) for impl in args.impls]
+    for name, pairs in variants:
+        impl = pairs.pop("impl", "raysae")
+        if impl not in TRAINERS or impl == "sparsify":
+            raise SystemExit(f"--variant {name}: impl={impl}; variants run raysae or SAELens")
+        runs.append((f"{impl}, {name}", impl, pairs))
     rows = []
     for label, impl, overrides in runs:
         t0 = time.perf_counter()
