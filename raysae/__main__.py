@@ -134,6 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         splice=splice,
+        by_position=args.by_position,
     )
     return 0
 
@@ -338,6 +339,14 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ev.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
+    ev.add_argument(
+        "--by-position",
+        action="store_true",
+        help="also FVU, L0, MSE and cosine by the token's position in its context window (BOS "
+        "= 0), in buckets: of the scored rows of a harvested dataset (positions up to its "
+        "harvest context length) and, with --splice-tokens, of the LM pass at --context-length "
+        "(which may exceed the harvest's), with CE increase, CE recovered and KL by position",
+    )
     _splice_options().add(
         ev.add_argument_group(
             "SAE spliced into the LM",

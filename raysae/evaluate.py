@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +39,7 @@ from raysae.checkpoint import load_sae
 from raysae.config import RunConfig, load_run_config
 from raysae.geometry import decoder_geometry
 from raysae.metrics import Moments, ReconstructionStats, SparsityStats, latent_norms
+from raysae.positions import PositionStats, bucket_edges, position_lines, window_positions
 from raysae.saes import SparseAutoencoder
 from raysae.settings import from_dict, to_dict
 from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line
@@ -72,6 +74,9 @@ class EvalData:
     """Which rows `fit` reads, for the report."""
     true_directions: Optional[Tensor] = None
     """Toy data only: (n_features, d_in) ground-truth feature directions."""
+    scored_dataset: Optional[object] = None
+    """A dataset's scored rows as a raysae.data.Dataset (None for toy data), for the passes
+    that read its token_id / doc_id / pos columns too (`token_pass`)."""
 
 
 def open_data(
@@ -205,6 +210,7 @@ def _dataset(uri: str, batch_size: int, rows: str, held_out: HeldOut) -> EvalDat
         lambda: scored.batches(batch_size, dtype=torch.float32),
         lambda: train.batches(batch_size, dtype=torch.float32),
         fit_rows,
+        scored_dataset=scored,
     )
 
 
@@ -375,6 +381,110 @@ def _fit_pass(
     return moments, sample, nonzeros / len(sample)
 
 
+LATENT_ELEMENTS = 2**24
+"""At most this many latent values (rows × n_latents) at once in `token_pass`: 64 MiB of
+float32, so a pass over n_latents = 131072 holds 128 rows at a time, not a (4096, n) slab."""
+
+
+class TokenObserver(Protocol):
+    """Something `token_pass` shows every chunk of rows to (PositionStats, the latent browser)."""
+
+    def observe(self, batch: dict[str, Tensor], x: Tensor, out, first_row: int) -> None:
+        """batch: the chunk's columns (token_id, doc_id, pos, …: (B,)); x: its activations
+        (B, d_in) on the SAE's device; out: the SAE's SAEOutput; first_row: its row number."""
+
+
+@torch.no_grad()
+def token_pass(
+    model: SparseAutoencoder,
+    batches: Iterable[dict[str, Tensor]],
+    n_tokens: int,
+    observers: Sequence[TokenObserver],
+    progress: Optional[Callable[[str], None]] = None,
+) -> int:
+    """One pass of the SAE (inference mode) over the first n_tokens rows of column batches
+    (`act` and any others), in chunks of at most LATENT_ELEMENTS latents, each shown to every
+    observer. Returns the rows seen."""
+    d_in, device = model.cfg.d_in, model.W_dec.device
+    chunk = max(1, LATENT_ELEMENTS // model.cfg.n_latents)
+    seen, start, last = 0, time.monotonic(), time.monotonic()
+    with model.evaluating():
+        for batch in batches:
+            rows = min(len(batch["act"]), n_tokens - seen)
+            for lo in range(0, rows, chunk):
+                hi = min(lo + chunk, rows)
+                part = {k: v[lo:hi] for k, v in batch.items()}
+                x = next(take([part.pop("act")], hi - lo, d_in, device))
+                out = model(x.to(model.W_enc.dtype))
+                for observer in observers:
+                    observer.observe(part, x, out, seen + lo)
+            seen += rows
+            if progress and time.monotonic() - last >= 10:
+                last = time.monotonic()
+                rate = seen / max(last - start, 1e-9)
+                progress(f"token pass: {seen:,}/{n_tokens:,} rows, {rate:,.0f} rows/s")
+            if seen >= n_tokens:
+                break
+    if not seen:
+        raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
+    return seen
+
+
+class DatasetPositions:
+    """A PositionStats fed from a harvested dataset's rows: the `pos` column (the index in the
+    document) turned into the index in the harvest's window (raysae.positions)."""
+
+    def __init__(self, d_in: int, context_length: int, prepend_bos: bool):
+        self.context_length, self.prepend_bos = context_length, prepend_bos
+        self.stats = PositionStats(d_in, bucket_edges(context_length), end=context_length)
+
+    def observe(self, batch: dict[str, Tensor], x: Tensor, out, first_row: int) -> None:
+        positions = window_positions(batch["pos"].to(torch.int64), *self._window)
+        self.stats.update(x, out.x_hat, out.codes, positions.to(x.device))
+
+    @property
+    def _window(self) -> tuple[int, bool]:
+        return self.context_length, self.prepend_bos
+
+    @classmethod
+    def of(cls, data: EvalData, d_in: int) -> "DatasetPositions":
+        """From the scored dataset's manifest (harvest's context_length and prepend_bos)."""
+        dataset = data.scored_dataset
+        harvest = {} if dataset is None else (dataset.manifest.harvest or {})
+        if "context_length" not in harvest:
+            what = "toy data" if dataset is None else f"{dataset.uri} (not harvested from an LM)"
+            raise DataSourceError(
+                f"--by-position: {what} records no token positions in context windows; give a "
+                "dataset written by raysae harvest, or add --splice-tokens N (a fresh LM pass, "
+                "any --context-length)"
+            )
+        return cls(d_in, int(harvest["context_length"]), bool(harvest.get("prepend_bos", True)))
+
+
+def _dataset_positions(
+    model: SparseAutoencoder, data: EvalData, n_tokens: int, batch_size: int, spliced: bool
+) -> dict:
+    """The report's `by_position` section from the scored rows of a harvested dataset; {} when
+    the data have no positions but the splice's LM pass gives them (`spliced`)."""
+    from raysae.data.format import COLUMNS
+
+    try:
+        positions = DatasetPositions.of(data, model.cfg.d_in)
+    except DataSourceError:
+        if spliced:
+            return {}
+        raise
+    batches = data.scored_dataset.batches(batch_size, dtype=torch.float32, columns=COLUMNS)
+    token_pass(model, batches, n_tokens, [positions])
+    return {
+        "by_position": {
+            "source": f"{data.rows}, windows of {positions.context_length} tokens (the harvest's)",
+            "context_length": positions.context_length,
+            "buckets": positions.stats.compute(),
+        }
+    }
+
+
 def _check_same_tokens(first: Moments, second: Moments) -> None:
     same = first.n == second.n and torch.allclose(
         first.mean.cpu(),
@@ -405,6 +515,7 @@ def eval_command(
     seed: int = 0,
     device: Optional[str] = None,
     splice: Optional[dict] = None,
+    by_position: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """`raysae eval`: evaluate a checkpoint, print the report, write it as JSON to `out`.
@@ -415,6 +526,10 @@ def eval_command(
 
     splice: raysae.splice_config.SpliceConfig fields (None = from the dataset's manifest) to also
     splice the SAE into its language model; None skips that part.
+
+    by_position: metrics by token position (raysae.positions) of the scored rows of a harvested
+    dataset (positions up to the harvest's context length) and, with `splice`, of the LM pass at
+    the splice's context length (CE and KL too).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sae(checkpoint, device)
@@ -455,9 +570,15 @@ def eval_command(
     if data.true_directions is not None:
         recovery = feature_recovery(data.true_directions, model.W_dec)
         report["feature_recovery"] = {k: v for k, v in recovery.items() if k != "max_cos"}
+    if by_position:
+        report.update(_dataset_positions(model, data, n_tokens, batch_size, splice is not None))
     if splice is not None:
         report["splice"] = splicing.run_splice(
-            model, splice_cfg, device=device, progress=splicing.print_progress
+            model,
+            splice_cfg,
+            device=device,
+            progress=splicing.print_progress,
+            by_position=by_position,
         )
     log(format_report(report))
     if out:
@@ -526,10 +647,17 @@ def format_report(report: dict) -> str:
     rec = report.get("feature_recovery")
     if rec:
         lines.append(recovery_line(rec))
+    if "by_position" in report:
+        section = report["by_position"]
+        lines.extend(position_lines(section["buckets"], section["source"]))
     if "splice" in report:
         from raysae.splice import report_lines
 
         lines.extend(report_lines(report["splice"]))
+        if "by_position" in report["splice"]:
+            s = report["splice"]
+            source = f"LM pass over {s['corpus']}, windows of {s['context_length']} tokens"
+            lines.extend(position_lines(s["by_position"], source))
     return "\n".join(lines)
 
 
