@@ -135,6 +135,8 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         splice=splice,
         by_position=args.by_position,
+        report_dir=args.report,
+        report_latents=args.report_latents,
     )
     return 0
 
@@ -339,6 +341,24 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ev.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
+    ev.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write DIR/index.html, a self-contained page (open it from disk: no network, "
+        "no server) with the metric table beside the baselines, the firing-frequency and "
+        "decoder-cosine histograms, the per-position curves (--by-position), CE/KL when "
+        "spliced, the training curves, and a latent browser (top and random firing contexts, "
+        "activation histogram, logit-lens tokens; search by latent id or token), and "
+        "DIR/metrics.json",
+    )
+    ev.add_argument(
+        "--report-latents",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="latents the browser details: all when there are at most N, else the N/2 most "
+        "frequent and a uniform sample of the rest (default 4096)",
+    )
     ev.add_argument(
         "--by-position",
         action="store_true",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,28 +462,84 @@ class DatasetPositions:
         return cls(d_in, int(harvest["context_length"]), bool(harvest.get("prepend_bos", True)))
 
 
-def _dataset_positions(
-    model: SparseAutoencoder, data: EvalData, n_tokens: int, batch_size: int, spliced: bool
-) -> dict:
-    """The report's `by_position` section from the scored rows of a harvested dataset; {} when
-    the data have no positions but the splice's LM pass gives them (`spliced`)."""
-    from raysae.data.format import COLUMNS
+def _token_sections(
+    model: SparseAutoencoder,
+    data: EvalData,
+    n_tokens: int,
+    batch_size: int,
+    by_position: bool,
+    browse: bool,
+    spliced: bool,
+):
+    """One `token_pass` over the scored rows for the `by_position` section (a harvested
+    dataset's rows; skipped without positions when the splice's LM pass gives them) and the
+    latent browser (`browse`): (LatentTops or None, report sections)."""
+    from raysae.latents import LatentTops
 
-    try:
-        positions = DatasetPositions.of(data, model.cfg.d_in)
-    except DataSourceError:
-        if spliced:
-            return {}
-        raise
-    batches = data.scored_dataset.batches(batch_size, dtype=torch.float32, columns=COLUMNS)
-    token_pass(model, batches, n_tokens, [positions])
-    return {
-        "by_position": {
-            "source": f"{data.rows}, windows of {positions.context_length} tokens (the harvest's)",
-            "context_length": positions.context_length,
-            "buckets": positions.stats.compute(),
-        }
-    }
+    observers, positions, tops = [], None, None
+    if by_position:
+        try:
+            positions = DatasetPositions.of(data, model.cfg.d_in)
+            observers.append(positions)
+        except DataSourceError:
+            if not spliced:
+                raise
+    if browse:
+        tops = LatentTops(model.cfg.n_latents)
+        observers.append(tops)
+    if observers:
+        if data.scored_dataset is not None:
+            from raysae.data.format import COLUMNS
+
+            batches = data.scored_dataset.batches(batch_size, dtype=torch.float32, columns=COLUMNS)
+        else:
+            batches = ({"act": x} for x in data.score())
+        token_pass(model, batches, n_tokens, observers, progress=_progress)
+    if positions is None:
+        return tops, {}
+    source = f"{data.rows}, windows of {positions.context_length} tokens (the harvest's)"
+    section = {"source": source, "context_length": positions.context_length}
+    return tops, {"by_position": {**section, "buckets": positions.stats.compute()}}
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _write_report(
+    out: str,
+    report: dict,
+    tops,
+    model: SparseAutoencoder,
+    data: EvalData,
+    checkpoint,
+    report_latents: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> None:
+    """The report page and the latent browser's files in `out` (raysae.pages, raysae.latents)."""
+    from raysae import pages
+    from raysae.latents import publish
+
+    manifest = None if data.scored_dataset is None else data.scored_dataset.manifest
+    if manifest is not None and (manifest.harvest or {}).get("context_length"):
+        report["harvest_context_length"] = manifest.harvest["context_length"]
+    history = None
+    run = Path(checkpoint).parent / "metrics.json"
+    if run.exists():
+        history = json.loads(run.read_text()).get("history")
+    t0 = time.perf_counter()
+    browser = publish(
+        tops,
+        model.W_dec.detach(),
+        manifest,
+        Path(out),
+        publish_latents=report_latents,
+        seed=seed,
+        log=_progress,
+    )
+    page = pages.write_report(out, report, browser, history)
+    log(f"wrote {page} ({time.perf_counter() - t0:.1f} s) — open it in a browser")
 
 
 def _check_same_tokens(first: Moments, second: Moments) -> None:
@@ -516,6 +573,8 @@ def eval_command(
     device: Optional[str] = None,
     splice: Optional[dict] = None,
     by_position: bool = False,
+    report_dir: Optional[str] = None,
+    report_latents: int = 4096,
     log: Callable[[str], None] = print,
 ) -> dict:
     """`raysae eval`: evaluate a checkpoint, print the report, write it as JSON to `out`.
@@ -530,6 +589,9 @@ def eval_command(
     by_position: metrics by token position (raysae.positions) of the scored rows of a harvested
     dataset (positions up to the harvest's context length) and, with `splice`, of the LM pass at
     the splice's context length (CE and KL too).
+
+    report_dir: also write the report page there (raysae.pages: index.html, metrics.json and
+    the latent browser's files, `report_latents` latents detailed; raysae.latents).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sae(checkpoint, device)
@@ -570,8 +632,12 @@ def eval_command(
     if data.true_directions is not None:
         recovery = feature_recovery(data.true_directions, model.W_dec)
         report["feature_recovery"] = {k: v for k, v in recovery.items() if k != "max_cos"}
-    if by_position:
-        report.update(_dataset_positions(model, data, n_tokens, batch_size, splice is not None))
+    tops = None
+    if by_position or report_dir:
+        tops, section = _token_sections(
+            model, data, n_tokens, batch_size, by_position, report_dir, splice is not None
+        )
+        report.update(section)
     if splice is not None:
         report["splice"] = splicing.run_splice(
             model,
@@ -581,10 +647,12 @@ def eval_command(
             by_position=by_position,
         )
     log(format_report(report))
+    if report_dir:
+        _write_report(report_dir, report, tops, model, data, checkpoint, report_latents, seed, log)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         # NaN (e.g. FVU of constant data) is not JSON: written as null.
-        Path(out).write_text(json.dumps(_json_safe(report), indent=2))
+        Path(out).write_text(json.dumps(json_safe(report), indent=2))
         log(f"wrote {out}")
     return report
 
@@ -661,11 +729,11 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value):
+def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
