@@ -597,6 +597,11 @@ def eval_command(
     report_dir: also write the report page there (raysae.pages: index.html, metrics.json and
     the latent browser's files, `report_latents` latents detailed; raysae.latents).
     """
+    if report_dir and "://" in report_dir:
+        raise DataSourceError(
+            f"--report {report_dir}: the report is a local folder of files to open in a "
+            "browser; give a local path (and copy it to object storage afterwards if needed)"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sae(checkpoint, device)
     if splice is not None:  # the data plane and the LM are needed only here
