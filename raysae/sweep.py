@@ -22,7 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
-from raysae import interrupt, report
+from raysae import interrupt, pages, report
 from raysae.config import TOPK_FAMILY, RunConfig
 from raysae.data import BadDataError, Dataset, storage
 from raysae.loop import STOPS_RUN, member_key
@@ -212,6 +212,7 @@ def run_sweep(
         )
     table = report.with_frontiers(collect(grid, sweep_dir))
     report.write_results(table, sweep_dir)
+    pages.write_sweep_page(sweep_dir, table)  # OUT/NAME/index.html; `raysae pages` refreshes it
     log(f"sweep finished in {time.perf_counter() - t0:.0f} s")
     log(report.summary(table, sweep_dir))
     return table
