@@ -21,6 +21,7 @@ from pathlib import Path
 import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 
 def fake_secrets() -> dict[str, str]:
@@ -199,3 +200,14 @@ def test_tune_copies_no_aws_keys_into_trials(monkeypatch):
     env = trial_env()
     assert not set(env) & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
     assert env["PL_DISABLE_FORK"] == "1"  # the rest of Tune's list is kept
+
+
+def test_a_password_in_the_mlflow_uri_is_refused_without_echoing_it():
+    from raysae.config import MLflowConfig
+    from raysae.settings import ConfigError
+
+    password = fake_secrets()["MLFLOW_TRACKING_TOKEN"]
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_PASSWORD") as refused:
+        MLflowConfig(tracking_uri=f"https://me:{password}@mlflow.example.com")
+    assert password not in str(refused.value)
+    assert MLflowConfig(tracking_uri="https://me@mlflow.example.com").tracking_uri  # no password
