@@ -134,6 +134,9 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         splice=splice,
+        by_position=args.by_position,
+        report_dir=args.report,
+        report_latents=args.report_latents,
     )
     return 0
 
@@ -338,6 +341,32 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ev.add_argument("--out", metavar="FILE", help="also write the report as JSON to FILE")
+    ev.add_argument(
+        "--report",
+        metavar="DIR",
+        help="also write DIR/index.html, a self-contained page (open it from disk: no network, "
+        "no server) with the metric table beside the baselines, the firing-frequency and "
+        "decoder-cosine histograms, the per-position curves (--by-position), CE/KL when "
+        "spliced, the training curves, and a latent browser (top and random firing contexts, "
+        "activation histogram, logit-lens tokens; search by latent id or token), and "
+        "DIR/metrics.json",
+    )
+    ev.add_argument(
+        "--report-latents",
+        type=_positive_int,
+        default=4096,
+        metavar="N",
+        help="latents the browser details: all when there are at most N, else the N/2 most "
+        "frequent and a uniform sample of the rest (default 4096)",
+    )
+    ev.add_argument(
+        "--by-position",
+        action="store_true",
+        help="also FVU, L0, MSE and cosine by the token's position in its context window (BOS "
+        "= 0), in buckets: of the scored rows of a harvested dataset (positions up to its "
+        "harvest context length) and, with --splice-tokens, of the LM pass at --context-length "
+        "(which may exceed the harvest's), with CE increase, CE recovered and KL by position",
+    )
     _splice_options().add(
         ev.add_argument_group(
             "SAE spliced into the LM",

@@ -170,8 +170,13 @@ class TrainConfig:
     """Tokens of data used to initialise b_dec and the input scale."""
     seed: int = 0
     """Seed for parameter initialisation (and data order where the data source takes one)."""
+    autocast: Literal["auto", "bfloat16", "off"] = "auto"
+    """Mixed precision of the training forward (torch.autocast): matmuls in bfloat16, parameters,
+    optimizer state and the losses in float32. auto: bfloat16 on CUDA, off on CPU (where
+    bfloat16 matmuls are no faster on most machines); bfloat16: on any device; off: float32."""
 
     def __post_init__(self) -> None:
+        check_choices(self, where="train")
         check_positive(
             self, "total_tokens", "batch_size", "log_every_tokens", "init_tokens", where="train"
         )
@@ -192,6 +197,12 @@ class TrainConfig:
                 f"train.total_tokens={self.total_tokens} is smaller than one batch "
                 f"(train.batch_size={self.batch_size}); raise the budget or lower the batch size"
             )
+
+    def autocast_dtype(self, device_type: str) -> Optional[str]:
+        """The autocast dtype's name on a device of `device_type` ("cpu", "cuda"), or None."""
+        if self.autocast == "off" or (self.autocast == "auto" and device_type != "cuda"):
+            return None
+        return "bfloat16"
 
     def effective_lr(self, n_latents: int) -> float:
         """The learning rate, defaulting to 2e-4 / sqrt(n_latents / 2^14)."""

@@ -26,9 +26,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +40,7 @@ from raysae.checkpoint import load_sae
 from raysae.config import RunConfig, load_run_config
 from raysae.geometry import decoder_geometry
 from raysae.metrics import Moments, ReconstructionStats, SparsityStats, latent_norms
+from raysae.positions import PositionStats, bucket_edges, position_lines, window_positions
 from raysae.saes import SparseAutoencoder
 from raysae.settings import from_dict, to_dict
 from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line
@@ -72,6 +75,9 @@ class EvalData:
     """Which rows `fit` reads, for the report."""
     true_directions: Optional[Tensor] = None
     """Toy data only: (n_features, d_in) ground-truth feature directions."""
+    scored_dataset: Optional[object] = None
+    """A dataset's scored rows as a raysae.data.Dataset (None for toy data), for the passes
+    that read its token_id / doc_id / pos columns too (`token_pass`)."""
 
 
 def open_data(
@@ -205,6 +211,7 @@ def _dataset(uri: str, batch_size: int, rows: str, held_out: HeldOut) -> EvalDat
         lambda: scored.batches(batch_size, dtype=torch.float32),
         lambda: train.batches(batch_size, dtype=torch.float32),
         fit_rows,
+        scored_dataset=scored,
     )
 
 
@@ -375,6 +382,166 @@ def _fit_pass(
     return moments, sample, nonzeros / len(sample)
 
 
+LATENT_ELEMENTS = 2**24
+"""At most this many latent values (rows × n_latents) at once in `token_pass`: 64 MiB of
+float32, so a pass over n_latents = 131072 holds 128 rows at a time, not a (4096, n) slab."""
+
+
+class TokenObserver(Protocol):
+    """Something `token_pass` shows every chunk of rows to (PositionStats, the latent browser)."""
+
+    def observe(self, batch: dict[str, Tensor], x: Tensor, out, first_row: int) -> None:
+        """batch: the chunk's columns (token_id, doc_id, pos, …: (B,)); x: its activations
+        (B, d_in) on the SAE's device; out: the SAE's SAEOutput; first_row: its row number."""
+
+
+@torch.no_grad()
+def token_pass(
+    model: SparseAutoencoder,
+    batches: Iterable[dict[str, Tensor]],
+    n_tokens: int,
+    observers: Sequence[TokenObserver],
+    progress: Optional[Callable[[str], None]] = None,
+) -> int:
+    """One pass of the SAE (inference mode) over the first n_tokens rows of column batches
+    (`act` and any others), in chunks of at most LATENT_ELEMENTS latents, each shown to every
+    observer. Returns the rows seen."""
+    d_in, device = model.cfg.d_in, model.W_dec.device
+    chunk = max(1, LATENT_ELEMENTS // model.cfg.n_latents)
+    seen, start, last = 0, time.monotonic(), time.monotonic()
+    with model.evaluating():
+        for batch in batches:
+            rows = min(len(batch["act"]), n_tokens - seen)
+            for lo in range(0, rows, chunk):
+                hi = min(lo + chunk, rows)
+                part = {k: v[lo:hi] for k, v in batch.items()}
+                x = next(take([part.pop("act")], hi - lo, d_in, device))
+                out = model(x.to(model.W_enc.dtype))
+                for observer in observers:
+                    observer.observe(part, x, out, seen + lo)
+            seen += rows
+            if progress and time.monotonic() - last >= 10:
+                last = time.monotonic()
+                rate = seen / max(last - start, 1e-9)
+                progress(f"token pass: {seen:,}/{n_tokens:,} rows, {rate:,.0f} rows/s")
+            if seen >= n_tokens:
+                break
+    if not seen:
+        raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
+    return seen
+
+
+class DatasetPositions:
+    """A PositionStats fed from a harvested dataset's rows: the `pos` column (the index in the
+    document) turned into the index in the harvest's window (raysae.positions)."""
+
+    def __init__(self, d_in: int, context_length: int, prepend_bos: bool):
+        self.context_length, self.prepend_bos = context_length, prepend_bos
+        self.stats = PositionStats(d_in, bucket_edges(context_length), end=context_length)
+
+    def observe(self, batch: dict[str, Tensor], x: Tensor, out, first_row: int) -> None:
+        positions = window_positions(batch["pos"].to(torch.int64), *self._window)
+        self.stats.update(x, out.x_hat, out.codes, positions.to(x.device))
+
+    @property
+    def _window(self) -> tuple[int, bool]:
+        return self.context_length, self.prepend_bos
+
+    @classmethod
+    def of(cls, data: EvalData, d_in: int) -> "DatasetPositions":
+        """From the scored dataset's manifest (harvest's context_length and prepend_bos)."""
+        dataset = data.scored_dataset
+        harvest = {} if dataset is None else (dataset.manifest.harvest or {})
+        if "context_length" not in harvest:
+            what = "toy data" if dataset is None else f"{dataset.uri} (not harvested from an LM)"
+            raise DataSourceError(
+                f"--by-position: {what} records no token positions in context windows; give a "
+                "dataset written by raysae harvest, or add --splice-tokens N (a fresh LM pass, "
+                "any --context-length)"
+            )
+        return cls(d_in, int(harvest["context_length"]), bool(harvest.get("prepend_bos", True)))
+
+
+def _token_sections(
+    model: SparseAutoencoder,
+    data: EvalData,
+    n_tokens: int,
+    batch_size: int,
+    by_position: bool,
+    browse: bool,
+    spliced: bool,
+):
+    """One `token_pass` over the scored rows for the `by_position` section (a harvested
+    dataset's rows; skipped without positions when the splice's LM pass gives them) and the
+    latent browser (`browse`): (LatentTops or None, report sections)."""
+    from raysae.latents import LatentTops
+
+    observers, positions, tops = [], None, None
+    if by_position:
+        try:
+            positions = DatasetPositions.of(data, model.cfg.d_in)
+            observers.append(positions)
+        except DataSourceError:
+            if not spliced:
+                raise
+    if browse:
+        tops = LatentTops(model.cfg.n_latents)
+        observers.append(tops)
+    if observers:
+        if data.scored_dataset is not None:
+            from raysae.data.format import COLUMNS
+
+            batches = data.scored_dataset.batches(batch_size, dtype=torch.float32, columns=COLUMNS)
+        else:
+            batches = ({"act": x} for x in data.score())
+        token_pass(model, batches, n_tokens, observers, progress=_progress)
+    if positions is None:
+        return tops, {}
+    source = f"{data.rows}, windows of {positions.context_length} tokens (the harvest's)"
+    section = {"source": source, "context_length": positions.context_length}
+    return tops, {"by_position": {**section, "buckets": positions.stats.compute()}}
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _write_report(
+    out: str,
+    report: dict,
+    tops,
+    model: SparseAutoencoder,
+    data: EvalData,
+    checkpoint,
+    report_latents: int,
+    seed: int,
+    log: Callable[[str], None],
+) -> None:
+    """The report page and the latent browser's files in `out` (raysae.pages, raysae.latents)."""
+    from raysae import pages
+    from raysae.latents import publish
+
+    manifest = None if data.scored_dataset is None else data.scored_dataset.manifest
+    if manifest is not None and (manifest.harvest or {}).get("context_length"):
+        report["harvest_context_length"] = manifest.harvest["context_length"]
+    history = None
+    run = Path(checkpoint).parent / "metrics.json"
+    if run.exists():
+        history = json.loads(run.read_text()).get("history")
+    t0 = time.perf_counter()
+    browser = publish(
+        tops,
+        model.W_dec.detach(),
+        manifest,
+        Path(out),
+        publish_latents=report_latents,
+        seed=seed,
+        log=_progress,
+    )
+    page = pages.write_report(out, report, browser, history)
+    log(f"wrote {page} ({time.perf_counter() - t0:.1f} s) — open it in a browser")
+
+
 def _check_same_tokens(first: Moments, second: Moments) -> None:
     same = first.n == second.n and torch.allclose(
         first.mean.cpu(),
@@ -405,6 +572,9 @@ def eval_command(
     seed: int = 0,
     device: Optional[str] = None,
     splice: Optional[dict] = None,
+    by_position: bool = False,
+    report_dir: Optional[str] = None,
+    report_latents: int = 4096,
     log: Callable[[str], None] = print,
 ) -> dict:
     """`raysae eval`: evaluate a checkpoint, print the report, write it as JSON to `out`.
@@ -415,6 +585,13 @@ def eval_command(
 
     splice: raysae.splice_config.SpliceConfig fields (None = from the dataset's manifest) to also
     splice the SAE into its language model; None skips that part.
+
+    by_position: metrics by token position (raysae.positions) of the scored rows of a harvested
+    dataset (positions up to the harvest's context length) and, with `splice`, of the LM pass at
+    the splice's context length (CE and KL too).
+
+    report_dir: also write the report page there (raysae.pages: index.html, metrics.json and
+    the latent browser's files, `report_latents` latents detailed; raysae.latents).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sae(checkpoint, device)
@@ -455,15 +632,27 @@ def eval_command(
     if data.true_directions is not None:
         recovery = feature_recovery(data.true_directions, model.W_dec)
         report["feature_recovery"] = {k: v for k, v in recovery.items() if k != "max_cos"}
+    tops = None
+    if by_position or report_dir:
+        tops, section = _token_sections(
+            model, data, n_tokens, batch_size, by_position, report_dir, splice is not None
+        )
+        report.update(section)
     if splice is not None:
         report["splice"] = splicing.run_splice(
-            model, splice_cfg, device=device, progress=splicing.print_progress
+            model,
+            splice_cfg,
+            device=device,
+            progress=splicing.print_progress,
+            by_position=by_position,
         )
     log(format_report(report))
+    if report_dir:
+        _write_report(report_dir, report, tops, model, data, checkpoint, report_latents, seed, log)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         # NaN (e.g. FVU of constant data) is not JSON: written as null.
-        Path(out).write_text(json.dumps(_json_safe(report), indent=2))
+        Path(out).write_text(json.dumps(json_safe(report), indent=2))
         log(f"wrote {out}")
     return report
 
@@ -526,18 +715,25 @@ def format_report(report: dict) -> str:
     rec = report.get("feature_recovery")
     if rec:
         lines.append(recovery_line(rec))
+    if "by_position" in report:
+        section = report["by_position"]
+        lines.extend(position_lines(section["buckets"], section["source"]))
     if "splice" in report:
         from raysae.splice import report_lines
 
         lines.extend(report_lines(report["splice"]))
+        if "by_position" in report["splice"]:
+            s = report["splice"]
+            source = f"LM pass over {s['corpus']}, windows of {s['context_length']} tokens"
+            lines.extend(position_lines(s["by_position"], source))
     return "\n".join(lines)
 
 
-def _json_safe(value):
+def json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

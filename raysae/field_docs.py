@@ -94,6 +94,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'log_every_tokens': 'Print and record training metrics every this many tokens.',
         'init_tokens': 'Tokens of data used to initialise b_dec and the input scale.',
         'seed': 'Seed for parameter initialisation (and data order where the data source takes one).',
+        'autocast': 'Mixed precision of the training forward (torch.autocast): matmuls in bfloat16, parameters,\n    optimizer state and the losses in float32. auto: bfloat16 on CUDA, off on CPU (where\n    bfloat16 matmuls are no faster on most machines); bfloat16: on any device; off: float32.',
     },
     'raysae.config.WandbConfig': {
         'project': 'The W&B project.',

@@ -257,7 +257,12 @@ def latent_norms(model) -> Tensor:
     change it. (A plain mean ‖f‖₁ did: training's latents are in scaled units, the folded
     checkpoint's are those / input_scale, so training and `raysae eval` disagreed by that factor.)
     """
-    norms = model.W_dec.detach().to(torch.float64).norm(dim=-1)
+    # Each row's norm in W_dec's own dtype (float32 at least), then float64: casting the whole
+    # (n, d) matrix first made a 2.25 GiB temporary at n=131072, d=2304 on every training step,
+    # and float64 norms run 10-50x slower on CPU (BENCHMARKS.md, "Large dictionaries on CPU").
+    # A float32 norm is good to ~1e-7 relative, far inside what l1 is read for.
+    W = model.W_dec.detach()
+    norms = W.to(torch.promote_types(W.dtype, torch.float32)).norm(dim=-1).to(torch.float64)
     scale = getattr(model, "input_scale", 1.0)
     if isinstance(scale, Tensor):
         scale = scale.detach().to(norms.device, torch.float64)

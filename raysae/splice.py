@@ -71,6 +71,7 @@ from raysae.lm import (
     replaced_output,
     resolve_package_path,
 )
+from raysae.positions import PositionStats, bucket_edges
 from raysae.saes import SparseAutoencoder
 from raysae.splice_config import SpliceConfig
 from raysae.text import (
@@ -277,11 +278,14 @@ def evaluate_splice(
     batch_size: int = 8,
     mean_ablation: bool = True,
     progress: Callable[[str], None] | None = None,
+    by_position: PositionStats | None = None,
 ) -> SpliceStats:
     """Clean, spliced and ablated runs of `model` over `windows`, accumulated (module docstring).
 
     `excluded`: token ids left clean and unscored (harvest's `tokenizer.all_special_ids`).
     The SAE runs in inference mode on inputs cast to its dtype; no hook outlives the call.
+    `by_position` (a PositionStats with splice sums) also gets the SAE's reconstruction of the
+    replaced rows and every run's logits by position in the window (raysae.positions).
     """
     device = next(model.parameters()).device
     block = decoder_blocks(model)[layer]
@@ -304,11 +308,16 @@ def evaluate_splice(
     start = last_report = time.monotonic()
     with sae.evaluating():
         for i, batch in enumerate(batches):
+            if by_position is not None:
+                replacements["spliced"] = partial(_spliced_by_position, sae, by_position, batch)
             runs = {"clean": _logits(model, batch)}
             for name, rows in replacements.items():
                 with replaced_output(block, partial(_replace_rows, mask=batch.replaced, rows=rows)):
                     runs[name] = _logits(model, batch)
-            stats.update(batch.input_ids[:, 1:][batch.scored], **runs)
+            targets = batch.input_ids[:, 1:][batch.scored]
+            stats.update(targets, **runs)
+            if by_position is not None:
+                by_position.update_splice(_columns(batch.scored)[batch.scored], targets, **runs)
             now = time.monotonic()
             if progress and (now - last_report >= 10 or i == len(batches) - 1):
                 last_report = now
@@ -317,6 +326,20 @@ def evaluate_splice(
                     f"{stats.n / max(now - start, 1e-9):,.0f} tokens/s"
                 )
     return stats
+
+
+def _columns(mask: Tensor) -> Tensor:
+    """(B, T) int64: each entry's column, its position in the window."""
+    return torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+
+
+def _spliced_by_position(
+    sae: SparseAutoencoder, stats: PositionStats, batch: Batch, x: Tensor
+) -> Tensor:
+    """The SAE's reconstruction of the replaced rows x (N, d), recorded by position."""
+    out = sae(x.to(sae.W_enc.dtype))
+    stats.update(x, out.x_hat, out.codes, _columns(batch.replaced)[batch.replaced])
+    return out.x_hat
 
 
 # ---------------------------------------------------------------- one run, checked
@@ -356,8 +379,10 @@ def run_splice(
     *,
     device: str | torch.device = "cpu",
     progress: Callable[[str], None] | None = None,
+    by_position: bool = False,
 ) -> dict:
-    """Check, build the windows, load the model, evaluate; the report's `splice` section."""
+    """Check, build the windows, load the model, evaluate; the report's `splice` section
+    (with `by_position`, also its `by_position` rows: raysae.positions)."""
     check_model(sae, cfg)
     windows, excluded = corpus_windows(cfg, load_tokenizer(cfg.model, cfg.revision), cfg.n_tokens)
     model = load_model(cfg.model, revision=cfg.revision, dtype=cfg.model_dtype).to(device)
@@ -366,6 +391,17 @@ def run_splice(
             f"splice: {cfg.model} at {hook_name(cfg.layer)}, {len(windows):,} windows "
             f"of ≤ {cfg.context_length} tokens from {cfg.corpus}"
         )
+    positions = (
+        PositionStats(
+            sae.cfg.d_in,
+            bucket_edges(cfg.context_length),
+            splice=True,
+            mean_ablation=cfg.mean_ablation,
+            end=cfg.context_length,
+        )
+        if by_position
+        else None
+    )
     stats = evaluate_splice(
         model,
         cfg.layer,
@@ -375,7 +411,9 @@ def run_splice(
         batch_size=cfg.batch_size,
         mean_ablation=cfg.mean_ablation,
         progress=progress,
+        by_position=positions,
     )
+    extra = {"by_position": positions.compute()} if positions is not None else {}
     return {
         "model": cfg.model,
         "layer": cfg.layer,
@@ -385,6 +423,7 @@ def run_splice(
         "windows": len(windows),
         "bos": "clean" if cfg.exclude_special_tokens else "replaced",
         **stats.compute(),
+        **extra,
     }
 
 

@@ -6,6 +6,7 @@ Budgets and schedules are in tokens, so runs with different batch sizes or worke
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -67,6 +68,20 @@ def make_optimizer(model: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Ad
     )
 
 
+def autocast(
+    cfg: TrainConfig, device: torch.device, sae: SparseAutoencoder
+) -> contextlib.AbstractContextManager:
+    """The training forward's mixed precision (`train.autocast`): torch.autocast in bfloat16,
+    which runs the encoder and AuxK matmuls in bfloat16 while the parameters, their gradients
+    and Adam stay float32; the sparse decode (embedding_bag over float32 W_dec) and the losses
+    stay float32 (raysae.saes.sparse casts back). A no-op context when off, and under `auto`
+    for an architecture that opts out (`SparseAutoencoder.auto_autocast`)."""
+    dtype = cfg.autocast_dtype(device.type)
+    if dtype is None or (cfg.autocast == "auto" and not sae.auto_autocast):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+
 def check_batch(batch: Tensor, d_in: int, where: str) -> None:
     """Raise BadBatchError naming `where` if the batch is not (B, d_in) and finite."""
     if batch.ndim != 2 or batch.shape[1] != d_in:
@@ -106,8 +121,9 @@ def train_step(
         group["lr"] = learning_rate(cfg, cfg.effective_lr(sae.cfg.n_latents), state.tokens)
 
     dead_mask = state.tokens_since_fired >= cfg.dead_tokens
-    out = model(batch, dead_mask=dead_mask.to(batch.device))
-    loss = sae.total_loss(out.losses, sparsity_scale(cfg, state.tokens))
+    with autocast(cfg, batch.device, sae):
+        out = model(batch, dead_mask=dead_mask.to(batch.device))
+        loss = sae.total_loss(out.losses, sparsity_scale(cfg, state.tokens))
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

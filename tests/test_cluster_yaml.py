@@ -1,6 +1,6 @@
 """cluster.yaml, checked offline: Ray's own schema and config validation, boto3's RunInstances
 parameter shapes, and raysae's invariants (head trains nothing, GPUs declared, spot where meant,
-Ray pinned once).
+Ray pinned once, every node started with token authentication and given the head's token).
 
 What runs here, none of it calling AWS (the `offline` fixture refuses any network connection):
 - `ray/autoscaler/ray-schema.json` (draft-07) through jsonschema, as `ray up` does;
@@ -255,3 +255,84 @@ def test_misspelt_node_config_key_is_caught_by_boto3_shape_not_ray_schema():
     assert 'Unknown parameter in input: "InstanceMarketOption"' in run_instances_errors(
         nt["node_config"]
     )
+
+
+# --- token authentication (issue 17: only the owner can run code on the cluster) --------------
+
+AUTH_ON = re.compile(r"(?:^|[;&|]\s*|\s)RAY_AUTH_MODE=token\s+ray start\b")
+"""A `ray start` with token authentication switched on for that very command."""
+
+
+def start_commands(cfg: dict) -> dict[str, list[str]]:
+    """Every `ray start` of every node, after Ray's own preparation: node type → commands."""
+    prepared = ray_validate(cfg)
+    head = prepared["head_node_type"]
+    return {
+        name: [
+            command
+            for command in prepared[
+                "head_start_ray_commands" if name == head else "worker_start_ray_commands"
+            ]
+            if "ray start" in command
+        ]
+        for name in prepared["available_node_types"]
+    }
+
+
+def starts_without_auth(cfg: dict) -> list[str]:
+    """'node type: command' for each `ray start` that does not turn token auth on."""
+    return [
+        f"{name}: {command}"
+        for name, commands in start_commands(cfg).items()
+        for command in commands
+        if not AUTH_ON.search(command)
+    ]
+
+
+def test_every_node_starts_ray_with_token_auth():
+    cfg = load()
+    commands = start_commands(cfg)
+    assert set(commands) == set(cfg["available_node_types"])
+    assert all(len(c) == 1 for c in commands.values()), commands
+    assert starts_without_auth(cfg) == []
+    # Everything else in the containers (job drivers, `ray status` through `ray exec`) too.
+    assert "--env=RAY_AUTH_MODE=token" in cfg["docker"]["run_options"]
+    assert "RAY_AUTH_MODE=disabled" not in CLUSTER_YAML.read_text()
+
+
+def test_a_start_without_token_auth_is_named():
+    cfg = load()
+    cfg["worker_start_ray_commands"] = [
+        c.replace("RAY_AUTH_MODE=token ", "") for c in cfg["worker_start_ray_commands"]
+    ]
+    missing = starts_without_auth(cfg)
+    assert len(missing) == len(workers(cfg)) and all("ray start --address" in m for m in missing)
+    cfg = load()
+    cfg["head_start_ray_commands"] = [
+        c.replace("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")
+        for c in cfg["head_start_ray_commands"]
+    ]
+    assert [m.split(":")[0] for m in starts_without_auth(cfg)] == [cfg["head_node_type"]]
+
+
+def test_the_head_makes_the_token_and_every_node_gets_it():
+    cfg = load()
+    # Made on the head, printed to nowhere (the command prints the token), readable by its owner.
+    make = [c for c in cfg["head_setup_commands"] if "get-auth-token" in c]
+    assert len(make) == 1 and re.search(r"ray get-auth-token --generate\s*>\s*/dev/null", make[0])
+    assert "chmod 600 ~/.ray/auth_token" in make[0]
+    # ~/.ray of the container (the image's user is ray) is a file mount: Ray syncs it from the head
+    # to each worker before its setup and `ray start`, and bind-mounts it in the worker's container.
+    local = cfg["file_mounts"]["/home/ray/.ray"]
+    folder = ROOT / local
+    assert folder.is_dir() and not (folder / "auth_token").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md"], "keep it empty of secrets"
+    assert f"/{local}/auth_token" in (ROOT / ".gitignore").read_text().splitlines()
+    # A worker without the token stops at once, with the reason, instead of failing to join.
+    assert all("test -s ~/.ray/auth_token" in c for c in cfg["worker_start_ray_commands"][1:])
+
+
+def test_no_token_in_the_file():
+    text = CLUSTER_YAML.read_text()
+    assert "RAY_AUTH_TOKEN" not in text  # no token in the environment of the containers
+    assert not re.search(r"\b[0-9a-f]{32,}\b", text)  # Ray's tokens are 64 hex digits

@@ -12,11 +12,13 @@ from scipy import special, stats
 
 from raysae import data
 from raysae.__main__ import main
-from raysae.checkpoint import save_sae
-from raysae.config import SAEConfig, TrainConfig
+from raysae.checkpoint import load_sae, save_sae
+from raysae.config import SAEConfig, TrainConfig, load_run_config
 from raysae.evaluate import DataSourceError, evaluate_with_baselines
 from raysae.loop import fit
+from raysae.pages import read_js
 from raysae.saes import build_sae
+from raysae.synthetic import HELD_OUT_STREAM, ToyData
 
 TINY = """
 sae: {architecture: topk, d_in: 16, n_latents: 64, k: 4}
@@ -357,3 +359,36 @@ def test_eval_of_an_untrained_checkpoint_runs(tmp_path, capsys):
     )
     report = json.loads((tmp_path / "r.json").read_text())
     assert math.isfinite(report["sae"]["fvu"]) and report["sae"]["l0"] > 0
+
+
+def test_report_top_contexts_of_planted_features_are_where_they_fire(trained, tmp_path):
+    # The latent browser's must-show: for each planted toy feature, the latent whose decoder
+    # row matches it best has top contexts (read back from the browser's data files) on tokens
+    # where that feature was active, far above the feature's base rate.
+    cfg, ckpt = trained
+    out = tmp_path / "report"
+    argv = ["eval", str(ckpt), "--data", f"toy:{cfg}", "--tokens", "3000", "--batch-size", "1000"]
+    assert main([*argv, "--kmeans-k", "8", "--report", str(out)]) == 0
+    run = load_run_config(cfg)
+    toy = ToyData(run.data.toy, 16, stream=HELD_OUT_STREAM)  # the scored stream, regenerated
+    active = torch.cat([toy.sample(1000)[1] for _ in range(3)]) > 0  # (rows, features)
+    W = load_sae(ckpt).W_dec.detach()
+    cos = (
+        torch.nn.functional.normalize(toy.directions, dim=1)
+        @ torch.nn.functional.normalize(W, dim=1).T
+    )
+    best_cos, best = cos.max(1)
+    latents = read_js(out / "latents" / "shard-00000.js")[1]["latents"]
+    fractions, base = [], []
+    for feature in range(len(best)):
+        if best_cos[feature] < 0.9:
+            continue
+        rows = [c[1] for c in latents[str(int(best[feature]))]["top"]]
+        assert len(rows) == 12
+        fractions.append(float(active[rows, feature].float().mean()))
+        base.append(float(active[:, feature].float().mean()))
+    assert len(fractions) >= 0.8 * len(best)
+    # Measured: all 32 features recovered; 29 with 12 of 12 top contexts on active tokens, 3
+    # with 11 of 12 (mean 0.992); base rates 8-11 %.
+    assert min(fractions) >= 0.75 and np.mean(fractions) >= 0.9, fractions
+    assert max(base) < 0.3

@@ -86,6 +86,9 @@ class SparseAutoencoder(nn.Module):
     """
 
     sparsity_loss: Optional[str] = None
+    auto_autocast: bool = True
+    """Whether `train.autocast: auto` may run this architecture's forward in bfloat16 (on CUDA);
+    False where bfloat16 pre-activations (8 significant bits) break its training."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -179,7 +182,10 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is None:
             return
         g, w = self.W_dec.grad, self.W_dec
-        g -= (g * w).sum(-1, keepdim=True) * w
+        # Row dot products as a batched (1, d) @ (d, 1) and the update in place: no (n, d)
+        # temporary (1.2 GB at n=131072, d=2304; BENCHMARKS.md, "Large dictionaries").
+        dots = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).squeeze(-1)
+        g.addcmul_(dots, w, value=-1.0)
 
     @torch.no_grad()
     def init_from_sample_(self, x: Tensor) -> None:

@@ -54,7 +54,7 @@ class BatchTopKSAE(SparseAutoencoder):
     def _update_threshold_(self, kept: Tensor) -> None:
         if kept.numel() == 0:
             return
-        smallest = kept.min()
+        smallest = kept.min().to(self.threshold.dtype)  # bfloat16 under autocast
         if self.threshold <= 0:
             self.threshold.copy_(smallest)
         else:

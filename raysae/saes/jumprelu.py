@@ -56,6 +56,9 @@ class _Step(torch.autograd.Function):
 
 class JumpReLUSAE(SparseAutoencoder):
     sparsity_loss = "l0"
+    # bfloat16 resolves pre-activations near 1 to ~0.008, coarser than the default bandwidth ε
+    # (1e-3): the threshold's straight-through gradient would be noise.
+    auto_autocast = False
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -8,7 +8,7 @@ Reference-equivalence tests hold them equal to the dense versions (tests/test_sp
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,14 +94,29 @@ class _TopKEncode(torch.autograd.Function):
         values = values.relu()
         ctx.save_for_backward(x, W_enc, indices, values)
         ctx.mark_non_differentiable(indices)
+        # Under torch.autocast the GEMM above ran in its low-precision dtype; the backward runs
+        # under the same autocast (as torch.amp.custom_bwd does, which needs the device type
+        # fixed when the function is defined), so AuxK's dense backward GEMMs do too.
+        device = x.device.type
+        ctx.autocast = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        )
         return values, indices, pre
 
     @staticmethod
     def backward(ctx, grad_values: Tensor, _grad_indices, grad_pre: Tensor):
+        device = ctx.saved_tensors[0].device.type
+        with torch.autocast(device, dtype=ctx.autocast, enabled=ctx.autocast is not None):
+            return _TopKEncode._backward(ctx, grad_values, grad_pre)
+
+    @staticmethod
+    def _backward(ctx, grad_values: Optional[Tensor], grad_pre: Optional[Tensor]):
         x, W_enc, indices, values = ctx.saved_tensors
         if grad_values is None:
             grad_values = torch.zeros_like(values)
-        g = grad_values * (values > 0)  # relu'
+        # relu'; in x's dtype, so the sparse products below (which autocast does not cover)
+        # take matching operands when the values came out of an autocast GEMM in bfloat16.
+        g = (grad_values * (values > 0)).to(x.dtype)
         flat_idx = indices.reshape(-1)
         # dL/dx = Σ_j g[b, j] · W_enc[indices[b, j]]  — the same gather-sum as the decoder.
         grad_x = sparse_decode(indices, g, W_enc)
