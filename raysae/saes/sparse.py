@@ -43,6 +43,10 @@ class SparseLatents(NamedTuple):
         rows = torch.arange(b, device=indices.device).repeat_interleave(k)
         return cls(rows, indices.reshape(-1), values.detach().reshape(-1), b, n_latents)
 
+    def detached(self) -> SparseLatents:
+        """The same entries with `values` detached (what SAEOutput holds)."""
+        return self._replace(values=self.values.detach())
+
     def dense(self) -> Tensor:
         """(n_rows, n_latents) latents, zeros outside the listed entries."""
         out = torch.zeros(
