@@ -69,11 +69,13 @@ def _submit(args: argparse.Namespace) -> int:
     from raysae import submit
 
     if args.status:
-        print(submit.status(args.address, args.status))
+        print(submit.status(args.address, args.status, token_file=args.token_file))
     elif args.logs:
-        print(submit.logs(args.address, args.logs))
+        print(submit.logs(args.address, args.logs, token_file=args.token_file))
     elif args.spec:
-        job_id = submit.submit(args.spec, args.address, resume=args.resume)
+        job_id = submit.submit(
+            args.spec, args.address, resume=args.resume, token_file=args.token_file
+        )
         print(
             f"submitted {job_id}\n"
             f"follow it:  raysae submit --address {args.address} --logs {job_id}\n"
@@ -229,6 +231,34 @@ def _meta_options(meta: argparse.ArgumentParser) -> None:
     meta.set_defaults(func=_meta)
 
 
+def _pages(args: argparse.Namespace) -> int:
+    from raysae.pages import pages_command
+
+    pages_command(args.sweep, reports=args.reports, n_tokens=args.tokens)
+    return 0
+
+
+def _pages_options(pages: argparse.ArgumentParser) -> None:
+    pages.description = (
+        "Write (or refresh) a sweep's page, OUT/NAME/index.html: the Pareto plot with each "
+        "point labelled by its k or L1 coefficient, the results table (click a heading to "
+        "sort), and a link to each SAE's report where it has one. `raysae sweep` writes it "
+        "when it finishes. With --reports, first writes the missing reports (raysae eval "
+        "--report on each finished SAE's held-out rows, next to its checkpoint)."
+    )
+    pages.add_argument("sweep", metavar="OUT/NAME", help="a finished sweep's folder")
+    pages.add_argument(
+        "--reports", action="store_true", help="write each finished SAE's report first"
+    )
+    pages.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=65_536,
+        help="with --reports: held-out rows each report scores (default 65536)",
+    )
+    pages.set_defaults(func=_pages)
+
+
 def _positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text.replace("_", ""))
@@ -307,6 +337,13 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
     submit.add_argument("spec", nargs="?", help="sweep spec YAML (path relative to this directory)")
     submit.add_argument(
         "--address", required=True, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265"
+    )
+    submit.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the cluster's Ray authentication token (default: where Ray looks: "
+        "RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH names, then ~/.ray/auth_token); "
+        "docs/cluster.md says how to fetch it from the head",
     )
     submit.add_argument("--resume", action="store_true", help="submit `raysae sweep --resume`")
     submit.add_argument("--status", metavar="JOB", help="print the job's status")
@@ -521,6 +558,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "verify": ("check every byte of a dataset against its manifest", _verify_options),
     "export": ("write an SAE, or a sweep's Pareto frontier, in SAELens's format", _export_options),
     "meta": ("train a meta-SAE on the decoder rows of a trained SAE", _meta_options),
+    "pages": ("write a sweep's page (Pareto plot, sortable table, report links)", _pages_options),
 }
 """Subcommand → (one-line help, the function adding its description and options)."""
 

@@ -383,7 +383,19 @@ class MLflowConfig:
     """An MLflow tracking server (http://host:5000) or any store MLflow takes (sqlite:///…,
     databricks, a local directory: MLflow's file store); None: a local store in the output
     folder's mlruns/ (an SQLite database, mlflow.db, the local store MLflow recommends; an
-    s3:// output needs a tracking_uri here)."""
+    s3:// output needs a tracking_uri here). No password in it: MLflow reads one from
+    MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN."""
+
+    def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        # The URI is written down (sweep_spec.json, Tune's trial configs, the runs' params).
+        if self.tracking_uri and urlsplit(self.tracking_uri).password is not None:
+            raise ConfigError(
+                "tracking.mlflow.tracking_uri holds a password: remove it from the URI and set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                "in the environment instead"
+            )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'deterministic_order': "Ray Data keeps the (seeded) part order when streaming: runs with the same seed see the\n    same batches, at some cost in ingest throughput (Ray's preserve_order).",
     },
     'raysae.config.MLflowConfig': {
-        'tracking_uri': "An MLflow tracking server (http://host:5000) or any store MLflow takes (sqlite:///…,\n    databricks, a local directory: MLflow's file store); None: a local store in the output\n    folder's mlruns/ (an SQLite database, mlflow.db, the local store MLflow recommends; an\n    s3:// output needs a tracking_uri here).",
+        'tracking_uri': "An MLflow tracking server (http://host:5000) or any store MLflow takes (sqlite:///…,\n    databricks, a local directory: MLflow's file store); None: a local store in the output\n    folder's mlruns/ (an SQLite database, mlflow.db, the local store MLflow recommends; an\n    s3:// output needs a tracking_uri here). No password in it: MLflow reads one from\n    MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN.",
     },
     'raysae.config.RunConfig': {
         'sae': 'The sparse autoencoder.',

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
-from raysae import interrupt, report, views
+from raysae import interrupt, pages, report, views
 from raysae.config import TOPK_FAMILY, RunConfig
 from raysae.data import BadDataError, Dataset, storage
 from raysae.loop import STOPS_RUN, member_key
@@ -164,6 +164,7 @@ def run_sweep(
         ray.init(address=address)
         interrupt.reclaim()  # SIGTERM stops the sweep cleanly, not through Ray's bare exit
 
+    keep_credentials_out_of_trials()
     fs, root = storage.filesystem_and_path(spec.output)
     experiment = f"{root}/{spec.name}"
     # The trial process only drives its TorchTrainer; Tune refuses an empty request, so a sliver.
@@ -212,9 +213,29 @@ def run_sweep(
         )
     table = report.with_frontiers(collect(grid, sweep_dir))
     report.write_results(table, sweep_dir)
+    pages.write_sweep_page(sweep_dir, table)  # OUT/NAME/index.html; `raysae pages` refreshes it
     log(f"sweep finished in {time.perf_counter() - t0:.0f} s")
     log(report.summary(table, sweep_dir))
     return table
+
+
+TUNE_COPIED_CREDENTIALS = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+)
+"""The credentials Ray Tune copies from the driver's environment into each trial's runtime_env."""
+
+
+def keep_credentials_out_of_trials() -> None:
+    """Stop Ray Tune from copying the driver's AWS keys into every trial actor's runtime_env
+    (`env_vars`, from ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE): Ray writes a
+    runtime_env into the nodes' logs (runtime_env_agent.log) and keeps it in the cluster's state,
+    so the keys were written down (tests/test_submit.py found them). A trial reads S3 with the
+    credentials of the node it runs on: its instance profile (cluster.yaml), or the environment
+    the node was started with, which for the local Ray that raysae starts is this process's.
+    Ray has no setting for this; its list is edited instead."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - TUNE_COPIED_CREDENTIALS
 
 
 def _tracking_callbacks(tracking, name: str) -> list:

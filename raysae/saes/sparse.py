@@ -129,12 +129,14 @@ class _TopKEncode(torch.autograd.Function):
             (W_enc.shape[0], B),
             check_invariants=False,
         )
-        grad_W = torch.sparse.mm(coo, x)
+        # Into a zeroed gradient in place: torch.sparse.mm(coo, x) holds a zero (n, d) matrix
+        # besides its result, one more weight-sized temporary (1.1 GiB at n=131072, d=2304).
+        grad_W = torch.zeros(W_enc.shape, dtype=x.dtype, device=x.device).addmm_(coo, x)
         grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
         grad_b.index_add_(0, flat_idx, g.reshape(-1))
         if grad_pre is not None:  # callers that also use the dense pre-activations (AuxK)
             grad_x = grad_x + grad_pre @ W_enc
-            grad_W = grad_W + grad_pre.t() @ x
+            grad_W += grad_pre.t() @ x
             grad_b = grad_b + grad_pre.sum(0)
         return grad_x, grad_W, grad_b, None
 
