@@ -165,6 +165,34 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pages(args: argparse.Namespace) -> int:
+    from raysae.pages import pages_command
+
+    pages_command(args.sweep, reports=args.reports, n_tokens=args.tokens)
+    return 0
+
+
+def _pages_options(pages: argparse.ArgumentParser) -> None:
+    pages.description = (
+        "Write (or refresh) a sweep's page, OUT/NAME/index.html: the Pareto plot with each "
+        "point labelled by its k or L1 coefficient, the results table (click a heading to "
+        "sort), and a link to each SAE's report where it has one. `raysae sweep` writes it "
+        "when it finishes. With --reports, first writes the missing reports (raysae eval "
+        "--report on each finished SAE's held-out rows, next to its checkpoint)."
+    )
+    pages.add_argument("sweep", metavar="OUT/NAME", help="a finished sweep's folder")
+    pages.add_argument(
+        "--reports", action="store_true", help="write each finished SAE's report first"
+    )
+    pages.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=65_536,
+        help="with --reports: held-out rows each report scores (default 65536)",
+    )
+    pages.set_defaults(func=_pages)
+
+
 def _positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text.replace("_", ""))
@@ -463,6 +491,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "eval": ("evaluate a trained SAE against baselines on activations", _eval_options),
     "verify": ("check every byte of a dataset against its manifest", _verify_options),
     "export": ("write an SAE, or a sweep's Pareto frontier, in SAELens's format", _export_options),
+    "pages": ("write a sweep's page (Pareto plot, sortable table, report links)", _pages_options),
 }
 """Subcommand → (one-line help, the function adding its description and options)."""
 

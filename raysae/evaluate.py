@@ -51,6 +51,11 @@ TOY_PREFIX = "toy:"
 ROWS = ("held-out", "all")
 """Which rows of the data `raysae eval` scores: those the SAE was not trained on, or every one."""
 
+LATENT_ELEMENTS = 2**24
+"""At most this many latent values (rows × n_latents) at once in `token_pass` and `score`: 64 MiB of
+float32, so a pass over n_latents = 131072 holds 128 rows at a time, not a (4096, n) slab."""
+
+
 Forward = Callable[[Tensor], tuple[Tensor, Tensor]]
 """x (B, d_in) → (x̂ (B, d_in), latents (B, n_latents)): an SAE or a baseline."""
 
@@ -260,13 +265,18 @@ def score(
     norms = {name: latent_norms(m) for name, m in models.items()}
     recon = {name: ReconstructionStats(d_in, reference_mean) for name in models}
     sparsity = {name: SparsityStats(len(norms[name]), dead_window) for name in models}
+    # Rows at a time so no model's (rows, n_latents) latents exceed LATENT_ELEMENTS values (the
+    # mean baseline has no latents at all).
+    widest = max([len(n) for n in norms.values()] + [1])
+    rows = max(1, LATENT_ELEMENTS // widest)
     empty = True
-    for x in batches:
+    for batch in batches:
         empty = False
-        for name, forward in forwards.items():
-            x_hat, latents = forward(x)
-            recon[name].update(x, x_hat)
-            sparsity[name].update(latents, latent_norms=norms[name])
+        for x in batch.split(rows):
+            for name, forward in forwards.items():
+                x_hat, latents = forward(x)
+                recon[name].update(x, x_hat)
+                sparsity[name].update(latents, latent_norms=norms[name])
     if empty:
         raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
     return {name: (recon[name], sparsity[name]) for name in models}
@@ -372,19 +382,15 @@ def _fit_pass(
     for x in take(batches, n_tokens, d_in, model.W_dec.device):
         if moments.n < kmeans_tokens:
             rows = x[: kmeans_tokens - moments.n]
-            if need_l0:
-                nonzeros += int((model.encode(rows) != 0).sum())
+            if need_l0:  # in chunks: (16384, n_latents) latents would be 8 GiB at n=131072
+                step = max(1, LATENT_ELEMENTS // model.cfg.n_latents)
+                nonzeros += sum(int((model.encode(r) != 0).sum()) for r in rows.split(step))
             sample.append(rows.cpu())
         moments.update(x)
     if moments.n == 0:
         raise DataSourceError("the rows to fit the baselines on are empty: no batches")
     sample = torch.cat(sample)
     return moments, sample, nonzeros / len(sample)
-
-
-LATENT_ELEMENTS = 2**24
-"""At most this many latent values (rows × n_latents) at once in `token_pass`: 64 MiB of
-float32, so a pass over n_latents = 131072 holds 128 rows at a time, not a (4096, n) slab."""
 
 
 class TokenObserver(Protocol):
@@ -593,6 +599,11 @@ def eval_command(
     report_dir: also write the report page there (raysae.pages: index.html, metrics.json and
     the latent browser's files, `report_latents` latents detailed; raysae.latents).
     """
+    if report_dir and "://" in report_dir:
+        raise DataSourceError(
+            f"--report {report_dir}: the report is a local folder of files to open in a "
+            "browser; give a local path (and copy it to object storage afterwards if needed)"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_sae(checkpoint, device)
     if splice is not None:  # the data plane and the LM are needed only here

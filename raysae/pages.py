@@ -164,6 +164,9 @@ document.querySelectorAll('table.sortable').forEach(table => {
       rows.forEach(r => body.appendChild(r));
     });
   });
+  // #sort=COLUMN (a heading) sorts on opening: a link can share an ordering.
+  const want = new URLSearchParams(location.hash.slice(1)).get('sort');
+  table.querySelectorAll('th').forEach(th => { if (th.textContent === want) th.click(); });
 });
 """
 
@@ -333,7 +336,8 @@ def report_charts(report: dict, history: Optional[Sequence[dict]]) -> dict[str, 
     positions = report.get("by_position")
     if positions:
         out["positions"] = charts.by_position(
-            positions["buckets"], f"Held-out rows by position ({positions['source']})"
+            positions["buckets"],
+            f"Scored rows, windows of {positions['context_length']} (the harvest's)",
         )
     splice = report.get("splice", {})
     if splice.get("by_position"):
@@ -407,3 +411,99 @@ def sweep_html(name: str, rows: Sequence[dict], pareto_svg: str) -> str:
         "one per finished SAE and links it here.</p>"
     )
     return _page(f"sweep {name}", body_html, [_SORT_JS])
+
+
+def point_label(row: dict) -> str:
+    """What distinguishes an SAE on the Pareto plot: its k, L1 or L0 coefficient."""
+    for key, name in (("k", "k"), ("l1_coefficient", "λ"), ("l0_coefficient", "λ0")):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            return f"{name}={value:g}"
+    return row.get("architecture", "")
+
+
+def write_sweep_page(sweep_dir: str, table=None) -> str:
+    """OUT/NAME/index.html from the sweep's results (its results.parquet unless `table`, a
+    DataFrame, is given), linking each SAE's report where OUT/…/report/index.html exists next
+    to its checkpoint. Returns the page's location."""
+    import io
+    import os
+
+    import pandas as pd
+
+    from raysae import charts
+    from raysae.data import storage
+
+    if table is None:
+        path = storage.join(sweep_dir, "results.parquet")
+        if not storage.exists(path):
+            raise FileNotFoundError(
+                f"{path}: no results there; give the folder of a finished sweep (OUT/NAME)"
+            )
+        table = pd.read_parquet(io.BytesIO(storage.read_bytes(path)))
+    rows = []
+    for record in table.to_dict("records"):
+        record = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()
+        }
+        checkpoint = record.get("checkpoint")
+        if checkpoint and not storage.is_s3(sweep_dir):
+            page = os.path.join(
+                os.path.dirname(str(checkpoint).rstrip("/")), "report", "index.html"
+            )
+            if os.path.exists(page):
+                record["report"] = os.path.relpath(page, storage.locate(sweep_dir).path)
+        rows.append(record)
+    points = [
+        {**r, "label": point_label(r)}
+        for r in rows
+        if r.get("l0") and r.get("fvu") is not None and r["l0"] > 0
+    ]
+    name = str(sweep_dir).rstrip("/").split("/")[-1]
+    out = storage.join(sweep_dir, "index.html")
+    storage.write_bytes(out, sweep_html(name, rows, charts.pareto(points)).encode())
+    return out
+
+
+def pages_command(sweep_dir: str, *, reports: bool = False, n_tokens: int = 65_536, log=print):
+    """`raysae pages OUT/NAME`: rewrite the sweep page; with `reports`, first write the report
+    of every finished SAE that has none (`raysae eval --report` on its held-out rows, next to
+    its checkpoint: OUT/NAME/trials/…/m<i>/report/)."""
+    import os
+
+    import yaml
+
+    from raysae.data import storage
+    from raysae.evaluate import eval_command
+
+    if reports:
+        if storage.is_s3(sweep_dir):
+            raise ValueError(
+                f"{sweep_dir}: --reports writes into local folders; copy the sweep to local "
+                "disk first (the page alone can be written to s3://)"
+            )
+        import pandas as pd
+
+        table = pd.read_parquet(storage.join(sweep_dir, "results.parquet"))
+        done = table[(table["status"] == "finished") & table["checkpoint"].notna()]
+        for i, checkpoint in enumerate(done["checkpoint"], 1):
+            member = os.path.dirname(str(checkpoint).rstrip("/"))
+            if os.path.exists(os.path.join(member, "report", "index.html")):
+                continue
+            config = json.loads(Path(member, "metrics.json").read_text())["config"]
+            spec = config["data"].get("uri")
+            if spec is None:  # toy data: eval reads the run config's data.toy section
+                run = Path(member, "report-run.yaml")
+                run.write_text(yaml.safe_dump(config))
+                spec = f"toy:{run}"
+            log(f"report {i}/{len(done)}: {member}")
+            eval_command(
+                checkpoint,
+                spec,
+                n_tokens=n_tokens,
+                report_dir=os.path.join(member, "report"),
+                log=lambda line: None,
+            )
+    out = write_sweep_page(sweep_dir)
+    log(f"wrote {out}")
+    return out

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
-from raysae import interrupt, report
+from raysae import interrupt, pages, report, views
 from raysae.config import TOPK_FAMILY, RunConfig
 from raysae.data import BadDataError, Dataset, storage
 from raysae.loop import STOPS_RUN, member_key
@@ -73,7 +73,7 @@ def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
     if done:  # finished before an interruption Tune had not yet recorded: keep, do not re-run
         ray.tune.report(final_report(done))
         return
-    dataset = datasets[runs[0].data.uri]
+    dataset = datasets[runs[0].data.dataset]
     trial_dir = storage.join(config["trials_dir"], name)
     raise_if_stopped(trial_dir, dataset)
     trainer = build_trainer(
@@ -213,6 +213,7 @@ def run_sweep(
         )
     table = report.with_frontiers(collect(grid, sweep_dir))
     report.write_results(table, sweep_dir)
+    pages.write_sweep_page(sweep_dir, table)  # OUT/NAME/index.html; `raysae pages` refreshes it
     log(f"sweep finished in {time.perf_counter() - t0:.0f} s")
     log(report.summary(table, sweep_dir))
     return table
@@ -269,8 +270,8 @@ def preflight(
     _check_output(sweep_dir, resume, log)
     storage.check_writable(sweep_dir)
     ensure_dataset(spec, log, address)
-    uris = sorted({cfg.data.uri for cfg in points}, key=str)
-    datasets = {uri: open_for_ray([p for p in points if p.data.uri == uri]) for uri in uris}
+    uris = sorted({cfg.data.dataset for cfg in points}, key=str)
+    datasets = {uri: open_for_ray([p for p in points if p.data.dataset == uri]) for uri in uris}
     if not resume:
         marker = storage.join(sweep_dir, SPEC_FILE)
         storage.write_bytes(marker, json.dumps(to_dict(spec), indent=1, default=str).encode())
@@ -384,8 +385,8 @@ def _last_line(error: BaseException) -> str:
 
 
 ARCHITECTURE_FIELDS = {
-    "k": TOPK_FAMILY,
-    "l1_coefficient": ("relu", "gated"),
+    "k": (*TOPK_FAMILY, "crosscoder"),
+    "l1_coefficient": ("relu", "gated", "crosscoder"),
     "l0_coefficient": ("jumprelu",),
 }
 """The results columns that only some architectures use (raysae.config.SAEConfig's docstrings
@@ -417,6 +418,7 @@ def _row(cfg: RunConfig, trial_id: str, member: int, member_dir: str, result) ->
             rows_read=final.get("rows_read"),
             checkpoint=storage.join(member_dir, "sae"),
             **{k: final["eval"].get(k) for k in report.COLUMNS if k in final["eval"]},
+            **views.result_columns(final["eval"]),
         )
         if "feature_recovery" in final:
             row["feature_recovery"] = final["feature_recovery"]["fraction_recovered"]

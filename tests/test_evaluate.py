@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import special, stats
@@ -392,3 +393,35 @@ def test_report_top_contexts_of_planted_features_are_where_they_fire(trained, tm
     # with 11 of 12 (mean 0.992); base rates 8-11 %.
     assert min(fractions) >= 0.75 and np.mean(fractions) >= 0.9, fractions
     assert max(base) < 0.3
+
+
+def test_pages_reports_writes_each_finished_saes_report_and_links_it(trained, tmp_path):
+    cfg, ckpt = trained
+    member = tmp_path / "sweep" / "trials" / "trial-a" / "m0"
+    shutil.copytree(ckpt.parent, member)  # sae/ and the run's metrics.json (toy data)
+    rows = [
+        {
+            "architecture": "topk",
+            "k": 4,
+            "l0": 4.0,
+            "fvu": 0.2,
+            "pareto": True,
+            "status": "finished",
+            "checkpoint": str(member / "sae"),
+        },
+        {
+            "architecture": "topk",
+            "k": 2,
+            "l0": None,
+            "fvu": None,
+            "pareto": False,
+            "status": "error",
+            "checkpoint": None,
+        },
+    ]
+    pd.DataFrame(rows).to_parquet(tmp_path / "sweep" / "results.parquet")
+    assert main(["pages", str(tmp_path / "sweep"), "--reports", "--tokens", "1000"]) == 0
+    metrics = json.loads((member / "report" / "metrics.json").read_text())
+    assert metrics["n_tokens"] == 1000 and metrics["history"]  # the run's training curves
+    page = (tmp_path / "sweep" / "index.html").read_text()
+    assert "href='trials/trial-a/m0/report/index.html'" in page and "k=4" in page

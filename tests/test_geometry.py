@@ -76,3 +76,14 @@ def test_summary_histogram_counts_every_value():
     s = summarize_cosines(torch.tensor([-1.0, -0.5, 0.0, 0.95, 1.0, float("nan")]), bins=4)
     assert s["count"] == 5 and sum(s["histogram"]["counts"]) == 5
     assert s["near_duplicate_fraction"] == 0.4 and s["min"] == -1.0 and s["max"] == 1.0
+
+
+def test_sampled_rows_are_the_full_values_of_those_rows():
+    W = torch.randn(300, 8, generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([0, 7, 150, 299])
+    full = max_cosine_to_others(W, max_block_elements=900)
+    got = max_cosine_to_others(W, max_block_elements=900, rows=rows)
+    assert torch.allclose(got, full[rows], atol=1e-6)  # blocks differ: GEMM rounding
+    sampled = decoder_geometry(W, max_rows=100)
+    assert sampled["scored_rows"] == sampled["decoder"]["count"] == 100
+    assert decoder_geometry(W)["scored_rows"] == 300

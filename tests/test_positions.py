@@ -150,3 +150,5 @@ def test_eval_by_position_on_a_harvested_dataset(tmp_path, capsys):
     argv[3] = toy
     assert main([*argv, "--by-position"]) == 2
     assert "records no token positions" in capsys.readouterr().err
+    assert main([*argv, "--report", "s3://bucket/report"]) == 2
+    assert "the report is a local folder" in capsys.readouterr().err
