@@ -1,7 +1,8 @@
 """Held-out quality of TopK SAEs trained by raysae, EleutherAI sparsify and SAELens on the same
 activations: same training rows in the same order, same token budget, same k, each trainer with
 its own recipe (initialisation, learning rate and schedule, decoder constraint), and one
-evaluator for all of them.
+evaluator for all of them. With --init shared, sparsify and SAELens start from raysae's initial
+parameters instead (input scale folded in; as bench/step.py does), so only training differs.
 
     PYTHONPATH=. /work/bench-venv/bin/python bench/quality.py --data DATASET --eval-parts 5 \\
         --n-latents 4608 --k 32 --batch 1024
@@ -29,7 +30,8 @@ the held-out mean, float64 sums), L0 = mean latents > 0 per token, dead = fracti
 that fire on no held-out token.
 
 --variant "NAME: key=value; key=value" adds a raysae run with settings changed (`sae.*`,
-`train.*` fields; see raysae/config.py). Ablation switches that are not settings:
+`train.*` fields; see raysae/config.py); with `impl=SAELens` first, a SAELens run with
+TopKTrainingSAEConfig (`sae.*`) or SAETrainerConfig (`train.*`) fields changed. Ablation switches that are not settings:
 `decoder=free` (no unit-norm renormalisation and no parallel-gradient removal),
 `decoder_init_norm=0.1` (rows scaled after init, W_enc as well, SAELens's heuristic).
 """
@@ -180,10 +182,16 @@ def train_sparsify(batches: list[Tensor], d: int, n: int, k: int, seed: int, _) 
 
     torch.manual_seed(seed)
     sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k))
+    if SHARED:
+        with torch.no_grad():  # encoder is an nn.Linear: weight (n, d), like raysae's W_enc
+            sae.encoder.weight.copy_(SHARED["W_enc"])
+            sae.encoder.bias.copy_(SHARED["b_enc"])
+            sae.W_dec.copy_(SHARED["W_dec"])
+            sae.b_dec.copy_(SHARED["b_dec"])
     optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4 / (n / 2**14) ** 0.5)
     schedule = _sparsify_schedule(optimizer, 1000, len(batches))
     for step, x in enumerate(batches):
-        if step == 0:  # sparsify.Trainer.fit: b_dec to the first batch's mean
+        if step == 0 and not SHARED:  # sparsify.Trainer.fit: b_dec to the first batch's mean
             sae.b_dec.data = x.mean(0)
         sae.set_decoder_norm_to_unit_norm()
         total_variance = (x - x.mean(0)).pow(2).sum()
@@ -210,22 +218,40 @@ def _sparsify_schedule(optimizer, warmup: int, total: int):
     return get_linear_schedule_with_warmup(optimizer, warmup, total)
 
 
-def train_saelens(batches: list[Tensor], d: int, n: int, k: int, seed: int, _) -> Reconstruct:
+def train_saelens(
+    batches: list[Tensor], d: int, n: int, k: int, seed: int, overrides: dict[str, str]
+) -> Reconstruct:
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
+    sections = {"sae": {}, "train": {}}
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if section not in sections or not field:
+            raise SystemExit(f"--variant key {key!r}: expected sae.FIELD or train.FIELD")
+        sections[section][field] = _parse(value)
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, dtype="float32", device="cpu")
+        TopKTrainingSAEConfig(
+            d_in=d, d_sae=n, k=k, dtype="float32", device="cpu", **sections["sae"]
+        )
     )
+    if SHARED:
+        with torch.no_grad():  # SAELens stores W_enc as (d, n)
+            sae.W_enc.copy_(SHARED["W_enc"].T)
+            sae.b_enc.copy_(SHARED["b_enc"])
+            sae.W_dec.copy_(SHARED["W_dec"])
+            sae.b_dec.copy_(SHARED["b_dec"])
     tokens = len(batches) * batches[0].shape[0]
+    lr = sections["train"].get("lr", SAETrainerConfig.lr)
     trainer = SAETrainer(
-        # lr_end as LanguageModelSAERunnerConfig fills it in (lr / 10; the constant schedule ignores it)
+        # lr_end as LanguageModelSAERunnerConfig fills it in (lr / 10; the constant schedule
+        # ignores it)
         cfg=SAETrainerConfig(
             total_training_samples=tokens,
             train_batch_size_samples=batches[0].shape[0],
-            lr_end=SAETrainerConfig.lr / 10,
+            **{"lr_end": lr / 10, **sections["train"]},
         ),
         sae=sae,
         data_provider=iter(()),
@@ -240,6 +266,25 @@ def train_saelens(batches: list[Tensor], d: int, n: int, k: int, seed: int, _) -
         return sae.decode(acts), acts
 
     return reconstruct
+
+
+SHARED: dict[str, Tensor] = {}
+"""--init shared: raysae's initial parameters in input units, copied into every peer."""
+
+
+def shared_init(batches: list[Tensor], d: int, n: int, k: int, seed: int) -> dict[str, Tensor]:
+    """raysae's default initial SAE (seed, `init_from_sample_` on the first init_tokens rows)
+    with its input scale folded in: the same function of raw activations, unit decoder rows."""
+    from raysae.config import SAEConfig, TrainConfig
+    from raysae.saes import build_sae
+
+    torch.manual_seed(seed)
+    model = build_sae(SAEConfig(d_in=d, n_latents=n, k=k))
+    model.init_from_sample_(torch.cat(batches)[: TrainConfig().init_tokens])
+    model.fold_input_scale_()
+    return {
+        name: getattr(model, name).detach().clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")
+    }
 
 
 TRAINERS = {"raysae": train_raysae, "sparsify": train_sparsify, "SAELens": train_saelens}
@@ -270,6 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impls", nargs="+", default=list(TRAINERS), choices=list(TRAINERS))
     parser.add_argument("--variant", action="append", default=[], help="raysae ablation run")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--init",
+        choices=("own", "shared"),
+        default="own",
+        help="own: each trainer initialises as it would; shared: raysae's initial parameters "
+        "(input scale folded in) copied into sparsify and SAELens, so only training differs",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = [parse_variant(v) for v in args.variant]
@@ -284,9 +336,16 @@ def main(argv: list[str] | None = None) -> None:
         f"n_latents={args.n_latents}, k={args.k}, seed {args.seed}",
         flush=True,
     )
-    runs = [(impl, impl, {}) for impl in args.impls] + [
-        (f"raysae, {name}", "raysae", pairs) for name, pairs in variants
-    ]
+    SHARED.clear()
+    if args.init == "shared":
+        SHARED.update(shared_init(batches, d, args.n_latents, args.k, args.seed))
+    print(f"initialisation: {args.init}", flush=True)
+    runs = [(impl, impl, {}) for impl in args.impls]
+    for name, pairs in variants:
+        impl = pairs.pop("impl", "raysae")
+        if impl not in TRAINERS or impl == "sparsify":
+            raise SystemExit(f"--variant {name}: impl={impl}; variants run raysae or SAELens")
+        runs.append((f"{impl}, {name}", impl, pairs))
     rows = []
     for label, impl, overrides in runs:
         t0 = time.perf_counter()

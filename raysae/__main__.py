@@ -69,11 +69,13 @@ def _submit(args: argparse.Namespace) -> int:
     from raysae import submit
 
     if args.status:
-        print(submit.status(args.address, args.status))
+        print(submit.status(args.address, args.status, token_file=args.token_file))
     elif args.logs:
-        print(submit.logs(args.address, args.logs))
+        print(submit.logs(args.address, args.logs, token_file=args.token_file))
     elif args.spec:
-        job_id = submit.submit(args.spec, args.address, resume=args.resume)
+        job_id = submit.submit(
+            args.spec, args.address, resume=args.resume, token_file=args.token_file
+        )
         print(
             f"submitted {job_id}\n"
             f"follow it:  raysae submit --address {args.address} --logs {job_id}\n"
@@ -269,6 +271,13 @@ def _submit_options(submit: argparse.ArgumentParser) -> None:
     submit.add_argument("spec", nargs="?", help="sweep spec YAML (path relative to this directory)")
     submit.add_argument(
         "--address", required=True, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265"
+    )
+    submit.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the cluster's Ray authentication token (default: where Ray looks: "
+        "RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH names, then ~/.ray/auth_token); "
+        "docs/cluster.md says how to fetch it from the head",
     )
     submit.add_argument("--resume", action="store_true", help="submit `raysae sweep --resume`")
     submit.add_argument("--status", metavar="JOB", help="print the job's status")

@@ -8,6 +8,7 @@ overrides of `load_run_config`): unknown keys are errors.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -23,8 +24,10 @@ from raysae.settings import (
     set_dotted,
 )
 
-Architecture = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
-TOPK_FAMILY = ("topk", "batchtopk")
+Architecture = Literal[
+    "relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk", "crosscoder"
+]
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 
@@ -37,7 +40,8 @@ class SAEConfig:
     n_latents: int
     """Dictionary size: number of latents (decoder columns)."""
     architecture: Architecture = "topk"
-    """One of relu, topk, batchtopk, jumprelu, gated (see raysae/saes/)."""
+    """One of relu, topk, batchtopk, jumprelu, gated, matryoshka_batchtopk, crosscoder (see
+    raysae/saes/)."""
     k: int = 32
     """TopK family: latents kept per token (BatchTopK: k·B kept per batch of B tokens)."""
     l1_coefficient: float = 5.0
@@ -58,6 +62,19 @@ class SAEConfig:
     """How b_dec is initialised from a data sample."""
     normalize_inputs: bool = True
     """Scale inputs so E‖x‖² = d_in during training; the factor is folded into the weights on export."""
+    matryoshka_groups: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5625)
+    """matryoshka_batchtopk: the nested groups' sizes, in order, as fractions of n_latents that
+    sum to 1 or as latent counts that sum to n_latents; prefix j (groups 0..j) must reconstruct
+    on its own (Bussmann et al. 2025)."""
+    matryoshka_weights: Optional[tuple[float, ...]] = None
+    """matryoshka_batchtopk: the loss weight of each prefix's reconstruction, one per group
+    (the last is the whole dictionary's); None weighs every prefix 1."""
+    n_sources: int = 1
+    """crosscoder: sources read together (layers or models at the same tokens, data.sources);
+    d_in is their summed width, d_in / n_sources each."""
+    crosscoder_sparsity: Literal["topk", "relu"] = "topk"
+    """crosscoder: TopK (k per token, AuxK) or ReLU with the L1 penalty Σ_i f_i Σ_s ‖W_dec[i, s]‖
+    (Anthropic 2024)."""
 
     def __post_init__(self) -> None:
         check_positive(
@@ -79,6 +96,44 @@ class SAEConfig:
             raise ConfigError(f"sae.k_aux={self.k_aux} must be in 1..n_latents={self.n_latents}")
         if not 0.0 < self.threshold_decay < 1.0:
             raise ConfigError(f"sae.threshold_decay={self.threshold_decay} must be in (0, 1)")
+        if self.architecture == "matryoshka_batchtopk":
+            self.group_bounds  # noqa: B018  (validates the groups and weights)
+        if self.n_sources < 1 or self.d_in % self.n_sources:
+            raise ConfigError(
+                f"sae.n_sources={self.n_sources} must be ≥ 1 and divide sae.d_in={self.d_in} "
+                "(d_in is the sources' summed width)"
+            )
+        if self.n_sources > 1 and self.architecture != "crosscoder":
+            raise ConfigError(f"sae.n_sources={self.n_sources} needs sae.architecture: crosscoder")
+
+    @property
+    def group_bounds(self) -> tuple[int, ...]:
+        """matryoshka_batchtopk: each prefix's end, increasing, the last n_latents."""
+        sizes, n = self.matryoshka_groups, self.n_latents
+        if not sizes or min(sizes) <= 0:
+            raise ConfigError(f"sae.matryoshka_groups={list(sizes)} must be positive sizes")
+        if all(float(s).is_integer() and s >= 1 for s in sizes) and sum(sizes) == n:
+            counts = [int(s) for s in sizes]
+        elif abs(sum(sizes) - 1.0) < 1e-6:
+            ends = [round(n * f) for f in itertools.accumulate(sizes)]
+            counts = [b - a for a, b in zip([0, *ends[:-1]], ends)]
+        else:
+            raise ConfigError(
+                f"sae.matryoshka_groups={list(sizes)} sums to {sum(sizes)}: give fractions "
+                f"summing to 1 or latent counts summing to sae.n_latents={n}"
+            )
+        if min(counts) < 1:
+            raise ConfigError(
+                f"sae.matryoshka_groups={list(sizes)} leaves an empty group at "
+                f"n_latents={n}; use larger fractions or fewer groups"
+            )
+        weights = self.matryoshka_weights
+        if weights is not None and (len(weights) != len(counts) or min(weights) < 0):
+            raise ConfigError(
+                f"sae.matryoshka_weights={list(weights)} needs one weight ≥ 0 per group "
+                f"({len(counts)} groups)"
+            )
+        return tuple(itertools.accumulate(counts))
 
     @property
     def effective_k_aux(self) -> int:
@@ -178,6 +233,13 @@ class ToyDataConfig:
     """Sets of mutually exclusive features, exactly one of which fires per token (composition)."""
     one_hot_set_size: int = 8
     """Features per one-hot set."""
+    n_hierarchies: int = 0
+    """Parent features, each with children that fire only when it fires (a planted hierarchy:
+    what Matryoshka SAEs recover and plain ones absorb)."""
+    children_per_parent: int = 4
+    """Children of each parent."""
+    child_probability: float = 0.3
+    """Probability that each child fires when its parent fires (children never fire alone)."""
     noise_std: float = 0.0
     """Std of isotropic Gaussian noise added to each token."""
     seed: int = 0
@@ -199,17 +261,21 @@ class ToyDataConfig:
             "noise_std",
             "n_correlated_groups",
             "n_one_hot_sets",
+            "n_hierarchies",
+            "children_per_parent",
             where="data.toy",
         )
-        if not 0.0 <= self.correlation <= 1.0:
-            raise ConfigError(f"toy.correlation={self.correlation} must be in [0, 1]")
+        for name in ("correlation", "child_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"toy.{name}={getattr(self, name)} must be in [0, 1]")
         grouped = (
             self.n_correlated_groups * self.correlated_group_size
             + self.n_one_hot_sets * self.one_hot_set_size
+            + self.n_hierarchies * (1 + self.children_per_parent)
         )
         if grouped > self.n_features:
             raise ConfigError(
-                f"toy: correlated groups and one-hot sets use {grouped} features "
+                f"toy: correlated groups, one-hot sets and hierarchies use {grouped} features "
                 f"but n_features={self.n_features}; raise n_features or use fewer groups"
             )
 
@@ -222,6 +288,10 @@ class DataConfig:
     """A raysae dataset: a local directory or s3://bucket/prefix holding Parquet parts + manifest.json."""
     toy: Optional[ToyDataConfig] = None
     """Synthetic data with ground truth, generated on the fly."""
+    sources: tuple[Location, ...] = ()
+    """Datasets of the same tokens read together, row by row (a crosscoder's sources: layers
+    of one `raysae harvest`, or two models sharing a tokenizer); each row is their activations
+    concatenated in this order, their doc_id / pos checked to agree (raysae.data.paired)."""
     eval_parts: int = 1
     """data.uri: the dataset's last eval_parts Parquet parts are held out for the final evaluation."""
     eval_tokens: int = 65_536
@@ -236,12 +306,21 @@ class DataConfig:
     same batches, at some cost in ingest throughput (Ray's preserve_order)."""
 
     def __post_init__(self) -> None:
-        if (self.uri is None) == (self.toy is None):
+        if (self.uri is not None) + (self.toy is not None) + bool(self.sources) != 1:
             raise ConfigError(
-                "data: give exactly one of data.uri (a dataset) or data.toy (synthetic)"
+                "data: give exactly one of data.uri (a dataset), data.sources (datasets read "
+                "together) or data.toy (synthetic)"
             )
+        if self.sources and len(self.sources) < 2:
+            raise ConfigError("data.sources needs at least 2 datasets (one: use data.uri)")
         check_non_negative(self, "eval_parts", "shuffle_buffer_tokens", where="data")
         check_positive(self, "eval_tokens", "read_cpus", where="data")
+
+    @property
+    def dataset(self) -> Optional[str]:
+        """What `raysae.data.open_data` opens: data.uri, or data.sources joined by " + "
+        (None for toy data); also the key that runs reading the same data share."""
+        return " + ".join(self.sources) if self.sources else self.uri
 
 
 @dataclass(frozen=True)
@@ -304,7 +383,19 @@ class MLflowConfig:
     """An MLflow tracking server (http://host:5000) or any store MLflow takes (sqlite:///…,
     databricks, a local directory: MLflow's file store); None: a local store in the output
     folder's mlruns/ (an SQLite database, mlflow.db, the local store MLflow recommends; an
-    s3:// output needs a tracking_uri here)."""
+    s3:// output needs a tracking_uri here). No password in it: MLflow reads one from
+    MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN."""
+
+    def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        # The URI is written down (sweep_spec.json, Tune's trial configs, the runs' params).
+        if self.tracking_uri and urlsplit(self.tracking_uri).password is not None:
+            raise ConfigError(
+                "tracking.mlflow.tracking_uri holds a password: remove it from the URI and set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                "in the environment instead"
+            )
 
 
 @dataclass(frozen=True)

@@ -265,8 +265,10 @@ def score(
     norms = {name: latent_norms(m) for name, m in models.items()}
     recon = {name: ReconstructionStats(d_in, reference_mean) for name in models}
     sparsity = {name: SparsityStats(len(norms[name]), dead_window) for name in models}
-    # Rows at a time so no model's (rows, n_latents) latents exceed LATENT_ELEMENTS values.
-    rows = max(1, LATENT_ELEMENTS // max(len(n) for n in norms.values()))
+    # Rows at a time so no model's (rows, n_latents) latents exceed LATENT_ELEMENTS values (the
+    # mean baseline has no latents at all).
+    widest = max([len(n) for n in norms.values()] + [1])
+    rows = max(1, LATENT_ELEMENTS // widest)
     empty = True
     for batch in batches:
         empty = False

@@ -7,6 +7,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
     'raysae.config.DataConfig': {
         'uri': 'A raysae dataset: a local directory or s3://bucket/prefix holding Parquet parts + manifest.json.',
         'toy': 'Synthetic data with ground truth, generated on the fly.',
+        'sources': "Datasets of the same tokens read together, row by row (a crosscoder's sources: layers\n    of one `raysae harvest`, or two models sharing a tokenizer); each row is their activations\n    concatenated in this order, their doc_id / pos checked to agree (raysae.data.paired).",
         'eval_parts': "data.uri: the dataset's last eval_parts Parquet parts are held out for the final evaluation.",
         'eval_tokens': 'Held-out tokens evaluated at the end of a run (at most).',
         'shuffle_buffer_tokens': 'Ray Data local shuffle buffer per worker, in rows (0: parts are read in shuffled order only).',
@@ -14,7 +15,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'deterministic_order': "Ray Data keeps the (seeded) part order when streaming: runs with the same seed see the\n    same batches, at some cost in ingest throughput (Ray's preserve_order).",
     },
     'raysae.config.MLflowConfig': {
-        'tracking_uri': "An MLflow tracking server (http://host:5000) or any store MLflow takes (sqlite:///…,\n    databricks, a local directory: MLflow's file store); None: a local store in the output\n    folder's mlruns/ (an SQLite database, mlflow.db, the local store MLflow recommends; an\n    s3:// output needs a tracking_uri here).",
+        'tracking_uri': "An MLflow tracking server (http://host:5000) or any store MLflow takes (sqlite:///…,\n    databricks, a local directory: MLflow's file store); None: a local store in the output\n    folder's mlruns/ (an SQLite database, mlflow.db, the local store MLflow recommends; an\n    s3:// output needs a tracking_uri here). No password in it: MLflow reads one from\n    MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN.",
     },
     'raysae.config.RunConfig': {
         'sae': 'The sparse autoencoder.',
@@ -26,7 +27,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
     'raysae.config.SAEConfig': {
         'd_in': "Width of the activations (the model's d_model for residual-stream SAEs).",
         'n_latents': 'Dictionary size: number of latents (decoder columns).',
-        'architecture': 'One of relu, topk, batchtopk, jumprelu, gated (see raysae/saes/).',
+        'architecture': 'One of relu, topk, batchtopk, jumprelu, gated, matryoshka_batchtopk, crosscoder (see\n    raysae/saes/).',
         'k': 'TopK family: latents kept per token (BatchTopK: k·B kept per batch of B tokens).',
         'l1_coefficient': 'relu, gated: weight of the L1 penalty Σ f_i‖W_dec,i‖ (Anthropic, April 2024 update).',
         'l0_coefficient': 'jumprelu: weight of the L0 penalty (mean active latents per token).',
@@ -37,6 +38,10 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'threshold_decay': 'batchtopk: EMA decay of the inference threshold (smallest kept activation per batch).',
         'b_dec_init': 'How b_dec is initialised from a data sample.',
         'normalize_inputs': 'Scale inputs so E‖x‖² = d_in during training; the factor is folded into the weights on export.',
+        'matryoshka_groups': "matryoshka_batchtopk: the nested groups' sizes, in order, as fractions of n_latents that\n    sum to 1 or as latent counts that sum to n_latents; prefix j (groups 0..j) must reconstruct\n    on its own (Bussmann et al. 2025).",
+        'matryoshka_weights': "matryoshka_batchtopk: the loss weight of each prefix's reconstruction, one per group\n    (the last is the whole dictionary's); None weighs every prefix 1.",
+        'n_sources': 'crosscoder: sources read together (layers or models at the same tokens, data.sources);\n    d_in is their summed width, d_in / n_sources each.',
+        'crosscoder_sparsity': 'crosscoder: TopK (k per token, AuxK) or ReLU with the L1 penalty Σ_i f_i Σ_s ‖W_dec[i, s]‖\n    (Anthropic 2024).',
     },
     'raysae.config.ScalingConfig': {
         'num_workers': 'Ray Train workers (one process each, DDP). With min_workers set, the most workers.',
@@ -63,6 +68,9 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
         'correlation': 'Probability that the rest of a group fires when its first member fires.',
         'n_one_hot_sets': 'Sets of mutually exclusive features, exactly one of which fires per token (composition).',
         'one_hot_set_size': 'Features per one-hot set.',
+        'n_hierarchies': 'Parent features, each with children that fire only when it fires (a planted hierarchy:\n    what Matryoshka SAEs recover and plain ones absorb).',
+        'children_per_parent': 'Children of each parent.',
+        'child_probability': 'Probability that each child fires when its parent fires (children never fire alone).',
         'noise_std': 'Std of isotropic Gaussian noise added to each token.',
         'seed': 'Seed of the feature directions and of the token stream.',
     },

@@ -32,6 +32,7 @@ from raysae.data.format import BadDataError
 from raysae.metrics import ReconstructionStats, SparsityStats, latent_norms, scalars
 from raysae.saes import SparseAutoencoder, build_sae
 from raysae.step import BadBatchError, TrainState, check_batch, make_optimizer, train_step
+from raysae.views import ViewStats, decoder_norm_split
 
 STOPS_RUN = (BadDataError, BadBatchError, CheckpointSpaceError)
 """Errors that stop a run on every worker at once and are never retried: bad data, a full disk.
@@ -113,6 +114,15 @@ class World:
                 SparsityStats.from_state_tensor(t, sparsity.n_latents, sparsity.dead_window)
             )
         return merged_recon, merged_sparsity
+
+    def merge_recon(self, recon: ReconstructionStats) -> ReconstructionStats:
+        """`merge` for reconstruction stats alone (raysae.views)."""
+        if self.size == 1:
+            return recon
+        merged = ReconstructionStats(recon.d_in, recon.reference_mean)
+        for t in self._all_gather(recon.state_tensor()):
+            merged.merge(ReconstructionStats.from_state_tensor(t, recon.d_in, recon.reference_mean))
+        return merged
 
     def first_error(self, error: Optional[BaseException]) -> Optional[BaseException]:
         """The error of the lowest rank that has one (None if none has), on every rank: one
@@ -456,15 +466,20 @@ def evaluate_pack(members: list[Member], batches: Callable[[], Iterable[Tensor]]
         m.recon.reset()
         m.sparsity = SparsityStats(m.model.cfg.n_latents)
         position = world.rank << 40  # disjoint stream positions per rank: the merge is exact
+        views = ViewStats(m.model)
         with m.model.evaluating():
             for batch in batches():
                 out = m.model(batch.to(world.device))
                 m.recon.update(batch, out.x_hat)
+                views.update(batch.to(world.device), out)
                 m.sparsity.update(out.codes, start=position, latent_norms=latent_norms(m.model))
                 position += batch.shape[0]
         recon, sparsity = world.merge(m.recon, m.sparsity)
         metrics = {**recon.compute(), **scalars(sparsity.compute())}
         metrics["dead_fraction"] = float((sparsity.fire_counts == 0).double().mean())
+        metrics.update(views.compute(world.merge_recon))
+        split = decoder_norm_split(m.model, fired=sparsity.fire_counts > 0)
+        metrics.update({f"decoder_norms/{k}": v for k, v in split.items()})
         per_member.append(metrics)
     return best_and_members(per_member)
 

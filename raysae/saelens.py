@@ -18,6 +18,11 @@ Architectures (raysae → SAELens inference class):
                           (BatchTopKTrainingSAE.process_state_dict_for_saving_inference), and
                           TopK would be a different function: it keeps k latents per token,
                           where BatchTopK keeps a varying number (k on average).
+    matryoshka_batchtopk  jumprelu   at inference a BatchTopK (the nested prefixes only shape
+                          training), so it is written as batchtopk is; SAELens saves its own
+                          matryoshka_batchtopk SAEs the same way (its class inherits
+                          BatchTopK's saving). metadata.raysae keeps the groups, so reading
+                          it back gives a matryoshka_batchtopk again.
 
 Decisions:
 
@@ -95,10 +100,14 @@ TO_SAELENS = {
     "jumprelu": "jumprelu",
     "gated": "gated",
     "batchtopk": "jumprelu",
+    "matryoshka_batchtopk": "jumprelu",
 }
 """raysae architecture → the SAELens inference architecture that computes the same function."""
 FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 """SAELens architecture → the raysae architecture it is read as."""
+
+_ONE_THRESHOLD = ("batchtopk", "matryoshka_batchtopk")
+"""raysae architectures that infer with one threshold for every latent (SAELens jumprelu)."""
 
 _LATENT_BIAS = {"relu": "b_enc", "topk": "b_enc", "jumprelu": "b_enc", "gated": "b_gate"}
 _TENSORS = {
@@ -153,7 +162,7 @@ def to_saelens(
         }
         if architecture == "jumprelu":
             tensors["threshold"] = folded.threshold
-        elif architecture == "batchtopk":
+        elif architecture in _ONE_THRESHOLD:
             theta = folded.threshold.clamp_min(0.0)  # raysae's inference threshold
             tensors["threshold"] = theta.expand(model.cfg.n_latents)
         elif architecture == "gated":
@@ -173,10 +182,14 @@ def to_saelens(
         cfg.update(k=model.cfg.k, rescale_acts_by_decoder_norm=False)
     metadata = {"sae_lens_training_version": None, **(metadata or {})}
     metadata["sae_lens_version"] = SAELENS_VERSION  # the format written here
-    if architecture == "batchtopk":  # what reading it back needs to restore a batchtopk
+    if architecture in _ONE_THRESHOLD:  # what reading it back needs to restore the SAE
         ours = metadata.get("raysae")
         ours = dict(ours) if isinstance(ours, dict) else {}
         metadata["raysae"] = {**ours, "architecture": architecture, "k": model.cfg.k}
+        if architecture == "matryoshka_batchtopk":
+            bounds = model.cfg.group_bounds
+            metadata["raysae"]["matryoshka_groups"] = [b - a for a, b in zip((0, *bounds), bounds)]
+            metadata["raysae"]["matryoshka_weights"] = list(model.weights)
     cfg["metadata"] = metadata
     return cfg, tensors
 
@@ -326,21 +339,35 @@ def from_saelens(
     raysae_arch = FROM_SAELENS[architecture]
     threshold = t.get("threshold")
     raysae_meta = meta.get("raysae") if isinstance(meta.get("raysae"), dict) else {}
+    extra = {}
     if (
-        raysae_meta.get("architecture") == "batchtopk"
+        raysae_meta.get("architecture") in _ONE_THRESHOLD
         and threshold is not None
         and bool((threshold == threshold[0]).all())
     ):
-        raysae_arch = "batchtopk"
+        raysae_arch = raysae_meta["architecture"]
+        if raysae_arch == "matryoshka_batchtopk":
+            extra = {
+                name: tuple(raysae_meta[name])
+                for name in ("matryoshka_groups", "matryoshka_weights")
+                if name in raysae_meta
+            }
     if raysae_arch == "topk":
         k = _k(cfg.get("k"), d_sae, where)
-    elif raysae_arch == "batchtopk":  # k only steers training; keep the one it was trained with
+    elif raysae_arch in _ONE_THRESHOLD:  # k only steers training; keep the one it was trained with
         k = _k(raysae_meta.get("k"), d_sae, where) if "k" in raysae_meta else 1
     else:
         k = 1  # unused by the architecture
     # normalize_inputs off: the SAE takes raw activations, there is nothing to scale.
     model = build_sae(
-        SAEConfig(d_in=d_in, n_latents=d_sae, architecture=raysae_arch, k=k, normalize_inputs=False)
+        SAEConfig(
+            d_in=d_in,
+            n_latents=d_sae,
+            architecture=raysae_arch,
+            k=k,
+            normalize_inputs=False,
+            **extra,
+        )
     )
     with torch.no_grad():
         for name, value in (("W_enc", W_enc), ("W_dec", W_dec), ("b_enc", b_enc), ("b_dec", b_dec)):
@@ -349,7 +376,7 @@ def from_saelens(
         if raysae_arch == "gated":
             model.r_mag.copy_(t["r_mag"])
             model.b_mag.copy_(b_mag)
-        elif raysae_arch == "batchtopk":
+        elif raysae_arch in _ONE_THRESHOLD:
             model.threshold.copy_(threshold[0])
         elif raysae_arch == "jumprelu":
             # float64 so that exp(log_threshold) rounds back to the stored float32 threshold

@@ -22,7 +22,7 @@ from typing import Callable
 
 import pandas as pd
 
-from raysae import interrupt, pages, report
+from raysae import interrupt, pages, report, views
 from raysae.config import TOPK_FAMILY, RunConfig
 from raysae.data import BadDataError, Dataset, storage
 from raysae.loop import STOPS_RUN, member_key
@@ -73,7 +73,7 @@ def sweep_trial(config: dict, datasets: dict[str, Dataset]) -> None:
     if done:  # finished before an interruption Tune had not yet recorded: keep, do not re-run
         ray.tune.report(final_report(done))
         return
-    dataset = datasets[runs[0].data.uri]
+    dataset = datasets[runs[0].data.dataset]
     trial_dir = storage.join(config["trials_dir"], name)
     raise_if_stopped(trial_dir, dataset)
     trainer = build_trainer(
@@ -164,6 +164,7 @@ def run_sweep(
         ray.init(address=address)
         interrupt.reclaim()  # SIGTERM stops the sweep cleanly, not through Ray's bare exit
 
+    keep_credentials_out_of_trials()
     fs, root = storage.filesystem_and_path(spec.output)
     experiment = f"{root}/{spec.name}"
     # The trial process only drives its TorchTrainer; Tune refuses an empty request, so a sliver.
@@ -218,6 +219,25 @@ def run_sweep(
     return table
 
 
+TUNE_COPIED_CREDENTIALS = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+)
+"""The credentials Ray Tune copies from the driver's environment into each trial's runtime_env."""
+
+
+def keep_credentials_out_of_trials() -> None:
+    """Stop Ray Tune from copying the driver's AWS keys into every trial actor's runtime_env
+    (`env_vars`, from ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE): Ray writes a
+    runtime_env into the nodes' logs (runtime_env_agent.log) and keeps it in the cluster's state,
+    so the keys were written down (tests/test_submit.py found them). A trial reads S3 with the
+    credentials of the node it runs on: its instance profile (cluster.yaml), or the environment
+    the node was started with, which for the local Ray that raysae starts is this process's.
+    Ray has no setting for this; its list is edited instead."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = class_cache.ENV_VARS_TO_PROPAGATE - TUNE_COPIED_CREDENTIALS
+
+
 def _tracking_callbacks(tracking, name: str) -> list:
     """The Tune callback following every SAE in the chosen trackers (none without trackers)."""
     if not tracking.trackers:
@@ -250,8 +270,8 @@ def preflight(
     _check_output(sweep_dir, resume, log)
     storage.check_writable(sweep_dir)
     ensure_dataset(spec, log, address)
-    uris = sorted({cfg.data.uri for cfg in points}, key=str)
-    datasets = {uri: open_for_ray([p for p in points if p.data.uri == uri]) for uri in uris}
+    uris = sorted({cfg.data.dataset for cfg in points}, key=str)
+    datasets = {uri: open_for_ray([p for p in points if p.data.dataset == uri]) for uri in uris}
     if not resume:
         marker = storage.join(sweep_dir, SPEC_FILE)
         storage.write_bytes(marker, json.dumps(to_dict(spec), indent=1, default=str).encode())
@@ -365,8 +385,8 @@ def _last_line(error: BaseException) -> str:
 
 
 ARCHITECTURE_FIELDS = {
-    "k": TOPK_FAMILY,
-    "l1_coefficient": ("relu", "gated"),
+    "k": (*TOPK_FAMILY, "crosscoder"),
+    "l1_coefficient": ("relu", "gated", "crosscoder"),
     "l0_coefficient": ("jumprelu",),
 }
 """The results columns that only some architectures use (raysae.config.SAEConfig's docstrings
@@ -398,6 +418,7 @@ def _row(cfg: RunConfig, trial_id: str, member: int, member_dir: str, result) ->
             rows_read=final.get("rows_read"),
             checkpoint=storage.join(member_dir, "sae"),
             **{k: final["eval"].get(k) for k in report.COLUMNS if k in final["eval"]},
+            **views.result_columns(final["eval"]),
         )
         if "feature_recovery" in final:
             row["feature_recovery"] = final["feature_recovery"]["fraction_recovered"]

@@ -9,7 +9,13 @@ Feature frequencies can follow a power law. Two structured cases researchers use
 - correlated groups: when a group's first feature fires, each other member also fires with
   probability `correlation` (on top of its own base rate) — tempts an SAE to merge features;
 - one-hot sets: exactly one feature of each set fires per token ("two sets of one-hot
-  features", composition) — tempts an SAE to learn the products instead of the factors.
+  features", composition) — tempts an SAE to learn the products instead of the factors;
+- hierarchies: a parent feature whose children fire only with it (each with probability
+  `child_probability` when it fires) — tempts an SAE to absorb the parent into its children
+  (the parent's latent then stays off when a child fires; `parent_recall` measures it).
+
+`PairedToyData` is the crosscoder's toy: the same features seen from several sources, each
+feature present in some of them (source A only, B only, or both).
 
 The score: for every true feature, the max cosine between its direction and any decoder row.
 """
@@ -44,7 +50,8 @@ class ToyData:
         self._generator = torch.Generator().manual_seed(cfg.seed + 1 + 1_000_003 * stream)
 
     def _layout(self) -> None:
-        """Place correlated groups first, one-hot sets next, independent features last."""
+        """Place correlated groups first, one-hot sets next, then hierarchies (parents, then
+        their children, parent-major), independent features last."""
         c = self.cfg
         n_grouped = c.n_correlated_groups * c.correlated_group_size
         n_one_hot = c.n_one_hot_sets * c.one_hot_set_size
@@ -52,10 +59,21 @@ class ToyData:
         self.one_hot_sets = (torch.arange(n_one_hot) + n_grouped).view(
             c.n_one_hot_sets, c.one_hot_set_size
         )
-        # Base firing probabilities of the non-one-hot features: power law, scaled so the expected
-        # number of active features per token (one-hot sets contribute one each) is as asked.
+        start = n_grouped + n_one_hot
+        self.parents = torch.arange(c.n_hierarchies) + start
+        n_children = c.n_hierarchies * c.children_per_parent
+        self.children = (torch.arange(n_children) + start + c.n_hierarchies).view(
+            c.n_hierarchies, c.children_per_parent
+        )
+        # Base firing probabilities of the free features (not one-hot, not children): power
+        # law, scaled so the expected number of active free features per token (one-hot sets
+        # contribute one each; children come on top) is as asked.
         free = torch.cat(
-            [torch.arange(n_grouped), torch.arange(n_grouped + n_one_hot, c.n_features)]
+            [
+                torch.arange(n_grouped),
+                self.parents,
+                torch.arange(start + c.n_hierarchies + n_children, c.n_features),
+            ]
         )
         rank = torch.arange(1, len(free) + 1, dtype=torch.float64)
         weights = rank.pow(-c.frequency_decay)
@@ -74,6 +92,10 @@ class ToyData:
             leaders = active[:, self.groups[:, 0]]  # (N, groups)
             follow = torch.rand(n_tokens, *self.groups[:, 1:].shape, generator=g) < c.correlation
             active[:, self.groups[:, 1:]] |= leaders[:, :, None] & follow
+        if c.n_hierarchies:
+            parent_on = active[:, self.parents]  # (N, parents)
+            child_on = torch.rand(n_tokens, *self.children.shape, generator=g)
+            active[:, self.children] = parent_on[:, :, None] & (child_on < c.child_probability)
         if c.n_one_hot_sets:
             choice = torch.randint(c.one_hot_set_size, (n_tokens, c.n_one_hot_sets), generator=g)
             active[:, self.one_hot_sets] = torch.nn.functional.one_hot(
@@ -92,6 +114,34 @@ class ToyData:
         """Infinite iterator of (batch_size, d_in) activation batches."""
         while True:
             yield self.sample(batch_size)[0]
+
+
+class PairedToyData(ToyData):
+    """Toy features seen from two sources at once (a crosscoder's data): each token is
+    [x_A; x_B], d_in = 2 · d_source. The first third of the features is in source A only, the
+    second in B only, the rest in both: `presence` (n_features, 2) says which. A feature's
+    direction is a unit vector in each source it is in (zero in the other), so a shared
+    feature writes with equal norm to both."""
+
+    def __init__(self, cfg: ToyDataConfig, d_source: int, stream: int = 0):
+        super().__init__(cfg, 2 * d_source, stream)
+        n = cfg.n_features
+        third = n // 3
+        self.presence = torch.ones(n, 2, dtype=torch.bool)
+        self.presence[:third, 1] = False
+        self.presence[third : 2 * third, 0] = False
+        per_source = self.directions.view(n, 2, d_source)
+        per_source = per_source / per_source.norm(dim=-1, keepdim=True) * self.presence[..., None]
+        self.directions = per_source.reshape(n, 2 * d_source)
+
+    def by_presence(self) -> dict[str, Tensor]:
+        """Feature indices by where they are: "a_only", "b_only", "shared"."""
+        a, b = self.presence[:, 0], self.presence[:, 1]
+        return {
+            "a_only": (a & ~b).nonzero().flatten(),
+            "b_only": (~a & b).nonzero().flatten(),
+            "shared": (a & b).nonzero().flatten(),
+        }
 
 
 @torch.no_grad()
@@ -114,6 +164,22 @@ def feature_recovery(
         "threshold": threshold,
         "max_cos": best.tolist(),
     }
+
+
+@torch.no_grad()
+def parent_recall(toy: ToyData, sae, n_tokens: int = 8192) -> Tensor:
+    """(n_hierarchies,) for each planted parent, the fraction of the tokens where it is active
+    on which its latent fires — its latent being the one whose decoder row is closest (cosine)
+    to the parent's direction. An SAE that absorbed the parent into its children leaves that
+    latent off whenever a child fires (Chanin et al. 2024, "A is for Absorption")."""
+    w = sae.W_dec.detach().float()
+    cos = (toy.directions[toy.parents] @ (w / w.norm(dim=-1, keepdim=True)).T).abs()
+    latent = cos.argmax(-1)  # (parents,)
+    x, features = toy.sample(n_tokens)
+    with sae.evaluating():
+        fires = sae.encode(x)[:, latent] > 0  # (N, parents)
+    on = features[:, toy.parents] > 0
+    return (fires & on).sum(0) / on.sum(0).clamp_min(1)
 
 
 def recovery_line(recovery: dict) -> str:

@@ -59,6 +59,7 @@ from raysae.synthetic import (
     toy_directions,
 )
 from raysae.tracking import Session, member_runs, reachable, resolve
+from raysae.views import summary_lines, view_metrics
 
 TRACKING_EXPERIMENT = "raysae-train"
 """The trackers' experiment (MLflow's; the W&B group) of `raysae train` runs, unless set."""
@@ -84,13 +85,13 @@ def training_data(cfg: RunConfig, dataset: Dataset) -> tuple[Dataset, Dataset]:
     """(training, held-out) parts of `dataset` (the command opened it), checked against cfg."""
     if dataset.d_in != cfg.sae.d_in:
         raise ConfigError(
-            f"dataset {cfg.data.uri} has d_in={dataset.d_in} but sae.d_in="
+            f"dataset {cfg.data.dataset} has d_in={dataset.d_in} but sae.d_in="
             f"{cfg.sae.d_in}; set sae.d_in: {dataset.d_in}"
         )
     n_eval = cfg.data.eval_parts
     if n_eval and len(dataset.parts) <= n_eval:
         raise ConfigError(
-            f"dataset {cfg.data.uri} has {len(dataset.parts)} part(s); data.eval_parts="
+            f"dataset {cfg.data.dataset} has {len(dataset.parts)} part(s); data.eval_parts="
             f"{n_eval} would leave none to train on — lower data.eval_parts "
             "(0 evaluates on training data) or harvest more parts"
         )
@@ -100,10 +101,10 @@ def training_data(cfg: RunConfig, dataset: Dataset) -> tuple[Dataset, Dataset]:
 def open_for_ray(runs: list[RunConfig]) -> Dataset:
     """Open the dataset the runs (a pack, or a sweep's points) train on, once, and check it
     against every one of them: bad input fails here, before any worker starts."""
-    uris = {cfg.data.uri for cfg in runs}
+    uris = {cfg.data.dataset for cfg in runs}
     if None in uris:
         raise ConfigError(
-            "distributed training reads a dataset (data.uri); for toy data write "
+            "distributed training reads a dataset (data.uri or data.sources); for toy data write "
             "it as shards first (raysae.data.write_dataset) or use --local"
         )
     if len(uris) > 1:
@@ -111,7 +112,7 @@ def open_for_ray(runs: list[RunConfig]) -> Dataset:
             f"the runs read different datasets ({', '.join(sorted(uris))}); "
             "train them in separate commands"
         )
-    dataset = data.open_dataset(uris.pop())
+    dataset = data.open_data(uris.pop())
     for cfg in runs:
         training_data(cfg, dataset)
     return dataset
@@ -144,7 +145,7 @@ def training_and_eval_streams(cfg: RunConfig, batch_size: int):
             return ToyData(cfg.data.toy, cfg.sae.d_in, stream=HELD_OUT_STREAM).batches(batch_size)
 
         return toy.batches(batch_size), held_out, cfg.data.eval_tokens, toy.directions
-    dataset = data.open_dataset(cfg.data.uri)
+    dataset = data.open_data(cfg.data.dataset)
     train, held = training_data(cfg, dataset)
     return (
         endless_batches(train, batch_size, cfg.train.seed),
@@ -266,6 +267,7 @@ def summary(result: dict) -> str:
         f"held-out: fvu {e['fvu']:.4f} (explained variance {e['explained_variance']:.4f}) "
         f"l0 {e['l0']:.2f} dead {e['dead_fraction']:.3f} dense {e['dense_fraction']:.3f}",
     ]
+    lines += summary_lines(e)
     if "replayed_tokens" in result:
         lines.append(
             f"restarts: {result['restarts']}, tokens re-read after restarts: "
@@ -313,6 +315,7 @@ def run_single_process(
         metrics = evaluate(
             model, held_out(), n_eval, reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in)
         )
+        metrics.update(view_metrics(model, held_out(), n_eval))  # crosscoder, Matryoshka
         result = finish(
             model, cfg, out, history, wall, metrics, directions, log=log, resumable=False
         )
@@ -437,7 +440,7 @@ def train_distributed(
     trainer = build_trainer([cfg], out, name, dataset=dataset, on_step=on_step, callbacks=callbacks)
     log(
         f"training {cfg.sae.architecture} SAE d_in={cfg.sae.d_in} n_latents={cfg.sae.n_latents} "
-        f"on {cfg.data.uri} with {cfg.scaling.num_workers} worker(s); run {run_dir}"
+        f"on {cfg.data.dataset} with {cfg.scaling.num_workers} worker(s); run {run_dir}"
     )
     t0 = time.perf_counter()
     with interrupt.ray_train_stops():  # Ctrl-C / SIGTERM: Ray Train aborts its workers
@@ -521,7 +524,7 @@ def _initial_values(runs: list[RunConfig], train_data: Dataset) -> list[dict]:
         if key not in samples:
             batches = endless_batches(train_data, t.batch_size, t.seed)
             samples[key] = take_init_sample(batches, t.init_tokens)[0]
-            check_batch(samples[key], cfg.sae.d_in, f"{cfg.data.uri}: initialisation sample")
+            check_batch(samples[key], cfg.sae.d_in, f"{cfg.data.dataset}: initialisation sample")
         scale, b_dec = initial_values(samples[key], cfg.sae)
         init.append({"input_scale": scale, "b_dec": b_dec.float().tolist()})
     return init

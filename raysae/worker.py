@@ -262,7 +262,7 @@ def _epochs(shard, per_worker: int, cfg: RunConfig, progress: dict, rank: int) -
             yield batch
         if n_batches == 0:
             raise ValueError(
-                f"worker {rank}: its share of {cfg.data.uri} holds less than one "
+                f"worker {rank}: its share of {cfg.data.dataset} holds less than one "
                 f"batch of {per_worker} rows; lower train.batch_size or add data"
             )
         progress["epoch"] += 1

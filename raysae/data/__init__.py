@@ -66,6 +66,7 @@ from raysae.data.manifest import (
     Part,
     read_manifest,
 )
+from raysae.data.paired import MisalignedError, PairedDataset, open_paired
 from raysae.data.writer import (
     DatasetWriter,
     commit_dataset,
@@ -110,6 +111,18 @@ __all__ = [
     "shard_table",
     "stored_dtype",
     "verify_part",
+    "MisalignedError",
+    "PairedDataset",
+    "open_data",
+    "open_paired",
     "write_dataset",
     "write_part",
 ]
+
+
+def open_data(location: str) -> Dataset:
+    """`open_dataset(location)`, or `open_paired` of the datasets that a `DataConfig.dataset`
+    joins with " + " (data.sources)."""
+    if " + " in location:
+        return open_paired(location.split(" + "))
+    return open_dataset(location)

@@ -9,6 +9,7 @@ open again; across a Ray boundary the value travels as it is (URI, manifest, par
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,13 @@ class Dataset:
             columns=columns,
             batch_size=batch_size,
             endpoint=self.endpoint,
+        )
+
+    def part_reader(self):
+        """A picklable `read(part, columns=..., batch_size=None)` of this value's parts (what a
+        Ray read task calls): `read_part` with this dataset's place and format."""
+        return functools.partial(
+            read_part, self.uri, d_in=self.d_in, dtype=self.dtype, endpoint=self.endpoint
         )
 
     def batches(

@@ -33,7 +33,7 @@ Column selection (`columns=` or `Dataset.select_columns`) is pushed down into th
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -54,8 +54,7 @@ class PartsDatasource(ray.data.Datasource):
             None  # all columns until Ray pushes a select_columns down (as Ray's own sources do)
         )
         # Not the Dataset itself: its manifest lists every part, and the source is pickled.
-        self.uri, self.d_in, self.dtype = source.uri, source.d_in, source.dtype
-        self.endpoint = source.endpoint
+        self.read = source.part_reader()
         self.parts, self.shuffle, self.seed = source.parts, shuffle, seed
         self._executions = 0
 
@@ -80,9 +79,7 @@ class PartsDatasource(ray.data.Datasource):
         columns = self._get_data_columns() or list(data.COLUMNS)
         return [
             ray.data.ReadTask(
-                functools.partial(
-                    _read, self.uri, part, self.d_in, self.dtype, tuple(columns), self.endpoint
-                ),
+                functools.partial(self.read, part, columns=tuple(columns)),
                 BlockMetadata(
                     num_rows=part.rows,
                     size_bytes=part.bytes,
@@ -92,18 +89,6 @@ class PartsDatasource(ray.data.Datasource):
             )
             for part in parts
         ]
-
-
-def _read(
-    uri: str,
-    part: data.Part,
-    d_in: int,
-    dtype: str,
-    columns: tuple[str, ...],
-    endpoint: str | None,
-) -> Iterator[pa.Table]:
-    """Ray read task body: the whole part as one block."""
-    return data.read_part(uri, part, d_in=d_in, dtype=dtype, columns=columns, endpoint=endpoint)
 
 
 def build_dataset(

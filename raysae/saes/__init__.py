@@ -3,8 +3,10 @@
 from raysae.config import SAEConfig
 from raysae.saes.base import SAEOutput, SparseAutoencoder, initial_values
 from raysae.saes.batchtopk import BatchTopKSAE
+from raysae.saes.crosscoder import CrosscoderSAE
 from raysae.saes.gated import GatedSAE
 from raysae.saes.jumprelu import JumpReLUSAE
+from raysae.saes.matryoshka import MatryoshkaBatchTopKSAE
 from raysae.saes.relu import ReLUSAE
 from raysae.saes.topk import TopKSAE
 
@@ -14,6 +16,8 @@ ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     "batchtopk": BatchTopKSAE,
     "jumprelu": JumpReLUSAE,
     "gated": GatedSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
+    "crosscoder": CrosscoderSAE,
 }
 
 

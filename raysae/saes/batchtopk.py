@@ -29,6 +29,14 @@ class BatchTopKSAE(SparseAutoencoder):
 
     def _forward_scaled(self, x_s, dead_mask):
         pre = self._pre(x_s)
+        latents = self._select(pre)
+        rows, cols, values = latents.rows, latents.cols, latents.values
+        x_hat_s = ragged_decode(rows, cols, values, self.W_dec, pre.shape[0]) + self.b_dec
+        return x_hat_s, latents.detached(), auxk_losses(self, pre, dead_mask, x_s, x_hat_s)
+
+    def _select(self, pre: Tensor) -> SparseLatents:
+        """The kept latents of pre-activations (B, n), rows ascending, values differentiable:
+        the batch's top k·B in training, those over the threshold at inference."""
         B, n = pre.shape
         if self.training:
             values, flat = pre.relu().flatten().topk(min(self.cfg.k * B, B * n), sorted=False)
@@ -40,10 +48,7 @@ class BatchTopKSAE(SparseAutoencoder):
             flat, values = nz, pre.flatten()[nz]
         order = flat.argsort()  # ragged_decode wants rows ascending
         flat, values = flat[order], values[order]
-        rows, cols = flat // n, flat % n
-        x_hat_s = ragged_decode(rows, cols, values, self.W_dec, B) + self.b_dec
-        latents = SparseLatents(rows, cols, values.detach(), B, n)
-        return x_hat_s, latents, auxk_losses(self, pre, dead_mask, x_s, x_hat_s)
+        return SparseLatents(flat // n, flat % n, values, B, n)
 
     @torch.no_grad()
     def _update_threshold_(self, kept: Tensor) -> None:

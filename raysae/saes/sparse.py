@@ -43,6 +43,10 @@ class SparseLatents(NamedTuple):
         rows = torch.arange(b, device=indices.device).repeat_interleave(k)
         return cls(rows, indices.reshape(-1), values.detach().reshape(-1), b, n_latents)
 
+    def detached(self) -> SparseLatents:
+        """The same entries with `values` detached (what SAEOutput holds)."""
+        return self._replace(values=self.values.detach())
+
     def dense(self) -> Tensor:
         """(n_rows, n_latents) latents, zeros outside the listed entries."""
         out = torch.zeros(
@@ -125,12 +129,14 @@ class _TopKEncode(torch.autograd.Function):
             (W_enc.shape[0], B),
             check_invariants=False,
         )
-        grad_W = torch.sparse.mm(coo, x)
+        # Into a zeroed gradient in place: torch.sparse.mm(coo, x) holds a zero (n, d) matrix
+        # besides its result, one more weight-sized temporary (1.1 GiB at n=131072, d=2304).
+        grad_W = torch.zeros(W_enc.shape, dtype=x.dtype, device=x.device).addmm_(coo, x)
         grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
         grad_b.index_add_(0, flat_idx, g.reshape(-1))
         if grad_pre is not None:  # callers that also use the dense pre-activations (AuxK)
             grad_x = grad_x + grad_pre @ W_enc
-            grad_W = grad_W + grad_pre.t() @ x
+            grad_W += grad_pre.t() @ x
             grad_b = grad_b + grad_pre.sum(0)
         return grad_x, grad_W, grad_b, None
 
