@@ -169,7 +169,7 @@ def test_report_screenshot_is_not_blank(report, tmp_path):
 
     shot = tmp_path / "report.png"
     _, console = chromium(
-        f"file://{report}/index.html#latent=0", f"--screenshot={shot}", "--window-size=1280,2600"
+        f"file://{report}/index.html#latent=0", f"--screenshot={shot}", "--window-size=1000,1400"
     )
     assert console == []
     pixels = np.asarray(Image.open(shot).convert("RGB"))
