@@ -13,17 +13,6 @@ from raysae.synthetic import PairedToyData
 from raysae.views import HISTOGRAM_BINS, decoder_norm_split, histogram_lines
 
 
-@pytest.fixture
-def one_thread():
-    """Toy-sized matmuls run fastest on one thread: with more, OpenMP's synchronisation costs
-    more than the work, many times more on a loaded machine (measured here: 0.2 s against
-    6 ms per step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def built(seed=0, **kw):
     torch.manual_seed(seed)
     return build_sae(SAEConfig(d_in=16, n_latents=48, k=4, **kw))

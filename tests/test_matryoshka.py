@@ -12,17 +12,6 @@ from raysae.synthetic import ToyData, parent_recall
 from raysae.views import view_metrics
 
 
-@pytest.fixture
-def one_thread():
-    """Toy-sized matmuls run fastest on one thread: with more, OpenMP's synchronisation costs
-    more than the work, many times more on a loaded machine (measured here: 0.2 s against
-    6 ms per step)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def matryoshka(**kw):
     torch.manual_seed(0)
     cfg = dict(d_in=8, n_latents=24, k=4, architecture="matryoshka_batchtopk")

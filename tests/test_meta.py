@@ -23,15 +23,6 @@ def test_epochs_visit_every_row_once_in_a_new_order():
 
 
 @pytest.fixture
-def one_thread():
-    """Toy-sized matmuls run fastest on one thread (see tests/test_matryoshka.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
 def composed_checkpoint(tmp_path):
     """A base SAE whose 256 decoder rows are each the sum of 2 of 32 hidden directions: the
     structure a meta-SAE should find."""
