@@ -165,6 +165,72 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _meta(args: argparse.Namespace) -> int:
+    from raysae.meta import train_meta
+
+    train_meta(
+        args.checkpoint,
+        args.out,
+        n_latents=args.n_latents,
+        k=args.k,
+        architecture=args.architecture,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        top=args.top,
+    )
+    return 0
+
+
+def _meta_options(meta: argparse.ArgumentParser) -> None:
+    meta.description = (
+        "Train a meta-SAE (Bussmann et al. 2024) on the decoder rows of a trained SAE: many "
+        "epochs over its n_latents rows in one process. Writes OUT/sae (the meta-SAE) and "
+        "OUT/meta.json: its FVU on the decoder rows, L0, and for each meta-latent the base "
+        "latents that use it most. Prints progress as it trains. Imports no Ray."
+    )
+    meta.add_argument(
+        "checkpoint", help="the base SAE: a raysae SAE folder (OUT/sae) or an SAELens one"
+    )
+    meta.add_argument("out", help="a new (or empty) folder for the meta-SAE and meta.json")
+    meta.add_argument(
+        "--n-latents",
+        type=_positive_int,
+        default=None,
+        help="meta-latents (default: the base's n_latents / 8)",
+    )
+    meta.add_argument(
+        "--k", type=_positive_int, default=4, help="meta-latents per base latent (default 4)"
+    )
+    meta.add_argument(
+        "--architecture",
+        default="batchtopk",
+        choices=("batchtopk", "topk", "relu", "jumprelu", "gated", "matryoshka_batchtopk"),
+        help="the meta-SAE's architecture (default batchtopk, as the paper's)",
+    )
+    meta.add_argument(
+        "--epochs", type=_positive_int, default=200, help="passes over the rows (default 200)"
+    )
+    meta.add_argument(
+        "--batch-size", type=_positive_int, default=1024, help="rows per step (default 1024)"
+    )
+    meta.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate (default: raysae's, from n_latents)",
+    )
+    meta.add_argument("--seed", type=int, default=0, help="initialisation and row-order seed")
+    meta.add_argument(
+        "--top",
+        type=_positive_int,
+        default=10,
+        help="base latents listed per meta-latent (default 10)",
+    )
+    meta.set_defaults(func=_meta)
+
+
 def _pages(args: argparse.Namespace) -> int:
     from raysae.pages import pages_command
 
@@ -491,6 +557,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "eval": ("evaluate a trained SAE against baselines on activations", _eval_options),
     "verify": ("check every byte of a dataset against its manifest", _verify_options),
     "export": ("write an SAE, or a sweep's Pareto frontier, in SAELens's format", _export_options),
+    "meta": ("train a meta-SAE on the decoder rows of a trained SAE", _meta_options),
     "pages": ("write a sweep's page (Pareto plot, sortable table, report links)", _pages_options),
 }
 """Subcommand → (one-line help, the function adding its description and options)."""

@@ -91,12 +91,22 @@ def sae_configs(
     max_d_in: int = 12,
     max_latents: int = 32,
 ) -> SAEConfig:
-    """A small valid SAEConfig of any architecture (k ≤ n_latents for the TopK family)."""
+    """A small valid SAEConfig of any architecture (k ≤ n_latents for the TopK family;
+    Matryoshka groups as latent counts summing to n_latents, so no group is empty)."""
     n_latents = draw(st.integers(1, max_latents))
+    architecture = draw(st.sampled_from(architectures))
+    groups = {}
+    if architecture == "matryoshka_batchtopk":
+        cuts = []
+        if n_latents > 1:
+            cuts = draw(st.lists(st.integers(1, n_latents - 1), max_size=3, unique=True))
+        ends = [0, *sorted(cuts), n_latents]
+        groups["matryoshka_groups"] = tuple(float(b - a) for a, b in zip(ends, ends[1:]))
     return SAEConfig(
         d_in=draw(st.integers(1, max_d_in)),
         n_latents=n_latents,
-        architecture=draw(st.sampled_from(architectures)),
+        architecture=architecture,
+        **groups,
         k=draw(st.integers(1, n_latents)),
         l1_coefficient=draw(st.sampled_from([0.0, 0.1, 5.0])),
         l0_coefficient=draw(st.sampled_from([0.0, 1e-3, 1.0])),

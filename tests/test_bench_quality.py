@@ -68,3 +68,25 @@ def test_raysae_run_and_variant_on_a_small_dataset(tmp_path, capsys):
 def test_bad_variant_is_a_clear_error():
     with pytest.raises(SystemExit, match="expected sae.FIELD or train.FIELD"):
         load_bench().train_raysae([torch.zeros(4, 8)], 8, 16, 2, 0, {"lr": "1"})
+
+
+def test_shared_init_is_raysaes_initial_sae_in_input_units():
+    """--init shared hands the peers raysae's initial SAE with its input scale folded in: the
+    same reconstruction of raw activations, unit decoder rows."""
+    from raysae.config import SAEConfig
+    from raysae.saes import build_sae
+    from raysae.saes.sparse import sparse_decode, topk_encode
+
+    bench = load_bench()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 16, generator=g) * 7.0 + 3.0 for _ in range(3)]
+    shared = bench.shared_init(batches, 16, 48, 4, seed=5)
+    torch.manual_seed(5)
+    model = build_sae(SAEConfig(d_in=16, n_latents=48, k=4))
+    model.init_from_sample_(torch.cat(batches))
+    assert float(model.input_scale) != 1.0  # there was a scale to fold
+    x = batches[0]
+    values, indices, _ = topk_encode(x - shared["b_dec"], shared["W_enc"], shared["b_enc"], 4)
+    x_hat = sparse_decode(indices, values, shared["W_dec"]) + shared["b_dec"]
+    torch.testing.assert_close(x_hat, model(x).x_hat.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(shared["W_dec"].norm(dim=-1), torch.ones(48))

@@ -77,8 +77,8 @@ def test_architecture_columns_match_what_each_architecture_uses():
     from raysae.sweep import ARCHITECTURE_FIELDS
 
     term = {"l1_coefficient": "l1", "l0_coefficient": "l0", "k": "auxk"}
-    for architecture in ("relu", "topk", "batchtopk", "jumprelu", "gated"):
-        sae = build_sae(SAEConfig(d_in=4, n_latents=8, k=2, architecture=architecture))
+    for architecture in ("relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"):
+        sae = build_sae(SAEConfig(d_in=4, n_latents=16, k=2, architecture=architecture))
         for name, used_by in ARCHITECTURE_FIELDS.items():
             assert (architecture in used_by) == (term[name] in sae.loss_coefficients()), (
                 architecture,
@@ -158,43 +158,92 @@ def test_four_trial_sweep_interrupted_then_resumed(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
+def write_paired_toy(tmp_path: Path) -> list[str]:
+    """Two 8-wide toy sources of the same 4 × 8192 tokens (PairedToyData: features in A only,
+    B only and both), as two datasets with the same doc_id / pos: a crosscoder's data."""
+    import numpy as np
+
+    from raysae.data import write_dataset
+    from raysae.synthetic import PairedToyData
+
+    x, _ = PairedToyData(ToyDataConfig(n_features=48, active_per_token=2), d_source=8).sample(
+        4 * 8192
+    )
+    doc, pos = np.arange(len(x)) // 64, np.arange(len(x)) % 64
+    uris = [str(tmp_path / "acts_a"), str(tmp_path / "acts_b")]
+    for uri, half in zip(uris, x.chunk(2, dim=1)):
+        write_dataset(uri, half, dtype="float32", rows_per_part=8192, doc_id=doc, pos=pos)
+    return uris
+
+
 def test_packed_trial_matches_separate_trials_and_reads_once(ray_cluster, tmp_path):
-    arch = {"topk": {"sae.k": [2, 4]}}
+    """Also: the sweep reads paired sources (data.sources) and trains Matryoshka and crosscoder
+    points beside TopK ones, their per-prefix / per-source metrics in the results."""
     base = spec_dict(tmp_path, "x")["base"]
+    base["data"] = {**base["data"], "uri": None, "sources": write_paired_toy(tmp_path)}
     base["data"]["deterministic_order"] = True
+    base["sae"]["d_in"] = 16
+    arch = {"topk": {"sae.k": [2, 4]}}
+    no_toy = {"toy_dataset": None}
     separate = run_sweep(
-        from_dict(SweepSpec, spec_dict(tmp_path, "separate", architectures=arch, base=base))
+        from_dict(
+            SweepSpec, spec_dict(tmp_path, "separate", architectures=arch, base=base, **no_toy)
+        )
     )
     # The packed sweep is also followed in TensorBoard and MLflow (read back below).
     tracking = {"trackers": ["tensorboard", "mlflow"]}
+    more = {
+        **arch,
+        "matryoshka_batchtopk": {"sae.matryoshka_groups": [[0.25, 0.75]]},
+        "crosscoder": {"sae.n_sources": [2]},
+    }
     packed = run_sweep(
         parse_sweep_spec(
-            spec_dict(tmp_path, "packed", architectures=arch, base=base, pack=2, tracking=tracking)
+            spec_dict(
+                tmp_path,
+                "packed",
+                architectures=more,
+                base=base,
+                pack=4,
+                tracking=tracking,
+                **no_toy,
+            )
         )
     )
-    assert len(separate) == len(packed) == 2 and packed["trial_id"].nunique() == 1
+    assert len(separate) == 2 and len(packed) == 4 and packed["trial_id"].nunique() == 1
+    assert set(packed["status"]) == {"finished"}
     for k in (2, 4):
         a = separate[separate.k == k].iloc[0]
-        b = packed[packed.k == k].iloc[0]
+        b = packed[(packed.architecture == "topk") & (packed.k == k)].iloc[0]
         assert b["fvu"] == pytest.approx(a["fvu"], rel=1e-4, abs=1e-6)
         assert b["l0"] == pytest.approx(a["l0"], rel=1e-4)
-    # One read serves both packed SAEs: the packed trial read as many rows as one separate trial.
-    assert packed["rows_read"].iloc[0] == separate["rows_read"].iloc[0] == 16_000
+    # One read serves all packed SAEs: the packed trial read as many rows as one separate trial.
+    assert set(packed["rows_read"]) == {separate["rows_read"].iloc[0]} == {16_000}
+    # The new members' own metrics (after 16 steps: present and in range): the first prefix's
+    # FVU, each source's FVU and the decoder-norm split.
+    m = packed[packed.architecture == "matryoshka_batchtopk"].iloc[0]
+    assert 0 < m["prefix_0/fvu"] < 1.0 and 0 < m["fvu"] < 1.0
+    c = packed[packed.architecture == "crosscoder"].iloc[0]
+    assert 0 < c["source_0/fvu"] < 1 and 0 < c["source_1/fvu"] < 1
+    assert 0 < c["decoder_norms/shared"] < 1
+    split = json.loads((Path(c["checkpoint"]).parent / "metrics.json").read_text())["eval"]
+    assert sum(split["decoder_norms/source_1_share_histogram"]) == split["decoder_norms/latents"]
 
     # One tracker run per SAE of the packed trial, not one per trial: its own config as
     # parameters, its own series over tokens, the last held-out FVU its results row's.
     sweep_dir = tmp_path / "sweeps" / "packed"
-    trial = f"trial-{packed['trial_id'].iloc[0]}"
+    trials = {t: f"trial-{t}" for t in packed["trial_id"]}
     tb = tensorboard_runs(sweep_dir / "tensorboard")
     ml = mlflow_runs(mlflow_store(str(sweep_dir)), "packed")
-    assert sorted(tb) == sorted(ml) == [f"{trial}/m0", f"{trial}/m1"]
-    for _, row in packed.iterrows():
-        name = f"{trial}/m{row['member']}"
+    runs = sorted(f"{trials[r.trial_id]}/m{r.member}" for r in packed.itertuples())
+    assert sorted(tb) == sorted(ml) == runs
+    for _, row in packed[packed.architecture == "topk"].iterrows():
+        name = f"{trials[row['trial_id']]}/m{row['member']}"
         metrics = json.loads((Path(row["checkpoint"]).parent / "metrics.json").read_text())
         history, steps = metrics["history"], [8_000, 16_000]
         assert [r["tokens"] for r in history] == steps
         params, series = ml[name]["params"], ml[name]["metrics"]
-        assert ml[name]["status"] == "FINISHED" and ml[name]["tags"]["trial_id"] in trial
+        assert ml[name]["status"] == "FINISHED" and ml[name]["tags"]["trial_id"] in name
         assert params["sae.architecture"] == "topk" and params["sae.k"] == str(int(row["k"]))
         assert float(params["train.lr"]) == row["lr"] == 3e-3
         for key in ("fvu", "l0", "dead_fraction", "loss/reconstruction", "tokens_per_s"):
