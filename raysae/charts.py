@@ -87,6 +87,26 @@ def decoder_cosines(geometry: dict) -> str:
     return _svg(fig)
 
 
+def decoder_norm_shares(split: dict) -> str:
+    """A crosscoder's latents by source 1's share of their decoder norm (raysae.views): near 0
+    the latent writes only to source 0, near 1 only to source 1, in the middle to both."""
+    fig, ax = _figure()
+    edges, counts = split["bin_edges"], split["source_1_share_histogram"]
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color=SAE)
+    for x in (0.1, 0.3, 0.7, 0.9):
+        ax.axvline(x, color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel("source 1's share of the decoder norm ‖d₁‖ / (‖d₀‖ + ‖d₁‖)")
+    ax.set_ylabel("latents")
+    ax.set_title(
+        f"Relative decoder norms of {split['latents']:,} latents: "
+        f"{split['source_0_specific']:.0%} source 0 only, {split['shared']:.0%} shared, "
+        f"{split['source_1_specific']:.0%} source 1 only",
+        fontsize=9,
+    )
+    return _svg(fig)
+
+
 def by_position(rows: Sequence[dict], title: str, harvest_context: Optional[int] = None) -> str:
     """FVU (and L0) by position bucket; with splice rows, CE increase and KL on a second panel."""
     splice = any("ce_loss_increase" in r for r in rows)

@@ -44,6 +44,7 @@ from raysae.positions import PositionStats, bucket_edges, position_lines, window
 from raysae.saes import SparseAutoencoder
 from raysae.settings import from_dict, to_dict
 from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line
+from raysae.views import has_views, summary_lines, view_metrics
 
 TOY_PREFIX = "toy:"
 """`--data toy:RUN.yaml`: toy activations from a run config's data.toy section."""
@@ -166,10 +167,14 @@ def _held_out_parts(
     from raysae.data import storage
 
     source = f"data.eval_parts of {path}"
-    trained_on = run.data.uri
+    trained_on = run.data.dataset  # data.uri, or data.sources joined by " + "
     if trained_on is None:
         return HeldOut(None, f"{path} says the SAE was trained on toy data, not on {uri}")
-    if storage.absolute(trained_on).rstrip("/") != storage.absolute(uri).rstrip("/"):
+
+    def where(location: str) -> list[str]:
+        return [storage.absolute(p).rstrip("/") for p in location.split(" + ")]
+
+    if where(trained_on) != where(uri):
         source += f" (the run read {trained_on}: --data must hold the same parts)"
     return HeldOut(run.data.eval_parts, source)
 
@@ -177,7 +182,8 @@ def _held_out_parts(
 def _dataset(uri: str, batch_size: int, rows: str, held_out: HeldOut) -> EvalData:
     from raysae import data
 
-    dataset = data.open_dataset(uri)  # once: every pass reads the same value
+    # Once: every pass reads the same value. "A + B" is a crosscoder's paired sources.
+    dataset = data.open_data(uri)
     n, parts = len(dataset.parts), held_out.parts
     if parts is None:
         if rows == "held-out":
@@ -355,6 +361,13 @@ def evaluate_with_baselines(
             reference.mean.cpu(),
             dead_window=reference.n,
         )
+        # A crosscoder's FVU per source, a Matryoshka SAE's per prefix and the crosscoder's
+        # decoder-norm split (raysae.views): one more pass, only for architectures with views.
+        parts = (
+            view_metrics(model, take(data(), n_tokens, d_in, device), n_tokens)
+            if has_views(model)
+            else {}
+        )
     _check_same_tokens(reference, scores["sae"][0].moments)
     report = {name: {**r.compute(), **s.compute()} for name, (r, s) in scores.items()}
     sae = report.pop("sae")
@@ -365,6 +378,7 @@ def evaluate_with_baselines(
         "sae": sae,
         "baselines": report,
         "decoder_geometry": decoder_geometry(model.W_dec, seed=seed),
+        **({"views": parts} if parts else {}),
     }
 
 
@@ -726,6 +740,7 @@ def format_report(report: dict) -> str:
     rec = report.get("feature_recovery")
     if rec:
         lines.append(recovery_line(rec))
+    lines.extend(summary_lines(report.get("views", {})))
     if "by_position" in report:
         section = report["by_position"]
         lines.extend(position_lines(section["buckets"], section["source"]))

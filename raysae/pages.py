@@ -282,6 +282,19 @@ def report_html(report: dict, charts: dict[str, str], browser: Optional[dict]) -
     parts.append("<h2>Latents and decoder</h2><div class=charts>")
     parts += [charts[k] for k in ("frequency", "geometry") if k in charts]
     parts.append("</div>")
+    views = report.get("views", {})
+    fvus = {k[: -len("/fvu")]: v for k, v in views.items() if k.endswith("/fvu")}
+    if fvus:
+        what = "source" if "crosscoder" in cfg.get("architecture", "") else "prefix (Matryoshka)"
+        parts.append(
+            f"<h2>FVU by {what}</h2><table><tr><th>view</th><th>fvu</th></tr>"
+            + "".join(
+                f"<tr><td>{html.escape(k)}</td><td>{_number(v)}</td></tr>" for k, v in fvus.items()
+            )
+            + "</table>"
+        )
+    if "decoder_norms" in charts:
+        parts.append("<div class=charts>" + charts["decoder_norms"] + "</div>")
     positions = report.get("by_position")
     splice_positions = report.get("splice", {}).get("by_position")
     if positions or splice_positions:
@@ -333,6 +346,10 @@ def report_charts(report: dict, history: Optional[Sequence[dict]]) -> dict[str, 
         ),
         "geometry": charts.decoder_cosines(report["decoder_geometry"]),
     }
+    views = report.get("views", {})
+    if views.get("decoder_norms/source_1_share_histogram"):
+        split = {k.split("/", 1)[1]: v for k, v in views.items() if k.startswith("decoder_norms/")}
+        out["decoder_norms"] = charts.decoder_norm_shares(split)
     positions = report.get("by_position")
     if positions:
         out["positions"] = charts.by_position(

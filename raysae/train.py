@@ -88,6 +88,7 @@ def training_data(cfg: RunConfig, dataset: Dataset) -> tuple[Dataset, Dataset]:
             f"dataset {cfg.data.dataset} has d_in={dataset.d_in} but sae.d_in="
             f"{cfg.sae.d_in}; set sae.d_in: {dataset.d_in}"
         )
+    check_sources(cfg, dataset)
     n_eval = cfg.data.eval_parts
     if n_eval and len(dataset.parts) <= n_eval:
         raise ConfigError(
@@ -96,6 +97,22 @@ def training_data(cfg: RunConfig, dataset: Dataset) -> tuple[Dataset, Dataset]:
             "(0 evaluates on training data) or harvest more parts"
         )
     return dataset.split(n_eval)
+
+
+def check_sources(cfg: RunConfig, dataset: Dataset) -> None:
+    """A crosscoder splits its input into sae.n_sources equal slices: paired data must be that
+    many sources of that width each (a plain SAE may read paired data as one wide input)."""
+    sources = getattr(dataset, "sources", ())
+    if cfg.sae.architecture != "crosscoder" or not sources:
+        return
+    widths = [s.d_in for s in sources]
+    if len(widths) != cfg.sae.n_sources or len(set(widths)) != 1:
+        raise ConfigError(
+            f"data.sources {[s.uri for s in sources]} have widths {widths}, but a crosscoder "
+            f"with sae.n_sources={cfg.sae.n_sources} reads that many sources of "
+            f"{cfg.sae.d_in // cfg.sae.n_sources} each; set sae.n_sources: {len(widths)} "
+            "(sources of one width: the same model's layers, or models of the same d_model)"
+        )
 
 
 def open_for_ray(runs: list[RunConfig]) -> Dataset:

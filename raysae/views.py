@@ -35,19 +35,27 @@ HISTOGRAM_BINS = 20
 def view_pairs(model: SparseAutoencoder, x: Tensor, out: SAEOutput) -> dict[str, tuple]:
     """{view name: (x part, x̂ part)} of one batch x (B, d_in) and the model's output on it;
     {} for architectures without views."""
-    arch = model.cfg.architecture
-    if arch == "crosscoder" and model.cfg.n_sources > 1:
+    if not has_views(model):
+        return {}
+    if model.cfg.architecture == "crosscoder":
         S = model.cfg.n_sources
         return {
             f"source_{s}": pair
             for s, pair in enumerate(zip(x.chunk(S, dim=1), out.x_hat.chunk(S, dim=1)))
         }
-    if arch == "matryoshka_batchtopk" and len(model.bounds) > 1:
-        s = model.input_scale
-        x_s = x.to(model.W_dec.dtype) * s
-        *inner, _ = model.prefix_reconstructions(x_s, out.sparse)
-        return {f"prefix_{j}": (x, x_hat / s) for j, x_hat in enumerate(inner)}
-    return {}
+    s = model.input_scale
+    x_s = x.to(model.W_dec.dtype) * s
+    *inner, _ = model.prefix_reconstructions(x_s, out.sparse)
+    return {f"prefix_{j}": (x, x_hat / s) for j, x_hat in enumerate(inner)}
+
+
+def has_views(model: SparseAutoencoder) -> bool:
+    """Whether `view_pairs` gives `model` any view (a crosscoder of ≥ 2 sources, a Matryoshka
+    SAE of ≥ 2 groups), from its config alone."""
+    cfg = model.cfg
+    if cfg.architecture == "crosscoder":
+        return cfg.n_sources > 1
+    return cfg.architecture == "matryoshka_batchtopk" and len(model.bounds) > 1
 
 
 class ViewStats:

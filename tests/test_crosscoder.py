@@ -114,3 +114,58 @@ def test_a_crosscoder_has_no_saelens_export_and_says_what_to_use(tmp_path, capsy
     checkpoint = save_sae(built(architecture="crosscoder"), tmp_path / "sae")
     assert main(["export", str(checkpoint), str(tmp_path / "sl"), "--format", "saelens"]) == 2
     assert "'crosscoder' has no SAELens 6.54.12 equivalent" in capsys.readouterr().err
+
+
+def test_eval_of_a_crosscoder_on_its_paired_data_reports_each_source(tmp_path, capsys, one_thread):
+    # `raysae eval` on the "A + B" pair: FVU per source equal to the one computed here from the
+    # SAE's own reconstruction, the decoder-norm split printed, and both on the report page.
+    import json
+
+    from raysae.__main__ import main
+    from raysae.checkpoint import save_sae
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 6, generator=g) + 2.0, torch.randn(400, 6, generator=g)
+    b[:, :3] += 3 * a[:, :3]  # some structure the two sources share
+    kw = dict(dtype="float32", rows_per_part=100, doc_id=np.arange(400) // 50)
+    data.write_dataset(str(tmp_path / "a"), a, pos=np.arange(400) % 50, **kw)
+    data.write_dataset(str(tmp_path / "b"), b, pos=np.arange(400) % 50, **kw)
+    pair = f"{tmp_path / 'a'} + {tmp_path / 'b'}"
+    torch.manual_seed(0)
+    cross = build_sae(SAEConfig(d_in=12, n_latents=32, k=3, architecture="crosscoder", n_sources=2))
+    train = TrainConfig(total_tokens=4000, batch_size=100, lr=1e-2, log_every_tokens=4000)
+    fit(cross, data.open_data(pair).batches(100), train, log=None)
+    checkpoint = save_sae(cross, tmp_path / "sae")
+    argv = ["eval", str(checkpoint), "--data", pair, "--rows", "all", "--kmeans-k", "4"]
+    report_dir = tmp_path / "report"
+    assert main([*argv, "--out", str(tmp_path / "r.json"), "--report", str(report_dir)]) == 0
+    out = capsys.readouterr().out
+    views = json.loads((tmp_path / "r.json").read_text())["views"]
+    with torch.no_grad(), cross.evaluating():
+        x = torch.cat([a, b], 1)
+        x_hat = cross(x).x_hat
+    for s, part in enumerate((slice(0, 6), slice(6, 12))):
+        xs = x[:, part].double()
+        fvu = ((xs - x_hat[:, part].double()) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum()
+        assert views[f"source_{s}/fvu"] == pytest.approx(float(fvu), rel=1e-4)
+        assert f"source_{s} fvu {views[f'source_{s}/fvu']:.4f}" in out
+    assert "relative decoder norm (source 1 share) of 32 latents:" in out
+    assert sum(views["decoder_norms/source_1_share_histogram"]) == 32
+    page = (report_dir / "index.html").read_text()
+    assert "FVU by source" in page and "Relative decoder norms of 32 latents" in page
+
+
+def test_a_crosscoder_refuses_sources_it_cannot_split_evenly(tmp_path):
+    from raysae.config import RunConfig
+    from raysae.settings import ConfigError, from_dict
+    from raysae.train import training_data
+
+    write_pair(tmp_path)  # sources 4 and 6 wide: d_in 10, which n_sources=2 would cut 5 + 5
+    sources = [str(tmp_path / "a"), str(tmp_path / "b")]
+    sae = {"d_in": 10, "n_latents": 8, "k": 2, "architecture": "crosscoder", "n_sources": 2}
+    cfg = from_dict(RunConfig, {"sae": sae, "data": {"sources": sources, "eval_parts": 1}})
+    with pytest.raises(ConfigError, match=r"have widths \[4, 6\].*sae.n_sources=2"):
+        training_data(cfg, data.open_data(cfg.data.dataset))
+    plain = from_dict(RunConfig, {"sae": {**sae, "architecture": "topk", "n_sources": 1},
+                                  "data": {"sources": sources, "eval_parts": 1}})  # fmt: skip
+    assert len(training_data(plain, data.open_data(plain.data.dataset))[1].parts) == 1
