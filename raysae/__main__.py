@@ -179,6 +179,7 @@ def _meta(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         top=args.top,
+        report=args.report,
     )
     return 0
 
@@ -227,6 +228,13 @@ def _meta_options(meta: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=10,
         help="base latents listed per meta-latent (default 10)",
+    )
+    meta.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="the base SAE's `raysae eval --report` folder: also write OUT/index.html, each "
+        "meta-latent's top base latents linked to their pages in that report's latent browser",
     )
     meta.set_defaults(func=_meta)
 

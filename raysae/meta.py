@@ -20,6 +20,7 @@ Imports no Ray: it is one process over a few thousand rows.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -96,12 +97,20 @@ def train_meta(
     lr: Optional[float] = None,
     seed: int = 0,
     top: int = 10,
+    report: Optional[str] = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train a meta-SAE on the decoder rows of the SAE at `checkpoint`; write OUT/sae and
-    OUT/meta.json; return what meta.json holds."""
+    OUT/meta.json; return what meta.json holds. With `report` (the base SAE's `raysae eval
+    --report` folder) also OUT/index.html, each meta-latent's base latents linked to their
+    pages in that report's latent browser."""
     if Path(out).exists() and any(Path(out).iterdir()):
         raise FileExistsError(f"{out} is not empty: choose a new folder for the meta-SAE")
+    if report is not None and not (Path(report) / "index.html").is_file():
+        raise FileNotFoundError(
+            f"--report {report}: no index.html there; give the folder `raysae eval "
+            f"{checkpoint} --data … --report DIR` wrote for the base SAE"
+        )
     base = load_sae(checkpoint)
     rows = decoder_rows(base)
     n_base, d_in = rows.shape
@@ -135,9 +144,43 @@ def train_meta(
         **score(meta, rows, top),
     }
     save_sae(meta, Path(out) / "sae")
+    if report is not None:
+        result["base_report"] = os.path.relpath(Path(report) / "index.html", out)
+        (Path(out) / "index.html").write_text(meta_page(result))
     (Path(out) / META_FILE).write_text(json.dumps(result, indent=1, default=list))
     log(
         f"meta-SAE on the decoder rows: fvu {result['fvu']:.4f} l0 {result['l0']:.2f} "
         f"dead {result['dead_fraction']:.3f}; wrote {out}/sae and {out}/{META_FILE}"
     )
     return result
+
+
+def meta_page(result: dict) -> str:
+    """OUT/index.html: the meta-SAE's numbers and, per meta-latent that fired, its top base
+    latents as links into the base SAE's latent browser (`report#latent=ID`)."""
+    import html
+
+    from raysae.pages import page
+
+    link = html.escape(result["base_report"])
+    rows = []
+    for m in result["meta_latents"]:
+        if not m["top_base_latents"]:
+            continue
+        base = " ".join(
+            f"<a class=lat href='{link}#latent={i}'>{i}</a> ({a:.3g})"
+            for i, a in zip(m["top_base_latents"], m["activations"])
+        )
+        rows.append(
+            f"<tr><td>{m['meta_latent']}</td><td>{m['base_latents_using_it']}</td>"
+            f"<td>{base}</td></tr>"
+        )
+    body = (
+        f"<h1>Meta-SAE of {html.escape(result['checkpoint'])}</h1>"
+        f"<p>{result['base_latents']:,} decoder rows; FVU {result['fvu']:.4f}, L0 "
+        f"{result['l0']:.2f}, dead {result['dead_fraction']:.3f}. Each base latent links to "
+        f"its page in <a href='{link}'>the base SAE's report</a>.</p>"
+        "<table><tr><th>meta-latent</th><th>base latents using it</th>"
+        "<th>top base latents (activation)</th></tr>" + "".join(rows) + "</table>"
+    )
+    return page(f"Meta-SAE of {result['checkpoint']}", body)

@@ -193,7 +193,8 @@ def _number(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _page(title: str, body: str, scripts: Sequence[str] = ()) -> str:
+def page(title: str, body: str, scripts: Sequence[str] = ()) -> str:
+    """A self-contained page: the house CSS, `body`, then the `scripts` inline."""
     tail = "".join(f"<script>{s}</script>" for s in scripts)
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
@@ -321,7 +322,7 @@ def report_html(report: dict, charts: dict[str, str], browser: Optional[dict]) -
             f"<script type=application/json id=latent-meta>{meta}</script>"
         )
         scripts.append(_BROWSER_JS)
-    return _page(f"SAE report {report.get('checkpoint', '')}", "".join(parts), scripts)
+    return page(f"SAE report {report.get('checkpoint', '')}", "".join(parts), scripts)
 
 
 def write_js(path: Path, call: str, args: Sequence[Any]) -> None:
@@ -427,7 +428,7 @@ def sweep_html(name: str, rows: Sequence[dict], pareto_svg: str) -> str:
         "</table><p class=note>Reports: <code>raysae pages OUT/NAME --reports</code> writes "
         "one per finished SAE and links it here.</p>"
     )
-    return _page(f"sweep {name}", body_html, [_SORT_JS])
+    return page(f"sweep {name}", body_html, [_SORT_JS])
 
 
 def point_label(row: dict) -> str:
@@ -439,7 +440,7 @@ def point_label(row: dict) -> str:
     return row.get("architecture", "")
 
 
-def write_sweep_page(sweep_dir: str, table=None) -> str:
+def write_sweeppage(sweep_dir: str, table=None) -> str:
     """OUT/NAME/index.html from the sweep's results (its results.parquet unless `table`, a
     DataFrame, is given), linking each SAE's report where OUT/…/report/index.html exists next
     to its checkpoint. Returns the page's location."""
@@ -521,6 +522,6 @@ def pages_command(sweep_dir: str, *, reports: bool = False, n_tokens: int = 65_5
                 report_dir=os.path.join(member, "report"),
                 log=lambda line: None,
             )
-    out = write_sweep_page(sweep_dir)
+    out = write_sweeppage(sweep_dir)
     log(f"wrote {out}")
     return out

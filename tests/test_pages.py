@@ -218,3 +218,21 @@ def test_sweep_page_sorts_and_links_reports(report, tmp_path):
         len(links) == 1
         and (sweep / links[0]).resolve() == tmp_path / "t8" / "report" / "index.html"
     )
+
+
+def test_meta_sae_page_links_into_the_base_report_s_browser(report, tmp_path):
+    # `raysae meta --report`: each meta-latent's base latents link to `report#latent=ID`, and
+    # following such a link (its href, resolved from the meta page's folder) opens that latent.
+    out = tmp_path / "meta"
+    argv = ["meta", str(report.parent / "sae"), str(out), "--n-latents", "8", "--k", "2"]
+    assert main([*argv, "--epochs", "5", "--batch-size", "32", "--report", str(report)]) == 0
+    page = (out / "index.html").read_text()
+    links = re.findall(r"href='([^']*)#latent=(\d+)'", page)
+    result = json.loads((out / "meta.json").read_text())
+    listed = [i for m in result["meta_latents"] for i in m["top_base_latents"]]
+    assert links and sorted(int(i) for _, i in links) == sorted(listed)
+    href, latent = links[0]
+    assert (out / href).resolve() == (report / "index.html").resolve()
+    dom, console = chromium(f"file://{(out / href).resolve()}#latent={latent}")
+    assert console == [] and f"<h3>Latent {latent}</h3>" in dom
+    assert main([*argv[:2], str(tmp_path / "m2"), "--report", str(tmp_path)]) == 2  # no report
