@@ -78,13 +78,13 @@ def test_groups_are_fractions_or_counts_and_bad_ones_name_the_fix():
 
 
 HIERARCHY = ToyDataConfig(
-    n_features=64, active_per_token=3, n_hierarchies=8, children_per_parent=4, child_probability=0.3
+    n_features=64, active_per_token=3, n_hierarchies=8, children_per_parent=4, child_probability=0.6
 )
 
 
-def trained_on_hierarchy(architecture: str):
+def trained_on_hierarchy(architecture: str, seed: int = 0):
     toy = ToyData(HIERARCHY, d_in=32)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     sae = build_sae(
         SAEConfig(d_in=32, n_latents=64, k=4, architecture=architecture, matryoshka_groups=(8, 56))
     )
@@ -102,16 +102,21 @@ def test_matryoshka_recovers_planted_parents_that_batchtopk_absorbs(one_thread):
     assert not ((features[:, toy.children] > 0).any(-1) & (features[:, toy.parents] == 0)).any()
     assert children_on.float().mean() > 0.05
 
-    recall = {}
-    for arch in ("batchtopk", "matryoshka_batchtopk"):
-        toy, sae = trained_on_hierarchy(arch)
-        recall[arch] = float(parent_recall(toy, sae).mean())
-        if arch == "matryoshka_batchtopk":
-            held_out = ToyData(HIERARCHY, d_in=32, stream=1).batches(4096)
-            views = view_metrics(sae, held_out, 8192)
-    # Measured (init seed 0): BatchTopK 0.61, Matryoshka 0.91; the parent's latent of the
-    # BatchTopK SAE stays off on most tokens where a child fires (absorbed).
-    assert recall["matryoshka_batchtopk"] > recall["batchtopk"] + 0.15, recall
+    # Over three initialisations: one init can favour either architecture, so the claim is
+    # about the mean. Measured (child_probability 0.6, 50k tokens), init seeds 0-5: BatchTopK
+    # 0.15 0.38 0.78 0.51 0.51 0.60 (mean 0.49), Matryoshka 0.87 0.86 0.67 0.66 0.85 0.53
+    # (0.74): ahead at 5 of 6; the BatchTopK SAE's parent latent stays off on many tokens where
+    # a child fires (absorbed). At child_probability 0.3 the gap appeared at seed 0 only.
+    recall = {"batchtopk": [], "matryoshka_batchtopk": []}
+    for seed in range(3):
+        for arch in recall:
+            toy, sae = trained_on_hierarchy(arch, seed)
+            recall[arch].append(float(parent_recall(toy, sae).mean()))
+            if arch == "matryoshka_batchtopk" and seed == 0:
+                held_out = ToyData(HIERARCHY, d_in=32, stream=1).batches(4096)
+                views = view_metrics(sae, held_out, 8192)
+    mean = {arch: sum(r) / len(r) for arch, r in recall.items()}
+    assert mean["matryoshka_batchtopk"] > mean["batchtopk"] + 0.15, recall
     # The first group alone (8 latents for 8 parents and 24 other frequent features) explains
     # part of the variance; measured ≈ 0.6.
     assert 0.2 < views["prefix_0/fvu"] < 0.95, views
