@@ -183,12 +183,14 @@ def test_tune_copies_no_aws_keys_into_trials(monkeypatch):
     raysae's sweep takes them off Tune's list (raysae.sweep.keep_credentials_out_of_trials)."""
     from ray.tune.execution import class_cache
 
-    from raysae.sweep import keep_credentials_out_of_trials
+    from raysae.sweep import TUNE_COPIED_CREDENTIALS, keep_credentials_out_of_trials
 
     values = fake_secrets()
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.setenv(name, values[name])
-    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)
+    # Ray's own list: an earlier sweep in this process has already taken the keys off it.
+    restored = class_cache.ENV_VARS_TO_PROPAGATE | TUNE_COPIED_CREDENTIALS
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", restored)
 
     def trial_env() -> dict:
         trainable = type("Trainable", (), {})  # a new class: Tune caches one actor class per class
