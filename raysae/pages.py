@@ -440,7 +440,7 @@ def point_label(row: dict) -> str:
     return row.get("architecture", "")
 
 
-def write_sweeppage(sweep_dir: str, table=None) -> str:
+def write_sweep_page(sweep_dir: str, table=None) -> str:
     """OUT/NAME/index.html from the sweep's results (its results.parquet unless `table`, a
     DataFrame, is given), linking each SAE's report where OUT/…/report/index.html exists next
     to its checkpoint. Returns the page's location."""
@@ -522,6 +522,6 @@ def pages_command(sweep_dir: str, *, reports: bool = False, n_tokens: int = 65_5
                 report_dir=os.path.join(member, "report"),
                 log=lambda line: None,
             )
-    out = write_sweeppage(sweep_dir)
+    out = write_sweep_page(sweep_dir)
     log(f"wrote {out}")
     return out
