@@ -22,6 +22,7 @@ Windows
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import json
 import re
 import sysconfig
@@ -81,18 +82,28 @@ def stdlib_docstrings() -> Iterator[str]:
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    for path in sorted(root.rglob("*.py")):
-        if skip & set(path.relative_to(root).parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue  # a few stdlib files are deliberately malformed
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and doc.strip():
-                    yield doc
+    # Parsed on a thread of its own: CPython 3.11's AST conversion can fail with "SystemError: AST
+    # constructor recursion depth mismatch" when called deep in a call stack (seen under pytest's
+    # fixtures); a fresh thread starts with a shallow stack.
+    with concurrent.futures.ThreadPoolExecutor(1) as parser:
+        for path in sorted(root.rglob("*.py")):
+            if skip & set(path.relative_to(root).parts):
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+                tree = parser.submit(ast.parse, text).result()
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a few stdlib files are deliberately malformed
+            yield from _docstrings(tree)
+
+
+def _docstrings(tree: ast.AST) -> Iterator[str]:
+    """The non-empty docstrings of a module's tree: the module's, its classes' and functions'."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and doc.strip():
+                yield doc
 
 
 def _file_documents(path: Path, text_column: str) -> Iterator[str]:

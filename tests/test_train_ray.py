@@ -224,7 +224,10 @@ def test_run_spans_two_nodes_and_survives_losing_one(ray_cluster, toy_uri, tmp_p
             toy_uri,
             min_workers=1,
             max_failures=3,
-            checkpoint_every_tokens=20_000,
+            # Checkpoints far enough apart that the marker's wait after one (AFTER_CHECKPOINT_S)
+            # fits before the next on a quiet machine: at 20k tokens (≈ 7 s apart, Ray
+            # registering each a few seconds late) the run ended without a window.
+            checkpoint_every_tokens=40_000,
             resources_per_worker={"trainer_slot": 1},
             resize_check_s=2,
         )
