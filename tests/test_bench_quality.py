@@ -1,27 +1,15 @@
 """bench/quality.py: its one evaluator gives the known answers, and a raysae run (with an
 ablation variant) trains and is judged on held-out parts only."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_scripts import load_bench
 
 from raysae import data
 
 
-def load_bench():
-    path = Path(__file__).parent.parent / "bench" / "quality.py"
-    spec = importlib.util.spec_from_file_location("bench_quality", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluator_known_answers():
-    bench = load_bench()
+    bench = load_bench("quality")
     held = torch.randn(300, 8) + 2.0
     mean = held.mean(0)
 
@@ -50,7 +38,7 @@ def test_raysae_run_and_variant_on_a_small_dataset(tmp_path, capsys):
     data.write_dataset(
         str(tmp_path / "d"), (codes @ features).half(), dtype="float16", rows_per_part=1000
     )
-    load_bench().main(
+    load_bench("quality").main(
         [
             "--data", str(tmp_path / "d"), "--eval-parts", "1", "--n-latents", "64", "--k", "4",
             "--batch", "100", "--impls", "raysae", "--variant", "no clip: train.grad_clip=0",
@@ -67,7 +55,7 @@ def test_raysae_run_and_variant_on_a_small_dataset(tmp_path, capsys):
 
 def test_bad_variant_is_a_clear_error():
     with pytest.raises(SystemExit, match="expected sae.FIELD or train.FIELD"):
-        load_bench().train_raysae([torch.zeros(4, 8)], 8, 16, 2, 0, {"lr": "1"})
+        load_bench("quality").train_raysae([torch.zeros(4, 8)], 8, 16, 2, 0, {"lr": "1"})
 
 
 def test_shared_init_is_raysaes_initial_sae_in_input_units():
@@ -77,7 +65,7 @@ def test_shared_init_is_raysaes_initial_sae_in_input_units():
     from raysae.saes import build_sae
     from raysae.saes.sparse import sparse_decode, topk_encode
 
-    bench = load_bench()
+    bench = load_bench("quality")
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(64, 16, generator=g) * 7.0 + 3.0 for _ in range(3)]
     shared = bench.shared_init(batches, 16, 48, 4, seed=5)

@@ -1,33 +1,24 @@
 """bench/step.py's one-step agreement check at a tiny size (raysae vs plain torch; peers only if
 installed): it passes for the real implementations and fails loudly for a wrong one."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench
 
 SIZE = ["--sizes", "32,256,8,128", "--check-only", "--threads", str(torch.get_num_threads())]
 
 
-def load_bench():
-    path = Path(__file__).parent.parent / "bench" / "step.py"
-    spec = importlib.util.spec_from_file_location("bench_step", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_one_step_check_passes(capsys):
-    load_bench().main(SIZE)
+    load_bench("step").main(SIZE)
     out = capsys.readouterr().out
     assert "check plain torch" in out and "FAIL" not in out
 
 
 def test_one_step_check_fails_for_a_different_k(monkeypatch):
-    bench = load_bench()
+    bench = load_bench("step")
     real_init = bench.PlainTopKSAE.__init__
     monkeypatch.setattr(
         bench.PlainTopKSAE, "__init__", lambda self, init, k: real_init(self, init, k - 1)

@@ -3,13 +3,11 @@ autocasts to bfloat16 on CPU too) and again on CUDA when the machine has a devic
 cases skip cleanly without one. bench/gpu.py's own bf16-vs-fp32 check runs at its --small size."""
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bench_scripts import load_bench
 
 from raysae.config import SAEConfig, TrainConfig
 from raysae.saes import build_sae
@@ -109,18 +107,9 @@ def test_auto_means_bf16_on_cuda_only_and_never_for_jumprelu():
         TrainConfig(autocast="fp8")
 
 
-def load_gpu_bench():
-    path = Path(__file__).parent.parent / "bench" / "gpu.py"
-    spec = importlib.util.spec_from_file_location("bench_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_bench_runs_small_on_cpu(capsys):
     """bench/gpu.py end to end at its --small size: check, timings, memory lines."""
-    load_gpu_bench().main(["--device", "cpu", "--small", "--steps", "2"])
+    load_bench("gpu").main(["--device", "cpu", "--small", "--steps", "2"])
     out = capsys.readouterr().out
     assert "bf16 vs fp32 check passed" in out
     for case in ("| step |", "| loop |"):
@@ -128,7 +117,7 @@ def test_gpu_bench_runs_small_on_cpu(capsys):
 
 
 def test_gpu_bench_check_fails_loudly_when_bf16_diverges(monkeypatch):
-    bench = load_gpu_bench()
+    bench = load_bench("gpu")
     monkeypatch.setattr(bench, "CHECK_TOLERANCE", 1e-9)
     with pytest.raises(SystemExit, match="bf16 vs fp32 check failed"):
         bench.main(["--device", "cpu", "--small", "--check-only"])
