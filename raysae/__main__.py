@@ -111,6 +111,7 @@ def _splice_options():
 
 def _eval(args: argparse.Namespace) -> int:
     from raysae.evaluate import eval_command
+    from raysae.scoring import RayPass
 
     options = _splice_options()
     splice = options.values(args)
@@ -139,6 +140,8 @@ def _eval(args: argparse.Namespace) -> int:
         by_position=args.by_position,
         report_dir=args.report,
         report_latents=args.report_latents,
+        scoring=args.scoring,
+        ray_pass=RayPass(args.actors, args.cpus_per_actor),
     )
     return 0
 
@@ -477,6 +480,29 @@ def _eval_options(ev: argparse.ArgumentParser) -> None:
         "= 0), in buckets: of the scored rows of a harvested dataset (positions up to its "
         "harvest context length) and, with --splice-tokens, of the LM pass at --context-length "
         "(which may exceed the harvest's), with CE increase, CE recovered and KL by position",
+    )
+    ev.add_argument(
+        "--scoring",
+        choices=("auto", "local", "ray"),
+        default="auto",
+        help="where the passes over the scored rows run (reference mean; SAE, baselines, "
+        "views, positions and the latent browser's tables, each chunk encoded once): local = "
+        "this process; ray = Ray Data, one read task per part and an actor pool holding the "
+        "models (RAY_ADDRESS, else a local Ray instance); auto = ray from 1,048,576 scored rows "
+        "of a dataset (default auto)",
+    )
+    ev.add_argument(
+        "--actors",
+        type=_positive_int,
+        metavar="N",
+        help="with --scoring ray: model replicas (default: the cluster's GPUs, else its CPUs "
+        "÷ --cpus-per-actor, at most one per part read)",
+    )
+    ev.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="with --scoring ray: CPUs each actor reserves (torch threads) (default 1)",
     )
     _splice_options().add(
         ev.add_argument_group(

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,26 +39,28 @@ from raysae.baselines import Baseline, default_kmeans_k, default_pca_k, fit_base
 from raysae.checkpoint import load_sae
 from raysae.config import RunConfig, load_run_config
 from raysae.geometry import decoder_geometry
-from raysae.metrics import Moments, ReconstructionStats, SparsityStats, latent_norms
+from raysae.metrics import Moments, ReconstructionStats, SparsityStats
 from raysae.positions import PositionStats, bucket_edges, position_lines, window_positions
 from raysae.saes import SparseAutoencoder
+from raysae.scoring import (
+    LATENT_ELEMENTS,
+    MomentsFold,
+    Observer,
+    RayPass,
+    Scorer,
+    choose,
+    run_local,
+    run_on_ray,
+)
 from raysae.settings import from_dict, to_dict
 from raysae.synthetic import HELD_OUT_STREAM, ToyData, feature_recovery, recovery_line
-from raysae.views import has_views, summary_lines, view_metrics
+from raysae.views import ViewStats, has_views, summary_lines, view_report
 
 TOY_PREFIX = "toy:"
 """`--data toy:RUN.yaml`: toy activations from a run config's data.toy section."""
 
 ROWS = ("held-out", "all")
 """Which rows of the data `raysae eval` scores: those the SAE was not trained on, or every one."""
-
-LATENT_ELEMENTS = 2**24
-"""At most this many latent values (rows × n_latents) at once in `token_pass` and `score`: 64 MiB of
-float32, so a pass over n_latents = 131072 holds 128 rows at a time, not a (4096, n) slab."""
-
-
-Forward = Callable[[Tensor], tuple[Tensor, Tensor]]
-"""x (B, d_in) → (x̂ (B, d_in), latents (B, n_latents)): an SAE or a baseline."""
 
 
 class DataSourceError(ValueError):
@@ -227,32 +229,30 @@ def _dataset(uri: str, batch_size: int, rows: str, held_out: HeldOut) -> EvalDat
 
 
 def take(
-    batches: Iterable[Tensor], n_tokens: int, d_in: int, device: Optional[torch.device] = None
-) -> Iterator[Tensor]:
-    """The first n_tokens rows of `batches`, checked to be (B, d_in), moved to `device`."""
+    batches: Iterable[Tensor | dict[str, Tensor]],
+    n_tokens: int,
+    d_in: int,
+    device: Optional[torch.device] = None,
+) -> Iterator[Tensor | dict[str, Tensor]]:
+    """The first n_tokens rows of `batches` (activation tensors, or dicts of columns with the
+    activations under "act"), checked to be (B, d_in), activations moved to `device`."""
     seen = 0
     for batch in batches:
-        if batch.ndim != 2 or batch.shape[1] != d_in:
+        x = batch["act"] if isinstance(batch, dict) else batch
+        if x.ndim != 2 or x.shape[1] != d_in:
             raise DataSourceError(
                 f"evaluation batch at token {seen} has shape "
-                f"{tuple(batch.shape)}, but the SAE takes (B, d_in={d_in}); "
+                f"{tuple(x.shape)}, but the SAE takes (B, d_in={d_in}); "
                 "evaluate on activations of the layer it was trained on"
             )
-        batch = batch[: n_tokens - seen].to(device)
-        seen += batch.shape[0]
-        yield batch
+        b = min(x.shape[0], n_tokens - seen)
+        seen += b
+        if isinstance(batch, dict):
+            yield {k: (v[:b].to(device) if k == "act" else v[:b]) for k, v in batch.items()}
+        else:
+            yield x[:b].to(device)
         if seen >= n_tokens:
             return
-
-
-def sae_forward(model: SparseAutoencoder) -> Forward:
-    """The SAE as a Forward, on inputs cast to its parameters' dtype."""
-
-    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        out = model(x.to(model.W_enc.dtype))
-        return out.x_hat, out.latents
-
-    return forward
 
 
 @torch.no_grad()
@@ -263,29 +263,13 @@ def score(
     reference_mean: Optional[Tensor],
     dead_window: int,
 ) -> dict[str, tuple[ReconstructionStats, SparsityStats]]:
-    """Run every model on every batch, accumulating its reconstruction and sparsity stats."""
-    forwards = {
-        name: sae_forward(m) if isinstance(m, SparseAutoencoder) else m
-        for name, m in models.items()
-    }
-    norms = {name: latent_norms(m) for name, m in models.items()}
-    recon = {name: ReconstructionStats(d_in, reference_mean) for name in models}
-    sparsity = {name: SparsityStats(len(norms[name]), dead_window) for name in models}
-    # Rows at a time so no model's (rows, n_latents) latents exceed LATENT_ELEMENTS values (the
-    # mean baseline has no latents at all).
-    widest = max([len(n) for n in norms.values()] + [1])
-    rows = max(1, LATENT_ELEMENTS // widest)
-    empty = True
-    for batch in batches:
-        empty = False
-        for x in batch.split(rows):
-            for name, forward in forwards.items():
-                x_hat, latents = forward(x)
-                recon[name].update(x, x_hat)
-                sparsity[name].update(latents, latent_norms=norms[name])
-    if empty:
+    """Run every model on every batch, accumulating its reconstruction and sparsity stats (one
+    raysae.scoring pass in this process)."""
+    scorer = Scorer(models, d_in, reference_mean, dead_window)
+    state, seen = run_local(scorer, ({"act": x} for x in batches), sys.maxsize)
+    if not seen:
         raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
-    return {name: (recon[name], sparsity[name]) for name in models}
+    return {name: (state.recon[name], state.sparsity[name]) for name in models}
 
 
 @torch.no_grad()
@@ -328,22 +312,42 @@ def evaluate_with_baselines(
     fit: Callable[[], Iterable[Tensor]],
     data: Callable[[], Iterable[Tensor]],
     n_tokens: int,
+    **options,
+) -> dict:
+    """The SAE and the baselines on the first n_tokens rows of data(), the baselines fitted on
+    the first n_tokens rows of fit() (the SAE's training rows), and the decoder geometry: the
+    report of `score_with_baselines` on the scored rows in this process."""
+    return score_with_baselines(
+        model, fit, Passes.local(data, model.cfg.d_in), n_tokens, **options
+    )[0]
+
+
+@torch.no_grad()
+def score_with_baselines(
+    model: SparseAutoencoder,
+    fit: Callable[[], Iterable[Tensor]],
+    scored: "Passes",
+    n_tokens: int,
     *,
     pca_ks: Optional[Sequence[int]] = None,
     kmeans_ks: Optional[Sequence[int]] = None,
     kmeans_tokens: int = 16_384,
     seed: int = 0,
-) -> dict:
-    """The SAE and the baselines on the first n_tokens rows of data(), the baselines fitted on
-    the first n_tokens rows of fit() (the SAE's training rows), and the decoder geometry.
+    observers: Callable[[], dict[str, Observer]] = dict,
+) -> tuple[dict, dict[str, Observer]]:
+    """The SAE and the baselines on the first n_tokens scored rows (`scored` runs the passes
+    over them: here or on Ray Data), the baselines fitted on the first n_tokens rows of fit()
+    (the SAE's training rows, in this process), and the decoder geometry.
 
     pca_ks defaults to [the SAE's L0 on the k-means sample, rounded]; kmeans_ks to [n_latents],
-    capped so each centroid has at least 4 of the first `kmeans_tokens` fit rows. Returns
-    {"n_tokens", "fit_tokens", "sae": metrics (with per-latent "latent_frequencies"),
-    "baselines": {name: metrics}, "decoder_geometry"}.
+    capped so each centroid has at least 4 of the first `kmeans_tokens` fit rows. `observers`
+    makes the extra observers of the scoring pass (raysae.scoring: positions, the latent
+    browser); a crosscoder's and Matryoshka SAE's views are observed too. Returns ({"n_tokens",
+    "fit_tokens", "sae": metrics (with per-latent "latent_frequencies"), "baselines": {name:
+    metrics}, "decoder_geometry", "views" if any}, the observers after the pass).
     """
     with model.evaluating():
-        d_in, device = model.cfg.d_in, model.W_dec.device
+        d_in = model.cfg.d_in
         moments, sample, l0 = _fit_pass(model, fit(), n_tokens, kmeans_tokens, pca_ks is None)
         pca_ks = [default_pca_k(l0, d_in)] if pca_ks is None else list(pca_ks)
         kmeans_ks = (
@@ -353,25 +357,29 @@ def evaluate_with_baselines(
         )
         baselines = fit_baselines(moments, sample, pca_ks, kmeans_ks, seed)
         # FVU_B about the scored rows' own mean (as SAELens takes it), fixed before scoring.
-        reference = _moments(data(), n_tokens, d_in)
-        scores = score(
+        reference, _ = scored.run(MomentsFold(d_in), n_tokens, "reference mean")
+        if reference.n == 0:
+            raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
+        # One pass, each chunk encoded once: scores, a crosscoder's FVU per source and a
+        # Matryoshka SAE's per prefix (raysae.views), the caller's observers.
+        scorer = Scorer(
             {"sae": model, **{b.name: b for b in baselines}},
-            take(data(), n_tokens, d_in, device),
             d_in,
             reference.mean.cpu(),
-            dead_window=reference.n,
+            reference.n,
+            _WithViews(observers, has_views(model)),
         )
-        # A crosscoder's FVU per source, a Matryoshka SAE's per prefix and the crosscoder's
-        # decoder-norm split (raysae.views): one more pass, only for architectures with views.
-        parts = (
-            view_metrics(model, take(data(), n_tokens, d_in, device), n_tokens)
-            if has_views(model)
-            else {}
-        )
-    _check_same_tokens(reference, scores["sae"][0].moments)
-    report = {name: {**r.compute(), **s.compute()} for name, (r, s) in scores.items()}
+        state, _ = scored.run(scorer, n_tokens, "scoring")
+    _check_same_tokens(reference, state.recon["sae"].moments)
+    observed = dict(state.observers)
+    views = observed.pop("views", None)
+    report = {
+        name: {**state.recon[name].compute(), **state.sparsity[name].compute()}
+        for name in state.recon
+    }
     sae = report.pop("sae")
-    sae["latent_frequencies"] = scores["sae"][1].frequencies().tolist()
+    sae["latent_frequencies"] = state.sparsity["sae"].frequencies().tolist()
+    parts = view_report(model, views) if views is not None else {}
     return {
         "n_tokens": reference.n,
         "fit_tokens": moments.n,
@@ -379,7 +387,57 @@ def evaluate_with_baselines(
         "baselines": report,
         "decoder_geometry": decoder_geometry(model.W_dec, seed=seed),
         **({"views": parts} if parts else {}),
-    }
+    }, observed
+
+
+class _WithViews:
+    """The caller's observers, and a ViewStats when the SAE has views (picklable for Ray)."""
+
+    def __init__(self, observers: Callable[[], dict[str, Observer]], views: bool):
+        self.observers, self.views = observers, views
+
+    def __call__(self) -> dict[str, Observer]:
+        return {**self.observers(), **({"views": ViewStats()} if self.views else {})}
+
+
+class Passes:
+    """Runs raysae.scoring folds over the first n_tokens scored rows, in this process or on Ray
+    Data (`ray` given: the scored rows must be a raysae.data.Dataset's)."""
+
+    def __init__(
+        self,
+        batches: Callable[[], Iterable[Tensor | dict[str, Tensor]]],
+        d_in: int,
+        dataset: Optional[object] = None,
+        columns: tuple[str, ...] = ("act",),
+        ray: Optional[RayPass] = None,
+    ):
+        if ray is not None and dataset is None:
+            raise DataSourceError(
+                "--scoring ray reads a dataset's parts on Ray Data; toy data are scored here: "
+                "use --scoring local"
+            )
+        self.batches, self.d_in, self.dataset, self.columns, self.ray = (
+            batches,
+            d_in,
+            dataset,
+            columns,
+            ray,
+        )
+
+    @classmethod
+    def local(cls, batches: Callable[[], Iterable[Tensor]], d_in: int) -> "Passes":
+        return cls(batches, d_in)
+
+    def run(self, fold, n_tokens: int, what: str):
+        """(the fold's state, rows folded)."""
+        if self.ray is not None:
+            return run_on_ray(fold, self.dataset, n_tokens, self.columns, self.ray, _progress, what)
+        rows = (
+            b if isinstance(b, dict) else {"act": b}
+            for b in take(self.batches(), n_tokens, self.d_in, None)
+        )
+        return run_local(fold, rows, n_tokens, _progress, what)
 
 
 def _fit_pass(
@@ -407,50 +465,6 @@ def _fit_pass(
     return moments, sample, nonzeros / len(sample)
 
 
-class TokenObserver(Protocol):
-    """Something `token_pass` shows every chunk of rows to (PositionStats, the latent browser)."""
-
-    def observe(self, batch: dict[str, Tensor], x: Tensor, out, first_row: int) -> None:
-        """batch: the chunk's columns (token_id, doc_id, pos, …: (B,)); x: its activations
-        (B, d_in) on the SAE's device; out: the SAE's SAEOutput; first_row: its row number."""
-
-
-@torch.no_grad()
-def token_pass(
-    model: SparseAutoencoder,
-    batches: Iterable[dict[str, Tensor]],
-    n_tokens: int,
-    observers: Sequence[TokenObserver],
-    progress: Optional[Callable[[str], None]] = None,
-) -> int:
-    """One pass of the SAE (inference mode) over the first n_tokens rows of column batches
-    (`act` and any others), in chunks of at most LATENT_ELEMENTS latents, each shown to every
-    observer. Returns the rows seen."""
-    d_in, device = model.cfg.d_in, model.W_dec.device
-    chunk = max(1, LATENT_ELEMENTS // model.cfg.n_latents)
-    seen, start, last = 0, time.monotonic(), time.monotonic()
-    with model.evaluating():
-        for batch in batches:
-            rows = min(len(batch["act"]), n_tokens - seen)
-            for lo in range(0, rows, chunk):
-                hi = min(lo + chunk, rows)
-                part = {k: v[lo:hi] for k, v in batch.items()}
-                x = next(take([part.pop("act")], hi - lo, d_in, device))
-                out = model(x.to(model.W_enc.dtype))
-                for observer in observers:
-                    observer.observe(part, x, out, seen + lo)
-            seen += rows
-            if progress and time.monotonic() - last >= 10:
-                last = time.monotonic()
-                rate = seen / max(last - start, 1e-9)
-                progress(f"token pass: {seen:,}/{n_tokens:,} rows, {rate:,.0f} rows/s")
-            if seen >= n_tokens:
-                break
-    if not seen:
-        raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
-    return seen
-
-
 class DatasetPositions:
     """A PositionStats fed from a harvested dataset's rows: the `pos` column (the index in the
     document) turned into the index in the harvest's window (raysae.positions)."""
@@ -459,9 +473,14 @@ class DatasetPositions:
         self.context_length, self.prepend_bos = context_length, prepend_bos
         self.stats = PositionStats(d_in, bucket_edges(context_length), end=context_length)
 
-    def observe(self, batch: dict[str, Tensor], x: Tensor, out, first_row: int) -> None:
-        positions = window_positions(batch["pos"].to(torch.int64), *self._window)
+    def observe(self, model, columns: dict[str, Tensor], x: Tensor, out, rows: Tensor) -> None:
+        """raysae.scoring.Observer."""
+        positions = window_positions(columns["pos"].to(torch.int64), *self._window)
         self.stats.update(x, out.x_hat, out.codes, positions.to(x.device))
+
+    def merge(self, other: DatasetPositions) -> DatasetPositions:
+        self.stats.merge(other.stats)
+        return self
 
     @property
     def _window(self) -> tuple[int, bool]:
@@ -482,44 +501,91 @@ class DatasetPositions:
         return cls(d_in, int(harvest["context_length"]), bool(harvest.get("prepend_bos", True)))
 
 
-def _token_sections(
-    model: SparseAutoencoder,
-    data: EvalData,
-    n_tokens: int,
-    batch_size: int,
-    by_position: bool,
-    browse: bool,
-    spliced: bool,
-):
-    """One `token_pass` over the scored rows for the `by_position` section (a harvested
-    dataset's rows; skipped without positions when the splice's LM pass gives them) and the
-    latent browser (`browse`): (LatentTops or None, report sections)."""
-    from raysae.latents import LatentTops
+class _Observers:
+    """Makes `raysae eval`'s observers of the scoring pass (picklable: Ray actors call it)."""
 
-    observers, positions, tops = [], None, None
+    def __init__(self, positions: Optional[tuple[int, int, bool]], tops: Optional[dict]):
+        """positions: DatasetPositions' (d_in, context_length, prepend_bos); tops: LatentTops'
+        keyword arguments."""
+        self.positions, self.tops = positions, tops
+
+    def __call__(self) -> dict[str, Observer]:
+        from raysae.latents import LatentTops
+
+        observers: dict[str, Observer] = {}
+        if self.positions is not None:
+            observers["positions"] = DatasetPositions(*self.positions)
+        if self.tops is not None:
+            observers["tops"] = LatentTops(**self.tops)
+        return observers
+
+
+def _observers(
+    model: SparseAutoencoder, data: EvalData, by_position: bool, browse: bool, spliced: bool
+) -> _Observers:
+    """The observers for the `by_position` section (a harvested dataset's rows; skipped when
+    the splice's LM pass gives positions and the rows have none) and the latent browser."""
+    from raysae.latents import log_range_of
+
+    positions = tops = None
     if by_position:
         try:
-            positions = DatasetPositions.of(data, model.cfg.d_in)
-            observers.append(positions)
+            p = DatasetPositions.of(data, model.cfg.d_in)
+            positions = (model.cfg.d_in, p.context_length, p.prepend_bos)
         except DataSourceError:
             if not spliced:
                 raise
     if browse:
-        tops = LatentTops(model.cfg.n_latents)
-        observers.append(tops)
-    if observers:
-        if data.scored_dataset is not None:
-            from raysae.data.format import COLUMNS
+        # The activation histogram's range, fixed before the pass so every share of it (Ray
+        # actors) bins alike: from the SAE's latents on the first scored rows.
+        rows = max(1, LATENT_ELEMENTS // model.cfg.n_latents)
+        first = next(take(data.score(), rows, model.cfg.d_in, model.W_dec.device), None)
+        if first is None:
+            raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
+        with model.evaluating():
+            latents = model(first.to(model.W_enc.dtype)).latents.float().cpu()
+        tops = {"n_latents": model.cfg.n_latents, "log_range": log_range_of(latents)}
+    return _Observers(positions, tops)
 
-            batches = data.scored_dataset.batches(batch_size, dtype=torch.float32, columns=COLUMNS)
-        else:
-            batches = ({"act": x} for x in data.score())
-        token_pass(model, batches, n_tokens, observers, progress=_progress)
+
+def _passes(
+    data: EvalData,
+    d_in: int,
+    batch_size: int,
+    n_tokens: int,
+    where: str,
+    ray_pass: RayPass,
+    observers: _Observers,
+) -> Passes:
+    """How the scored rows are passed over: their columns (token ids and positions only where
+    an observer reads them), here or on Ray Data (`where`, see raysae.scoring.choose)."""
+    dataset = data.scored_dataset
+    try:
+        rows = min(n_tokens, dataset.n_tokens) if dataset is not None else n_tokens
+        where = choose(where, rows, dataset is not None)
+    except ValueError as e:
+        raise DataSourceError(str(e)) from None
+    ray = ray_pass if where == "ray" else None
+    if dataset is None:
+        return Passes(data.score, d_in, ray=ray)
+    from raysae.data.format import COLUMNS
+
+    columns = COLUMNS if observers.positions or observers.tops else ("act",)
+    return Passes(
+        lambda: dataset.batches(batch_size, dtype=torch.float32, columns=columns),
+        d_in,
+        dataset,
+        columns,
+        ray,
+    )
+
+
+def _position_section(data: EvalData, positions: Optional[DatasetPositions]) -> dict:
     if positions is None:
-        return tops, {}
+        return {}
     source = f"{data.rows}, windows of {positions.context_length} tokens (the harvest's)"
     section = {"source": source, "context_length": positions.context_length}
-    return tops, {"by_position": {**section, "buckets": positions.stats.compute()}}
+    return {"by_position": {**section, "buckets": positions.stats.compute()}}
 
 
 def _progress(line: str) -> None:
@@ -595,6 +661,8 @@ def eval_command(
     by_position: bool = False,
     report_dir: Optional[str] = None,
     report_latents: int = 4096,
+    scoring: str = "auto",
+    ray_pass: RayPass = RayPass(),
     log: Callable[[str], None] = print,
 ) -> dict:
     """`raysae eval`: evaluate a checkpoint, print the report, write it as JSON to `out`.
@@ -612,6 +680,10 @@ def eval_command(
 
     report_dir: also write the report page there (raysae.pages: index.html, metrics.json and
     the latent browser's files, `report_latents` latents detailed; raysae.latents).
+
+    scoring: where the passes over the scored rows run (raysae.scoring.WHERE): "local" in this
+    process, "ray" on Ray Data actors (`ray_pass`), "auto" on Ray from scoring.RAY_ROWS rows of
+    a dataset.
     """
     if report_dir and "://" in report_dir:
         raise DataSourceError(
@@ -636,33 +708,34 @@ def eval_command(
         checkpoint=checkpoint,
         eval_parts=eval_parts,
     )
+    observers = _observers(model, data, by_position, bool(report_dir), splice is not None)
+    passes = _passes(data, model.cfg.d_in, batch_size, n_tokens, scoring, ray_pass, observers)
+    results, observed = score_with_baselines(
+        model,
+        data.fit,
+        passes,
+        n_tokens,
+        pca_ks=pca_ks,
+        kmeans_ks=kmeans_ks,
+        kmeans_tokens=kmeans_tokens,
+        seed=seed,
+        observers=observers,
+    )
     report = {
         "checkpoint": str(checkpoint),
         "data": data.description,
         "rows": rows,
         "scored_rows": data.rows,
         "fit_rows": data.fit_rows,
+        "scoring": "on Ray Data" if passes.ray is not None else "in this process",
         "sae_config": to_dict(model.cfg),
-        **evaluate_with_baselines(
-            model,
-            data.fit,
-            data.score,
-            n_tokens,
-            pca_ks=pca_ks,
-            kmeans_ks=kmeans_ks,
-            kmeans_tokens=kmeans_tokens,
-            seed=seed,
-        ),
+        **results,
     }
     if data.true_directions is not None:
         recovery = feature_recovery(data.true_directions, model.W_dec)
         report["feature_recovery"] = {k: v for k, v in recovery.items() if k != "max_cos"}
-    tops = None
-    if by_position or report_dir:
-        tops, section = _token_sections(
-            model, data, n_tokens, batch_size, by_position, report_dir, splice is not None
-        )
-        report.update(section)
+    tops = observed.get("tops")
+    report.update(_position_section(data, observed.get("positions")))
     if splice is not None:
         report["splice"] = splicing.run_splice(
             model,

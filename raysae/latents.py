@@ -1,18 +1,19 @@
 """What each latent responds to: its top and random firing tokens, in one streaming pass.
 
-`LatentTops` watches the SAE's pass over the scored rows (raysae.evaluate.token_pass) and keeps,
+`LatentTops` watches the SAE's pass over the scored rows (raysae.scoring) and keeps,
 for every latent, in bounded memory (nothing grows with the number of rows but the rows'
 token / document / position ids):
 
     top      the `top` rows with the largest activations, a top-N table (top, n_latents) that
              each chunk of rows is folded into with one `torch.topk` over the table and the
              chunk: a heap per latent, vectorised over the latents
-    sample   `sample` firings drawn uniformly without replacement: every firing gets a random
-             key and the largest keys are kept (the same top-N fold on the keys; a uniform
-             random subset of the firings, however many there are, as reservoir sampling)
+    sample   `sample` firings drawn uniformly without replacement: every firing gets a key, a
+             hash of (seed, row, latent), and the largest keys are kept (the same top-N fold
+             on the keys; a uniform random subset of the firings, however many there are, as
+             reservoir sampling, and the same subset however the rows were split)
     counts   firings, and a histogram of log10 activation over one range for all latents
-             (fixed from the first chunk's activations, a decade either side; values
-             outside it count in the end bins)
+             (fixed before the pass from the first chunk's activations, a decade either side;
+             values outside it count in the end bins)
 
 Contexts are the text around each row's token: the scored rows' own token_id / doc_id / pos
 columns say which token of which document it was, and the document is tokenised again from
@@ -39,51 +40,109 @@ HIST_BINS = 16
 
 
 class LatentTops:
-    """Per-latent top-N activations, a uniform sample of firings, counts and histograms."""
+    """Per-latent top-N activations, a uniform sample of firings, counts and histograms.
 
-    def __init__(self, n_latents: int, top: int = 12, sample: int = 6, seed: int = 0):
+    Each table entry is one int64 key, (a 31-bit rank) << 32 | (2³² − 1 − row): the rank is
+    the activation's float32 bits for `top` (for values ≥ 0 the bits order as the values do)
+    and a hash of (seed, row, latent) for `sample`; rank 0 is an empty slot. Keys are unique
+    (rows are), so `topk` over keys has no ties, breaks equal activations towards the earlier
+    row, and the tables of disjoint shares of the rows `merge` into exactly those of one pass
+    over all of them (raysae.scoring runs the shares on Ray Data), whatever the split and the
+    order. `log_range` fixes the histogram's bins; shares must agree on it (give it, or let the
+    first chunk set it: a decade either side of its activations)."""
+
+    def __init__(
+        self,
+        n_latents: int,
+        top: int = 12,
+        sample: int = 6,
+        seed: int = 0,
+        log_range: Optional[tuple[float, float]] = None,
+    ):
         if top < 1 or sample < 0:
             raise ValueError(f"top={top} must be >= 1 and sample={sample} >= 0")
-        self.n_latents, self.n_top, self.n_sample = n_latents, top, sample
-        self.generator = torch.Generator().manual_seed(seed)
-        self.top_values = torch.zeros(top, n_latents)
-        self.top_rows = torch.full((top, n_latents), -1, dtype=torch.int64)
-        self.sample_keys = torch.full((sample, n_latents), -1.0)
-        self.sample_rows = torch.full((sample, n_latents), -1, dtype=torch.int64)
+        self.n_latents, self.n_top, self.n_sample, self.seed = n_latents, top, sample, seed
+        self.top_keys = torch.zeros(top, n_latents, dtype=torch.int64)
+        self.sample_keys = torch.zeros(sample, n_latents, dtype=torch.int64)
         self.sample_values = torch.zeros(sample, n_latents)
         self.counts = torch.zeros(n_latents, dtype=torch.int64)
         self.hist = torch.zeros(n_latents * HIST_BINS, dtype=torch.int64)
-        self.log_range: Optional[tuple[float, float]] = None
-        self.rows: list[dict[str, np.ndarray]] = []
+        self.log_range = log_range
+        self.segments: list[tuple[int, dict[str, np.ndarray]]] = []
+        """(first row, its consecutive rows' token_id / doc_id / pos), as observed."""
         self.n_rows = 0
 
-    def observe(self, batch: dict[str, Tensor], x: Tensor, out: Any, first_row: int) -> None:
-        """raysae.evaluate.TokenObserver: fold one chunk of rows' latents in."""
-        self.update(out.latents.detach().float().cpu(), first_row, batch)
+    def observe(self, model: Any, columns: dict[str, Tensor], x: Tensor, out: Any, rows: Tensor):
+        """raysae.scoring.Observer: fold one chunk of rows' latents in."""
+        self.update(out.latents.detach().float().cpu(), rows, columns)
 
     @torch.no_grad()
     def update(
-        self, latents: Tensor, first_row: int, columns: Optional[dict[str, Tensor]] = None
+        self,
+        latents: Tensor,
+        rows: Tensor | int,
+        columns: Optional[dict[str, Tensor]] = None,
     ) -> None:
-        """latents: (B, n_latents) of rows first_row..first_row+B−1; columns: their token_id,
-        doc_id, pos (B,) if the data have them."""
+        """latents: (B, n_latents) of the rows numbered `rows` ((B,) int64, or the first one's
+        number); columns: their token_id, doc_id, pos (B,) if the data have them."""
         b = latents.shape[0]
         if latents.shape != (b, self.n_latents):
             raise ValueError(f"latents {tuple(latents.shape)}, expected (B, {self.n_latents})")
+        if b == 0:
+            return
+        if isinstance(rows, int):
+            rows = torch.arange(rows, rows + b)
+        rows = rows.to(torch.int64).cpu()
+        if int(rows.min()) < 0 or int(rows.max()) >= _MASK:
+            raise ValueError(f"row numbers must lie in [0, 2^32 − 1): {int(rows.max())}")
         fired = latents > 0
-        values = latents.masked_fill(~fired, 0.0)
-        self.top_values, pick = torch.cat([self.top_values, values]).topk(self.n_top, dim=0)
-        self.top_rows = _rows(self.top_rows, pick, first_row)
+        values = latents.float().masked_fill(~fired, 0.0)
+        low = (_MASK - rows)[:, None]
+        keys = (values.view(torch.int32).to(torch.int64) << 32) | low
+        self.top_keys = torch.cat([self.top_keys, keys]).topk(self.n_top, dim=0).values
         if self.n_sample:
-            keys = torch.rand(latents.shape, generator=self.generator).masked_fill(~fired, -1.0)
-            self.sample_keys, pick = torch.cat([self.sample_keys, keys]).topk(self.n_sample, dim=0)
-            self.sample_rows = _rows(self.sample_rows, pick, first_row)
-            self.sample_values = torch.cat([self.sample_values, values]).gather(0, pick)
+            where = fired.nonzero()
+            hashed = sample_keys(rows[where[:, 0]], where[:, 1], self.seed)
+            keys = torch.zeros(latents.shape, dtype=torch.int64)
+            keys[where[:, 0], where[:, 1]] = ((hashed >> 1) + 1) << 32
+            keys |= low
+            keys.masked_fill_(~fired, 0)
+            self._fold_sample(keys, values)
         self.counts += fired.sum(0)
         self._histogram(latents, fired)
         if columns:
-            self.rows.append({k: v.cpu().numpy() for k, v in columns.items()})
-        self.n_rows = max(self.n_rows, first_row + b)
+            self.segments.append((int(rows[0]), {k: v.cpu().numpy() for k, v in columns.items()}))
+        self.n_rows = max(self.n_rows, int(rows.max()) + 1)
+
+    def _fold_sample(self, keys: Tensor, values: Tensor) -> None:
+        """Keep the n_sample largest of the table's keys and `keys` (·, n), with their values."""
+        self.sample_keys, pick = torch.cat([self.sample_keys, keys]).topk(self.n_sample, dim=0)
+        self.sample_values = torch.cat([self.sample_values, values]).gather(0, pick)
+
+    def merge(self, other: LatentTops) -> LatentTops:
+        """Fold in the tables of other rows of the same pass (same latents, sizes, seed and
+        histogram range); returns self."""
+        same = (other.n_latents, other.n_top, other.n_sample, other.seed) == (
+            self.n_latents,
+            self.n_top,
+            self.n_sample,
+            self.seed,
+        )
+        if not same:
+            raise ValueError("cannot merge LatentTops of different latents, sizes or seeds")
+        if self.log_range is None:
+            self.log_range = other.log_range
+        if other.log_range is not None and other.log_range != self.log_range:
+            raise ValueError(f"histogram ranges differ: {self.log_range} and {other.log_range}")
+        both = torch.cat([self.top_keys, other.top_keys])
+        self.top_keys = both.topk(self.n_top, dim=0).values
+        if self.n_sample:
+            self._fold_sample(other.sample_keys, other.sample_values)
+        self.counts += other.counts
+        self.hist += other.hist
+        self.segments += other.segments
+        self.n_rows = max(self.n_rows, other.n_rows)
+        return self
 
     def _histogram(self, latents: Tensor, fired: Tensor) -> None:
         cols = fired.nonzero()[:, 1]
@@ -92,11 +151,25 @@ class LatentTops:
             return
         logs = values.double().log10()
         if self.log_range is None:
-            lo = math.floor(float(torch.quantile(logs, 0.001))) - 1.0
-            self.log_range = (lo, math.ceil(float(logs.max())) + 1.0)
+            self.log_range = log_range_of(values)
         lo, hi = self.log_range
         bins = ((logs - lo) / (hi - lo) * HIST_BINS).floor().clamp(0, HIST_BINS - 1).long()
         self.hist.index_add_(0, cols * HIST_BINS + bins, torch.ones_like(bins))
+
+    @property
+    def top_values(self) -> Tensor:
+        """(top, n_latents) float32: the top activations, largest first (0: empty slot)."""
+        return (self.top_keys >> 32).to(torch.int32).view(torch.float32)
+
+    @property
+    def top_rows(self) -> Tensor:
+        """(top, n_latents) int64: their rows (−1: empty slot)."""
+        return _rows_of(self.top_keys)
+
+    @property
+    def sample_rows(self) -> Tensor:
+        """(sample, n_latents) int64: the sampled firings' rows (−1: empty slot)."""
+        return _rows_of(self.sample_keys)
 
     def frequencies(self) -> Tensor:
         """(n_latents,) float64 fraction of rows on which each latent fired."""
@@ -108,24 +181,56 @@ class LatentTops:
 
     def sample(self, latent: int) -> list[tuple[int, float]]:
         """(row, activation) of a uniform sample of the latent's firings."""
-        keep = self.sample_keys[:, latent] >= 0
-        return _pairs(self.sample_rows[keep, latent], self.sample_values[keep, latent])
+        return _pairs(self.sample_rows[:, latent], self.sample_values[:, latent])
 
     def histogram(self, latent: int) -> list[int]:
         return self.hist[latent * HIST_BINS : (latent + 1) * HIST_BINS].tolist()
 
     def columns(self) -> dict[str, np.ndarray]:
-        """Every row's token_id / doc_id / pos, concatenated (empty for toy data)."""
-        if not self.rows:
+        """Every row's token_id / doc_id / pos by row number (empty for toy data)."""
+        if not self.segments:
             return {}
-        return {k: np.concatenate([r[k] for r in self.rows]) for k in self.rows[0]}
+        segments = sorted(self.segments, key=lambda s: s[0])
+        rows = sum(len(next(iter(cols.values()))) for _, cols in segments)
+        if rows != self.n_rows or segments[0][0] != 0:
+            raise ValueError(f"the observed columns cover {rows:,} rows of {self.n_rows:,}")
+        return {k: np.concatenate([cols[k] for _, cols in segments]) for k in segments[0][1]}
 
 
-def _rows(kept: Tensor, pick: Tensor, first_row: int) -> Tensor:
-    """Rows of the entries `topk` picked from cat([table (N, n), chunk (B, n)]): the table's own
-    for picks < N, first_row + (pick − N) for the chunk's; no (B, n) table of row numbers."""
-    n = kept.shape[0]
-    return torch.where(pick < n, kept.gather(0, pick.clamp(max=n - 1)), first_row + pick - n)
+def log_range_of(values: Tensor) -> tuple[float, float]:
+    """The activation histogram's log10 range from some firing activations: a decade below
+    their 0.1 % quantile to a decade above their maximum."""
+    logs = values[values > 0].double().log10()
+    if not len(logs):
+        return (-3.0, 3.0)
+    return (
+        math.floor(float(torch.quantile(logs, 0.001))) - 1.0,
+        math.ceil(float(logs.max())) + 1.0,
+    )
+
+
+_MASK = 0xFFFFFFFF
+
+
+def _rows_of(keys: Tensor) -> Tensor:
+    """The rows of table keys (see LatentTops); −1 for empty slots."""
+    return torch.where(keys >> 32 > 0, _MASK - (keys & _MASK), -1)
+
+
+def _mix(h: Tensor) -> Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, the constant of Mueller's hash), in int64
+    arithmetic: every product stays below 2^59, no overflow."""
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & _MASK
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & _MASK
+    return h ^ (h >> 16)
+
+
+def sample_keys(rows: Tensor, latents: Tensor, seed: int) -> Tensor:
+    """32-bit sampling keys (int64 in [0, 2^32)) of firings (rows[i], latents[i]): a hash of
+    (seed, row, latent), so a firing has the same key however the rows are split. The largest
+    keys of a latent's firings are a uniform sample of them (tested)."""
+    h = _mix((rows.to(torch.int64) ^ _mix(torch.tensor(seed & _MASK))) & _MASK)
+    return _mix((h + latents.to(torch.int64) * 0x9E3779B1) & _MASK)
 
 
 def _pairs(rows: Tensor, values: Tensor) -> list[tuple[int, float]]:

@@ -61,15 +61,30 @@ def has_views(model: SparseAutoencoder) -> bool:
 class ViewStats:
     """One ReconstructionStats per view of `model` (see `view_pairs`)."""
 
-    def __init__(self, model: SparseAutoencoder):
+    def __init__(self, model: Optional[SparseAutoencoder] = None):
+        """model: the SAE `update` reads the views of; None for an observer of a pass
+        (raysae.scoring), which is handed the model with every chunk and so pickles small."""
         self.model, self.stats = model, {}
 
     @torch.no_grad()
-    def update(self, x: Tensor, out: SAEOutput) -> None:
-        for name, (part, part_hat) in view_pairs(self.model, x, out).items():
+    def update(self, x: Tensor, out: SAEOutput, model: Optional[SparseAutoencoder] = None) -> None:
+        for name, (part, part_hat) in view_pairs(model or self.model, x, out).items():
             if name not in self.stats:
                 self.stats[name] = ReconstructionStats(part.shape[1])
             self.stats[name].update(part, part_hat)
+
+    def observe(self, model: SparseAutoencoder, columns: dict, x: Tensor, out, rows) -> None:
+        """raysae.scoring.Observer."""
+        self.update(x, out, model)
+
+    def merge(self, other: ViewStats) -> ViewStats:
+        """Fold in another share of the rows' views; returns self."""
+        for name, stats in other.stats.items():
+            if name in self.stats:
+                self.stats[name].merge(stats)
+            else:
+                self.stats[name] = stats
+        return self
 
     def compute(
         self, merge: Callable[[ReconstructionStats], ReconstructionStats] = lambda r: r
@@ -95,6 +110,11 @@ def view_metrics(model: SparseAutoencoder, batches: Iterable[Tensor], n_tokens: 
             x = x[: n_tokens - seen].to(model.W_dec.device)
             views.update(x, model(x))
             seen += x.shape[0]
+    return view_report(model, views)
+
+
+def view_report(model: SparseAutoencoder, views: ViewStats) -> dict:
+    """The views' metrics of a pass and the model's `decoder_norm_split` under "decoder_norms/"."""
     split = decoder_norm_split(model)
     return {**views.compute(), **{f"decoder_norms/{k}": v for k, v in split.items()}}
 

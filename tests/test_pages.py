@@ -236,3 +236,43 @@ def test_meta_sae_page_links_into_the_base_report_s_browser(report, tmp_path):
     dom, console = chromium(f"file://{(out / href).resolve()}#latent={latent}")
     assert console == [] and f"<h3>Latent {latent}</h3>" in dom
     assert main([*argv[:2], str(tmp_path / "m2"), "--report", str(tmp_path)]) == 2  # no report
+
+
+def _close(a, b, where: str = "") -> None:
+    """a and b equal as JSON values, floats to 1e-6 relative (sums in another order)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9, nan_ok=True), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _close(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_scoring_on_ray_data_gives_the_local_report(harvested, ray_cluster, tmp_path):
+    """`--scoring ray`: each held-out part folded on a Ray actor (2 of them), the states merged
+    in the driver: the same metrics, baselines, positions and latent browser (top and random
+    contexts, counts, histograms) as the pass in this process."""
+    torch.manual_seed(0)
+    save_sae(build_sae(SAEConfig(d_in=32, n_latents=96, k=4)), tmp_path / "sae")
+    for where in ("local", "ray"):
+        argv = ["eval", str(tmp_path / "sae"), "--data", harvested, "--eval-parts", "2"]
+        argv += ["--kmeans-k", "8", "--by-position", "--report", str(tmp_path / where)]
+        argv += ["--scoring", where, "--out", str(tmp_path / f"{where}.json")]
+        if where == "ray":
+            argv += ["--actors", "2", "--cpus-per-actor", "0.5"]
+        assert main(argv) == 0
+    local, ray = (json.loads((tmp_path / f"{w}.json").read_text()) for w in ("local", "ray"))
+    assert (local["scoring"], ray["scoring"]) == ("in this process", "on Ray Data")
+    assert local["n_tokens"] == ray["n_tokens"] == 600  # two parts of 300 rows
+    for key in ("sae", "baselines", "by_position", "decoder_geometry"):
+        _close(local[key], ray[key], key)
+    shards = [read_js(tmp_path / w / "latents" / "shard-00000.js")[1] for w in ("local", "ray")]
+    _close(*shards, "shard")
+    assert sum(len(d["random"]) for d in shards[0]["latents"].values()) > 96  # samples compared
+    _close(*(read_js(tmp_path / w / "latents" / "tokens.js") for w in ("local", "ray")))

@@ -48,7 +48,9 @@ from raysae import data
 class PartsDatasource(ray.data.Datasource):
     """The parts of one committed dataset as a Ray Data source: one read task per part."""
 
-    def __init__(self, source: data.Dataset, *, shuffle: bool, seed: int | None):
+    def __init__(
+        self, source: data.Dataset, *, shuffle: bool, seed: int | None, row_numbers: bool = False
+    ):
         super().__init__()
         self._projection_map = (
             None  # all columns until Ray pushes a select_columns down (as Ray's own sources do)
@@ -56,6 +58,11 @@ class PartsDatasource(ray.data.Datasource):
         # Not the Dataset itself: its manifest lists every part, and the source is pickled.
         self.read = source.part_reader()
         self.parts, self.shuffle, self.seed = source.parts, shuffle, seed
+        # Each part's first row among the source's parts, in their listed order.
+        offsets = np.cumsum([0] + [part.rows for part in source.parts])
+        self.first_rows = (
+            {part.name: int(o) for part, o in zip(source.parts, offsets)} if row_numbers else None
+        )
         self._executions = 0
 
     def supports_projection_pushdown(self) -> bool:
@@ -77,9 +84,14 @@ class PartsDatasource(ray.data.Datasource):
             parts = [parts[i] for i in rng.permutation(len(parts))]
             self._executions += 1
         columns = self._get_data_columns() or list(data.COLUMNS)
+        columns = [c for c in columns if c != "row"]  # made by `_numbered`, not stored
         return [
             ray.data.ReadTask(
-                functools.partial(self.read, part, columns=tuple(columns)),
+                functools.partial(self.read, part, columns=tuple(columns))
+                if self.first_rows is None
+                else functools.partial(
+                    _numbered, self.read, part, tuple(columns), self.first_rows[part.name]
+                ),
                 BlockMetadata(
                     num_rows=part.rows,
                     size_bytes=part.bytes,
@@ -91,6 +103,14 @@ class PartsDatasource(ray.data.Datasource):
         ]
 
 
+def _numbered(read, part: data.Part, columns: tuple[str, ...], first_row: int):
+    """The part's tables with an int64 `row` column: each row's number among the dataset's rows."""
+    row = first_row
+    for table in read(part, columns=columns):
+        yield table.append_column("row", pa.array(np.arange(row, row + len(table), dtype=np.int64)))
+        row += len(table)
+
+
 def build_dataset(
     source: str | data.Dataset,
     *,
@@ -99,6 +119,7 @@ def build_dataset(
     columns: Sequence[str] = ("act",),
     parts: Sequence[str] | None = None,
     read_cpus: float = 1.0,
+    row_numbers: bool = False,
 ) -> ray.data.Dataset:
     """A lazy Ray Dataset over `source`: a `raysae.data.Dataset` (as opened by the
     command, never reopened here) or a URI, opened and validated first.
@@ -107,16 +128,17 @@ def build_dataset(
     `shuffle_files` (reproducible from `seed`), and only `columns`. `read_cpus` is what
     each read task reserves: below 1 lets reads run beside fractional-CPU Train workers on a
     small machine. There is no separate listing step (the manifest lists the parts), so reads
-    need no CPU beyond their own reservation.
+    need no CPU beyond their own reservation. `row_numbers` adds an int64 `row` column: each
+    row's place among the rows of `parts` in their listed order (raysae.scoring's passes).
     """
     dataset = data.open_dataset(source) if isinstance(source, str) else source
     if parts is not None:
         dataset = dataset.select(parts)
-    reader = PartsDatasource(dataset, shuffle=shuffle_files, seed=seed)
+    reader = PartsDatasource(dataset, shuffle=shuffle_files, seed=seed, row_numbers=row_numbers)
     dataset = ray.data.read_datasource(
         reader, override_num_blocks=len(reader.parts), num_cpus=read_cpus
     )
-    return dataset.select_columns(list(columns))
+    return dataset.select_columns(list(columns) + (["row"] if row_numbers else []))
 
 
 class ActCollateFn(ArrowBatchCollateFn):
