@@ -171,6 +171,55 @@ def train_raysae(
     return reconstruct
 
 
+def run_cli(
+    data: str,
+    eval_parts: int,
+    d: int,
+    n: int,
+    k: int,
+    batch: int,
+    tokens: int,
+    seed: int,
+    threads: int,
+) -> tuple[Reconstruct, float]:
+    """`raysae train CONFIG --local` as a researcher types it, in a fresh process (its own
+    reader, shuffle, init and final evaluation; OMP_NUM_THREADS=threads): the checkpoint's
+    reconstruction and the command's wall time."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from raysae.checkpoint import load_sae
+
+    cfg = {
+        "sae": {"architecture": "topk", "d_in": d, "n_latents": n, "k": k},
+        "train": {"total_tokens": tokens, "batch_size": batch, "seed": seed},
+        "data": {"uri": data, "eval_parts": eval_parts},
+    }
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "run.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        command = [sys.executable, "-m", "raysae", "train", path, "--local", "--out", root]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if done.returncode:
+            raise SystemExit(f"raysae train failed:\n{done.stderr[-3000:]}")
+        model = load_sae(os.path.join(root, "sae"), "cpu")
+    model.eval()
+
+    def reconstruct(x: Tensor):
+        out = model(x)
+        return out.x_hat, TopKActs(
+            (out.sparse.values.reshape(x.shape[0], -1), out.sparse.cols.reshape(x.shape[0], -1))
+        )
+
+    return reconstruct, seconds
+
+
 def _parse(value: str):
     import yaml
 
@@ -316,6 +365,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", default=[], help="raysae ablation run")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument(
+        "--cli",
+        action="store_true",
+        help="also run `raysae train --local` on the same dataset, budget and sizes (its own "
+        "reader and order), timed end to end and scored by the same evaluator",
+    )
+    parser.add_argument(
         "--init",
         choices=("own", "shared"),
         default="own",
@@ -356,6 +411,27 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  {label}: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead "
             f"{metrics['dead']:.3f} ({seconds:.0f} s; load {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+    if args.cli:
+        label = "raysae train --local"
+        reconstruct, seconds = run_cli(
+            args.data,
+            args.eval_parts,
+            d,
+            args.n_latents,
+            args.k,
+            args.batch,
+            tokens,
+            args.seed,
+            args.threads,
+        )
+        metrics = evaluate(Trained(label, reconstruct, args.n_latents, seconds), held)
+        rows.append((label, {}, metrics, seconds))
+        print(
+            f"  {label}: FVU {metrics['fvu']:.4f}, L0 {metrics['l0']:.1f}, dead "
+            f"{metrics['dead']:.3f} ({seconds:.0f} s for the whole command, "
+            f"{tokens / seconds:,.0f} tokens/s; load {os.getloadavg()[0]:.1f})",
             flush=True,
         )
     base = next((m["fvu"] for label, _, m, _ in rows if label == "raysae"), None)

@@ -314,14 +314,18 @@ def train_pack(
     return history
 
 
-def _step_members(members: list[Member], batch: Tensor, global_n: int, world: World) -> None:
-    """One optimizer step of every member on `batch`, and its training metrics."""
+def _step_members(members: list[Member], batch: Tensor, global_n: int, world: World) -> list:
+    """One optimizer step of every member on `batch`, and its training metrics; the members'
+    SAEOutputs."""
     start = members[0].state.tokens + world.rank * batch.shape[0]  # this worker's rows
+    outs = []
     for m in members:
         out = train_step(m.ddp, m.optimizer, batch, m.state, m.train, global_n, world.sync_fired)
         m.recon.update(batch, out.x_hat)
         m.sparsity.update(out.codes, start=start, latent_norms=latent_norms(m.model))
         m.losses = out.losses
+        outs.append(out)
+    return outs
 
 
 class _Cadence:

@@ -42,13 +42,14 @@ def test_raysae_run_and_variant_on_a_small_dataset(tmp_path, capsys):
         [
             "--data", str(tmp_path / "d"), "--eval-parts", "1", "--n-latents", "64", "--k", "4",
             "--batch", "100", "--impls", "raysae", "--variant", "no clip: train.grad_clip=0",
-            "--threads", "1",
+            "--threads", "1", "--cli",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert "2,000 training rows (2,000 trained on, 20 batches of 100), 1,000 held out" in out
     rows = [line for line in out.splitlines() if line.startswith("| raysae")]
-    assert len(rows) == 2 and "train.grad_clip=0" in rows[1]
+    assert len(rows) == 3 and "train.grad_clip=0" in rows[1]
+    assert rows[2].startswith("| raysae train --local |")  # the command, end to end
     fvu = [float(r.split("|")[3]) for r in rows]
     assert all(0 < f < 1 for f in fvu) and fvu[0] != fvu[1]
 

@@ -14,7 +14,16 @@ SIZE = ["--sizes", "32,256,8,128", "--check-only", "--threads", str(torch.get_nu
 def test_one_step_check_passes(capsys):
     load_bench("step").main(SIZE)
     out = capsys.readouterr().out
-    assert "check plain torch" in out and "FAIL" not in out
+    assert "check plain torch" in out and "check raysae loop" in out and "FAIL" not in out
+
+
+def test_timing_prints_the_loop_and_the_gemm_multiples(capsys):
+    """A real (tiny) timed run: the loop's row and raysae's step as a multiple of its GEMM."""
+    size = [a for a in SIZE if a != "--check-only"]
+    load_bench("step").main([*size, "--impls", "raysae loop", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert "| raysae loop |" in out and "| encoder GEMM |" in out
+    assert "raysae ÷ encoder GEMM:" in out and "raysae loop ÷ raysae:" in out
 
 
 def test_one_step_check_fails_for_a_different_k(monkeypatch):
