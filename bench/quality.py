@@ -14,11 +14,11 @@ shuffled with --seed; every trainer takes the same batches of --batch rows in th
 pass (the budget is every whole batch of the training split, or --tokens).
 
 What each trainer does (its defaults, as its own training loop would run them):
-- raysae: `raysae.step.train_step` with `TrainConfig` defaults (lr 2e-4/√(n/2¹⁴), linear decay
+- raysae: `raysae.step.train_step` with `TrainConfig` defaults (lr 4e-4/√(n/2¹⁴), linear decay
   over the last 20 %, grad-norm clip 1.0) and its init (`init_from_sample_` on the first
   `train.init_tokens` rows: input scale, geometric-median b_dec; W_enc = W_dec unit rows).
-- sparsify: `SparseCoder` with the steps of `sparsify.Trainer.fit` (loss FVU, Adam at the same
-  default lr, its linear warm-up over 1,000 steps then linear decay to 0 at the end, b_dec set
+- sparsify: `SparseCoder` with the steps of `sparsify.Trainer.fit` (loss FVU, Adam at its
+  default lr 2e-4/√(n/2¹⁴), its linear warm-up over 1,000 steps then linear decay to 0 at the end, b_dec set
   to the first batch's mean, W_dec renormalised and its parallel gradient removed; no clip).
 - SAELens: `SAETrainer.step` on a `TopKTrainingSAE` with its defaults (decoder rows at norm 0.1,
   W_enc = W_decᵀ, b_dec 0, activations rescaled by the decoder norms, constant lr 3e-4, clip 1.0).

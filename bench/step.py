@@ -157,12 +157,14 @@ def build_raysae(size: Size, init: Init, grad_clip: float, loop: bool = False) -
 
 
 def encoder_gemm(size: Size, init: Init) -> Stepper:
-    """Not a trainer: the encoder's forward GEMM alone (x W_encᵀ + b_enc), the floor of a step."""
+    """Not a trainer: the encoder's forward GEMM alone (x W_encᵀ + b_enc, into one reused
+    output buffer, so no page faults of a fresh (B, n) result either), the floor of a step."""
     W, b = init.W_enc.clone(), init.b_enc.clone()
+    out = torch.empty(size.batch, size.n_latents)
 
     def step(x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            return torch.nn.functional.linear(x, W, b), x
+            return torch.addmm(b, x, W.t(), out=out), x
 
     return Stepper(step, {}, None)
 

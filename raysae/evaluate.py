@@ -1,7 +1,8 @@
 """Evaluate a trained SAE: its metrics, baselines on the same data, decoder geometry; `raysae eval`.
 
 `evaluate` is one pass of the mergeable accumulators (raysae.metrics) over a batch stream; the
-trainer's final evaluation uses it. `evaluate_with_baselines` is the report `raysae eval` prints.
+trainer's final evaluation uses it. `score_with_baselines` is the report `raysae eval` prints
+(`evaluate_with_baselines`: the same over batches in this process).
 It scores the rows the SAE was not trained on (`open_data`: a dataset's held-out parts, as
 training split them, or a toy config's held-out stream; every row on request) and fits the
 baselines on its training rows, so an SAE and its baselines are both judged out of sample:
@@ -11,7 +12,10 @@ baselines on its training rows, so an SAE and its baselines are both judged out 
      given, the SAE's L0 on those (PCA is compared at the same L0);
   2. the scored rows' mean, the reference for FVU_B (per-token ratios need it in advance);
   3. score: the SAE and every baseline (raysae.baselines) through the same ReconstructionStats
-     and SparsityStats over the first n_tokens scored rows.
+     and SparsityStats over the first n_tokens scored rows, each chunk encoded once and also
+     shown to the SAE's observers (views, positions, the latent browser: raysae.scoring).
+
+Passes 2 and 3 run here or on Ray Data actors (`Passes`, `--scoring`); pass 1 runs here.
 
 Pass 3 checks that the scored stream restarted on the same tokens as pass 2. The mean baseline
 predicts the training mean, so its held-out FVU is a little above 1 (exactly 1 in-sample).
@@ -85,7 +89,7 @@ class EvalData:
     """Toy data only: (n_features, d_in) ground-truth feature directions."""
     scored_dataset: Optional[object] = None
     """A dataset's scored rows as a raysae.data.Dataset (None for toy data), for the passes
-    that read its token_id / doc_id / pos columns too (`token_pass`)."""
+    that read its token_id / doc_id / pos columns too, and for `--scoring ray`."""
 
 
 def open_data(

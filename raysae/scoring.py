@@ -159,7 +159,8 @@ class Scorer:
             for name, model in self.models.items():
                 if isinstance(model, SparseAutoencoder):
                     out = model(x.to(model.W_enc.dtype))
-                    x_hat, latents = out.x_hat, out.latents
+                    # The TopK family's sparse latents: no (B, n) tensor for the counts.
+                    x_hat, latents = out.x_hat, out.codes
                 else:
                     x_hat, latents = model(x)
                 state.recon[name].update(x, x_hat)

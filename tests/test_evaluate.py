@@ -244,6 +244,12 @@ def test_toy_data_have_no_all_rows(trained, capsys):
     assert "toy data are endless streams" in capsys.readouterr().err
 
 
+def test_toy_data_are_not_scored_on_ray(trained, capsys):
+    cfg, ckpt = trained
+    assert main(["eval", str(ckpt), "--data", f"toy:{cfg}", "--scoring", "ray"]) == 2
+    assert "toy data are scored here: use --scoring local" in capsys.readouterr().err
+
+
 def test_toy_config_of_another_width_is_named(trained, tmp_path, capsys):
     _, ckpt = trained
     other = tmp_path / "other.yaml"
