@@ -84,17 +84,31 @@ def stdlib_docstrings() -> Iterator[str]:
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
     # Parsed on a thread of its own: CPython 3.11's AST conversion can fail with "SystemError: AST
     # constructor recursion depth mismatch" when called deep in a call stack (seen under pytest's
-    # fixtures); a fresh thread starts with a shallow stack.
+    # fixtures); a fresh thread starts with a shallow stack. It also fails at random while
+    # another thread converts an AST (python/cpython#106905: the depth counter is shared), which
+    # no stack helps; `_parse` then parses again.
     with concurrent.futures.ThreadPoolExecutor(1) as parser:
         for path in sorted(root.rglob("*.py")):
             if skip & set(path.relative_to(root).parts):
                 continue
             try:
                 text = path.read_text(encoding="utf-8")
-                tree = parser.submit(ast.parse, text).result()
+                tree = parser.submit(_parse, text).result()
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue  # a few stdlib files are deliberately malformed
             yield from _docstrings(tree)
+
+
+def _parse(text: str, attempts: int = 5) -> ast.AST:
+    """ast.parse, again after CPython 3.11's spurious "recursion depth mismatch" SystemError
+    (python/cpython#106905: a race with other threads; the same text parses on a retry)."""
+    for attempt in range(attempts):
+        try:
+            return ast.parse(text)
+        except SystemError as e:
+            if "recursion depth mismatch" not in str(e) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _docstrings(tree: ast.AST) -> Iterator[str]:

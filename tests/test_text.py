@@ -92,3 +92,36 @@ def test_hub_corpus_without_datasets_package_is_explained(monkeypatch) -> None:
 def test_stdlib_corpus_is_docstrings() -> None:
     documents = list(itertools.islice(text.stdlib_docstrings(), 50))
     assert len(documents) == 50 and all(isinstance(d, str) and d.strip() for d in documents)
+
+
+def test_parse_retries_cpython_s_spurious_depth_mismatch(monkeypatch) -> None:
+    """python/cpython#106905 fails a parse at random in a threaded 3.11 process; the same text
+    parses again. Other SystemErrors, and a mismatch that keeps coming, still raise."""
+    import ast
+
+    from raysae import text
+
+    real, calls = ast.parse, []
+
+    def flaky(source):
+        calls.append(source)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=18, after=75)")
+        return real(source)
+
+    monkeypatch.setattr(text.ast, "parse", flaky)
+    assert isinstance(text._parse("x = 1"), ast.Module) and len(calls) == 2
+
+    def always(source):
+        raise SystemError("AST constructor recursion depth mismatch (before=1, after=2)")
+
+    monkeypatch.setattr(text.ast, "parse", always)
+    with pytest.raises(SystemError, match="depth mismatch"):
+        text._parse("x = 1")
+
+    def other(source):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(text.ast, "parse", other)
+    with pytest.raises(SystemError, match="something else"):
+        text._parse("x = 1", attempts=5)
