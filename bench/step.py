@@ -72,7 +72,7 @@ class Size:
 
     @property
     def lr(self) -> float:
-        """2e-4 / sqrt(n_latents / 2^14): the default of raysae and sparsify, given to all."""
+        """2e-4 / sqrt(n_latents / 2^14): sparsify's default (raysae's is twice it), given to all."""
         return 2e-4 / math.sqrt(self.n_latents / 2**14)
 
 

@@ -84,7 +84,7 @@ FIELD_DOCS: dict[str, dict[str, str]] = {
     'raysae.config.TrainConfig': {
         'total_tokens': 'Training budget in tokens (activation rows).',
         'batch_size': 'Tokens per optimizer step (summed over workers in distributed runs).',
-        'lr': 'Adam learning rate; None means 2e-4 / sqrt(n_latents / 2^14) (sparsify, dictionary_learning).',
+        'lr': 'Adam learning rate; None means 4e-4 / sqrt(n_latents / 2^14): the 1/sqrt(n) scaling of\n    Gao et al. 2024 (sparsify\'s rule) at twice sparsify\'s constant, which trained lower held-out\n    FVU at every size and budget measured (BENCHMARKS.md, "Held-out quality"); below SAELens\'s\n    fixed 3e-4 from 29,128 latents up.',
         'adam_betas': "Adam's (beta1, beta2).",
         'warmup_tokens': 'Linear learning-rate warm-up from 0 over this many tokens.',
         'decay_fraction': 'Linear learning-rate decay to 0 over the last fraction of the budget (0 disables).',

@@ -57,7 +57,7 @@ def test_numbers_from_yaml_strings_and_whole_floats():
 def test_derived_values_are_computed_not_stored():
     cfg = SAEConfig(d_in=64, n_latents=128)
     assert cfg.effective_k_aux == 32
-    assert TrainConfig().effective_lr(2**16) == pytest.approx(1e-4)
+    assert TrainConfig().effective_lr(2**16) == pytest.approx(2e-4)  # 4e-4 / sqrt(4)
 
 
 def test_round_trip_through_dict():
