@@ -283,17 +283,26 @@ def evaluate(
     n_tokens: int,
     reference_mean: Optional[Tensor] = None,
     dead_window: Optional[int] = None,
+    views: bool = False,
 ) -> dict:
-    """Reconstruction and sparsity metrics of `model` (in inference mode) on up to n_tokens rows.
+    """Reconstruction and sparsity metrics of `model` (in inference mode) on up to n_tokens rows;
+    with `views`, also a crosscoder's or Matryoshka SAE's (raysae.views) from the same encoding.
 
     dead_window defaults to n_tokens: a latent is dead if it never fired during the evaluation.
     """
+    observers = _WithViews(dict, views and has_views(model))
+    scorer = Scorer(
+        {"sae": model}, model.cfg.d_in, reference_mean, dead_window or n_tokens, observers
+    )
     with model.evaluating():
         rows = take(batches, n_tokens, model.cfg.d_in, model.W_dec.device)
-        recon, sparsity = score(
-            {"sae": model}, rows, model.cfg.d_in, reference_mean, dead_window or n_tokens
-        )["sae"]
-    return {**recon.compute(), **sparsity.compute()}
+        state, seen = run_local(scorer, ({"act": x} for x in rows), sys.maxsize)
+    if not seen:
+        raise DataSourceError("the evaluation stream is empty: no batches to evaluate on")
+    metrics = {**state.recon["sae"].compute(), **state.sparsity["sae"].compute()}
+    if "views" in state.observers:
+        metrics.update(view_report(model, state.observers["views"]))
+    return metrics
 
 
 def data_mean(batches: Iterable[Tensor], n_tokens: int, d_in: int) -> Tensor:

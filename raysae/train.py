@@ -59,7 +59,7 @@ from raysae.synthetic import (
     toy_directions,
 )
 from raysae.tracking import Session, member_runs, reachable, resolve
-from raysae.views import has_views, summary_lines, view_metrics
+from raysae.views import summary_lines
 
 TRACKING_EXPERIMENT = "raysae-train"
 """The trackers' experiment (MLflow's; the W&B group) of `raysae train` runs, unless set."""
@@ -329,11 +329,9 @@ def run_single_process(
         )
         wall = time.perf_counter() - t0
         # FVU_B is measured about the held-out data's own mean (a first pass over it).
-        metrics = evaluate(
-            model, held_out(), n_eval, reference_mean=data_mean(held_out(), n_eval, cfg.sae.d_in)
-        )
-        if has_views(model):  # a crosscoder's FVU per source, a Matryoshka SAE's per prefix
-            metrics.update(view_metrics(model, held_out(), n_eval))
+        # With a crosscoder's FVU per source, a Matryoshka SAE's per prefix (one encoding).
+        reference = data_mean(held_out(), n_eval, cfg.sae.d_in)
+        metrics = evaluate(model, held_out(), n_eval, reference_mean=reference, views=True)
         result = finish(
             model, cfg, out, history, wall, metrics, directions, log=log, resumable=False
         )
