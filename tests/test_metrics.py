@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, example, given, note
+from hypothesis import assume, example, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, rule
 from strategies import (
@@ -683,3 +683,29 @@ def _latents_like(data, b, n_latents):
 
 
 TestAccumulatorMachine = AccumulatorMachine.TestCase
+
+
+@settings(max_examples=30, deadline=None)
+@given(activations(), st.data(), st.integers(1, 5))
+def test_cpu_row_blocks_give_the_whole_batch_result(x, data, rows):
+    """On CPU ReconstructionStats works through a batch in row blocks (cache-sized float64
+    temporaries); any block size gives the one-block result and the numpy reference."""
+    import raysae.metrics as metrics
+
+    x_hat = data.draw(reconstructions(x))
+    ref = x.to(F64).mean(0)
+    whole = stats_of(x, x_hat, ref)
+    saved = metrics._BLOCK_ELEMENTS
+    try:
+        metrics._BLOCK_ELEMENTS = rows * x.shape[1]
+        blocked = stats_of(x, x_hat, ref)
+    finally:
+        metrics._BLOCK_ELEMENTS = saved
+    cond = rrb_condition(x, x_hat)
+    assert_metrics_close(blocked, whole, rel=1e-9, rrb_condition=cond)
+    assert_metrics_close(
+        blocked,
+        reference_reconstruction(x.to(F64), x_hat.to(F64), ref.numpy()),
+        rel=1e-8,
+        rrb_condition=cond,
+    )
