@@ -113,6 +113,22 @@ def test_parallel_gradient_component_is_removed():
     torch.testing.assert_close(dots, torch.zeros(N), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("block_rows", [1, 3, N - 1, N])
+def test_parallel_gradient_removal_in_row_blocks_is_the_plain_projection(monkeypatch, block_rows):
+    # The CPU path works in row blocks; any block size (a ragged last block included) must give
+    # g − (g·w) w row by row, as computed here in one piece in float64.
+    import raysae.saes.base as base
+
+    monkeypatch.setattr(base, "_DOT_BLOCK_ELEMENTS", block_rows * D)
+    model = make("topk")
+    grad = torch.randn(N, D, generator=torch.Generator().manual_seed(block_rows))
+    model.W_dec.grad = grad.clone()
+    model.remove_parallel_decoder_grad_()
+    g, w = grad.double(), model.W_dec.detach().double()
+    expected = g - (g * w).sum(-1, keepdim=True) * w
+    torch.testing.assert_close(model.W_dec.grad.double(), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_topk_at_most_k_per_token_and_batch_independent():
     model, x = trained("topk")
     latents = model(x).latents

@@ -5,7 +5,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from raysae.saes.sparse import dense_topk_encode, ragged_decode, sparse_decode, topk_encode
+from raysae.saes import sparse
+from raysae.saes.sparse import (
+    dense_topk_encode,
+    ragged_decode,
+    row_topk,
+    sparse_decode,
+    topk_encode,
+)
 
 
 def test_sparse_decode_equals_dense(seeded):
@@ -34,8 +41,10 @@ def test_ragged_decode_equals_dense(seeded):
     torch.testing.assert_close(out, latents @ W)
 
 
-def test_topk_encode_backward_equals_dense_autograd(seeded):
-    B, n, d, k = 32, 96, 16, 6
+# n=96 takes torch.topk (too few groups of 16 for k=6), n=512 the grouped row_topk.
+@pytest.mark.parametrize("n", [96, 512])
+def test_topk_encode_backward_equals_dense_autograd(seeded, n):
+    B, d, k = 32, 16, 6
     x = torch.randn(B, d, requires_grad=True)
     W = torch.randn(n, d, requires_grad=True)
     b = torch.randn(n, requires_grad=True)
@@ -54,6 +63,43 @@ def test_topk_encode_backward_equals_dense_autograd(seeded):
     ref = torch.autograd.grad(ref_vals, (x, W, b), g_ref)
     for a, r in zip(fast, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@given(
+    rows=st.integers(1, 6),
+    groups=st.integers(4, 40),
+    k=st.integers(1, 10),
+    distinct=st.sampled_from([2, 5, 1000]),
+    seed=st.integers(0, 2**16),
+)
+def test_row_topk_gives_torch_topk_values_ties_included(rows, groups, k, distinct, seed):
+    # Few distinct values make ties the rule: the grouped top-k must still return the row's k
+    # largest values (as a multiset), at k distinct columns that hold them.
+    n = sparse._TOPK_GROUP * groups
+    gen = torch.Generator().manual_seed(seed)
+    pre = torch.randint(0, distinct, (rows, n), generator=gen).float() - distinct / 2
+    pre[:, : n // 3] += torch.randn(rows, n // 3, generator=gen)  # some rows' columns untied
+    k = min(k, n)
+    values, indices = row_topk(pre, k)
+    expected, _ = pre.topk(k, dim=-1)
+    assert torch.equal(values.sort(-1).values, expected.sort(-1).values)
+    assert torch.equal(pre.gather(1, indices), values)
+    assert all(len(set(row.tolist())) == k for row in indices)
+
+
+def test_row_topk_grouped_path_is_taken_where_it_applies(monkeypatch):
+    # The grouped path runs (not a silent fallback) for n = 16·m with m ≥ 4k, and not otherwise.
+    calls = []
+    real_amax = torch.Tensor.amax
+    monkeypatch.setattr(
+        torch.Tensor, "amax", lambda t, *a, **kw: calls.append(t.shape) or real_amax(t, *a, **kw)
+    )
+    row_topk(torch.randn(3, 16 * 8), 2)
+    assert calls == [(3, 16, 8)]
+    calls.clear()
+    row_topk(torch.randn(3, 16 * 8), 3)  # m = 8 < 4k = 12
+    row_topk(torch.randn(3, 100), 2)  # n not a multiple of 16
+    assert calls == []
 
 
 def test_topk_encode_relu_zeroes_negative_selections():

@@ -102,6 +102,35 @@ def _pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     return torch.addmm(b_enc, x, W_enc.t(), out=buffer)
 
 
+_TOPK_GROUP = 16
+"""Elements per group of `row_topk`'s first pass (the fastest of 4-64 at all three sizes measured)."""
+
+
+def row_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`pre.topk(k, dim=-1, sorted=False)` for (B, n) pre-activations, in two small top-ks.
+
+    Column j's group is {j, j + m, j + 2m, …} (m = n / 16, so each group max is a max over
+    rows of a (16, m) view: contiguous, vectorised). The maxima of the k groups with the largest
+    maxima are k values in those groups that are at least as large as every value outside them,
+    so the top k of those groups' k·16 values are the top k of the row: the values torch.topk
+    returns, ties included (which of several equal values is picked may differ, as it may
+    between torch versions). On the CPU, where torch.topk spends ~3 ns per element, this took
+    30 → 23 ms at (4096, 4608), k=32; 50 → 31 ms at (2048, 16384), k=64; 31 → 12 ms at
+    (256, 131072), k=64 (2 threads). Elsewhere, or when n does not split into at least 4k
+    groups, it is torch.topk itself.
+    """
+    B, n = pre.shape
+    m = n // _TOPK_GROUP
+    if pre.device.type != "cpu" or n % _TOPK_GROUP or m < 4 * k:
+        return pre.topk(k, dim=-1, sorted=False)
+    groups = pre.reshape(B, _TOPK_GROUP, m)
+    _, best = groups.amax(1).topk(k, dim=-1, sorted=False)  # (B, k) group ids
+    candidates = groups.gather(2, best.unsqueeze(1).expand(B, _TOPK_GROUP, k))
+    values, j = candidates.reshape(B, _TOPK_GROUP * k).topk(k, dim=-1, sorted=False)
+    # Candidate j is element j // k of group best[j % k], i.e. column (j // k)·m + best[j % k].
+    return values, torch.div(j, k, rounding_mode="floor") * m + best.gather(1, j % k)
+
+
 class _TopKEncode(torch.autograd.Function):
     """relu(topk(x W_encᵀ + b_enc)) with a backward that only visits the k chosen latents."""
 
@@ -110,7 +139,7 @@ class _TopKEncode(torch.autograd.Function):
         # Unused outputs get None, not a dense zero gradient, in backward.
         ctx.set_materialize_grads(False)
         pre = _pre_activations(x, W_enc, b_enc)
-        values, indices = pre.topk(k, dim=-1, sorted=False)
+        values, indices = row_topk(pre, k)
         values = values.relu()
         ctx.save_for_backward(x, W_enc, indices, values)
         ctx.mark_non_differentiable(indices)
