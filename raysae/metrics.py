@@ -164,8 +164,8 @@ class ReconstructionStats:
         x, x_hat = x.detach(), x_hat.detach()
         # On CPU, in row blocks of about a megabyte of float64: the whole batch's float64 copies
         # and temporaries (19 MB each at B=4096, d=576) were fresh allocations that page-faulted
-        # on every step, 30 ms a batch against 4 ms in blocks (BENCHMARKS.md, "Loop per-batch
-        # work"). Each block is exact float64 arithmetic; the blocks' sums and Chan-merged
+        # on every step, 30–45 ms a batch against 9–14 ms in blocks (BENCHMARKS.md, "Loop
+        # per-batch work"). Each block is exact float64 arithmetic; the blocks' sums and Chan-merged
         # moments equal the one-block result up to float64 rounding. A GPU takes the batch whole.
         rows = x.shape[0] if x.device.type != "cpu" else max(1, _BLOCK_ELEMENTS // self.d_in)
         batch = None
