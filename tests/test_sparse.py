@@ -65,6 +65,38 @@ def test_topk_encode_backward_equals_dense_autograd(seeded, n):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x_needs_grad", [False, True])
+@pytest.mark.parametrize("use_pre", [False, True])
+def test_topk_encode_centre_gradients_equal_dense_autograd(seeded, x_needs_grad, use_pre):
+    # The centre's gradient is formed from the b_enc gradient (no input gradient when the data
+    # needs none); it and every other gradient must equal plain autograd through x − centre,
+    # also when the dense pre-activations feed the loss too (AuxK's path).
+    B, n, d, k = 24, 512, 16, 5
+    x = torch.randn(B, d, requires_grad=x_needs_grad)
+    W = torch.randn(n, d, requires_grad=True)
+    b = torch.randn(n, requires_grad=True)
+    centre = torch.randn(d, requires_grad=True)
+    inputs = (W, b, centre) + ((x,) if x_needs_grad else ())
+    weights = torch.randn(B, k)
+    pre_weights = torch.randn(B, n)
+
+    vals, idx, pre = topk_encode(x, W, b, k, centre)
+    order = idx.argsort(-1)  # weight each token's chosen latents in latent order, both paths
+    loss = (vals.gather(1, order) * weights).sum() + ((pre * pre_weights).sum() if use_pre else 0.0)
+    fast = torch.autograd.grad(loss, inputs)
+
+    ref_pre = torch.nn.functional.linear(x - centre, W, b)
+    ref_vals, ref_idx = ref_pre.topk(k, dim=-1, sorted=False)
+    assert torch.equal(idx.sort(-1).values, ref_idx.sort(-1).values)
+    ref_order = ref_idx.argsort(-1)
+    ref_loss = (ref_vals.relu().gather(1, ref_order) * weights).sum() + (
+        (ref_pre * pre_weights).sum() if use_pre else 0.0
+    )
+    ref = torch.autograd.grad(ref_loss, inputs)
+    for name, a, r in zip(("W_enc", "b_enc", "centre", "x"), fast, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4, msg=name)
+
+
 @given(
     rows=st.integers(1, 6),
     groups=st.integers(4, 40),

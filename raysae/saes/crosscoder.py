@@ -46,7 +46,7 @@ class CrosscoderSAE(SparseAutoencoder):
     def _encode_scaled(self, x_s: Tensor) -> Tensor:
         if self.cfg.crosscoder_sparsity == "relu":
             return F.relu(self._pre(x_s))
-        values, indices, _ = topk_encode(x_s - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        values, indices, _ = topk_encode(x_s, self.W_enc, self.b_enc, self.cfg.k, self.b_dec)
         return values.new_zeros(x_s.shape[0], self.cfg.n_latents).scatter_(1, indices, values)
 
     def _forward_scaled(self, x_s, dead_mask):
@@ -54,7 +54,7 @@ class CrosscoderSAE(SparseAutoencoder):
             latents = F.relu(self._pre(x_s))
             l1 = (latents * self.source_norms().sum(-1)).sum(-1).mean()
             return self._decode_scaled(latents), latents, {"l1": l1}
-        values, indices, pre = topk_encode(x_s - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        values, indices, pre = topk_encode(x_s, self.W_enc, self.b_enc, self.cfg.k, self.b_dec)
         x_hat_s = sparse_decode(indices, values, self.W_dec) + self.b_dec
         latents = SparseLatents.from_topk(indices, values, self.cfg.n_latents)
         return x_hat_s, latents, auxk_losses(self, pre, dead_mask, x_s, x_hat_s)

@@ -47,13 +47,13 @@ def auxk_loss(
 
 class TopKSAE(SparseAutoencoder):
     def _encode_scaled(self, x_s: Tensor) -> Tensor:
-        values, indices, _ = topk_encode(x_s - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        values, indices, _ = topk_encode(x_s, self.W_enc, self.b_enc, self.cfg.k, self.b_dec)
         return torch.zeros(
             x_s.shape[0], self.cfg.n_latents, dtype=values.dtype, device=values.device
         ).scatter_(1, indices, values)
 
     def _forward_scaled(self, x_s, dead_mask):
-        values, indices, pre = topk_encode(x_s - self.b_dec, self.W_enc, self.b_enc, self.cfg.k)
+        values, indices, pre = topk_encode(x_s, self.W_enc, self.b_enc, self.cfg.k, self.b_dec)
         x_hat_s = sparse_decode(indices, values, self.W_dec) + self.b_dec
         latents = SparseLatents.from_topk(indices, values, self.cfg.n_latents)
         return x_hat_s, latents, auxk_losses(self, pre, dead_mask, x_s, x_hat_s)
