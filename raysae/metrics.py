@@ -91,6 +91,20 @@ class Moments:
         scatter = centred.T @ centred if self.full else centred.pow(2).sum()
         self._combine(x.shape[0], mean, scatter)
 
+    @torch.no_grad()
+    def update_from_groups(self, counts: Tensor, means: Tensor, scatters: Tensor) -> None:
+        """Fold in groups of rows given by their counts (g,), means (g, d) and scatters (g,)
+        (full=False only): the batch's mean is the count-weighted mean of the groups' means and
+        its scatter Σ scatter_g + Σ n_g ‖x̄_g − x̄‖², a sum of non-negative terms."""
+        if self.full:
+            raise ValueError("update_from_groups needs Moments(d, full=False)")
+        n = int(counts.sum())
+        if n == 0:
+            return
+        mean = (counts[:, None] * means).sum(0) / n
+        scatter = scatters.sum() + (counts * (means - mean).pow(2).sum(-1)).sum()
+        self._combine(n, mean, scatter)
+
     def merge(self, other: "Moments") -> "Moments":
         """Fold `other` into self; returns self."""
         if (other.d, other.full) != (self.d, self.full):
@@ -164,33 +178,47 @@ class ReconstructionStats:
         x, x_hat = x.detach(), x_hat.detach()
         # On CPU, in row blocks of about a megabyte of float64: the whole batch's float64 copies
         # and temporaries (19 MB each at B=4096, d=576) were fresh allocations that page-faulted
-        # on every step, 30–45 ms a batch against 9–14 ms in blocks (BENCHMARKS.md, "Loop
-        # per-batch work"). Each block is exact float64 arithmetic; the blocks' sums and Chan-merged
-        # moments equal the one-block result up to float64 rounding. A GPU takes the batch whole.
-        rows = x.shape[0] if x.device.type != "cpu" else max(1, _BLOCK_ELEMENTS // self.d_in)
-        batch = None
-        for lo in range(0, x.shape[0], rows):
-            part = self._sums_of(x[lo : lo + rows], x_hat[lo : lo + rows])
-            batch = part if batch is None else batch + part
-        self.sums = self.sums.to(x.device) + batch
-
-    def _sums_of(self, x: Tensor, x_hat: Tensor) -> Tensor:
-        """The SUMS of rows x, x_hat (in float64); folds x into self.moments."""
-        x, x_hat = x.to(torch.float64), x_hat.to(torch.float64)
-        err = (x - x_hat).pow_(2).sum(-1)
-        dot = (x * x_hat).sum(-1)
-        x_norm, xhat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
+        # on every step, 30–45 ms a batch against 7–11 ms in blocks (BENCHMARKS.md, "Loop
+        # per-batch work"). Only the (rows, d) passes run per block, writing per-row norms and
+        # products into (B,) vectors and each block's mean and scatter; everything after them
+        # runs once per batch on those vectors (per-op dispatch, not arithmetic, was most of a
+        # block's cost). Each block is exact float64 arithmetic; the blocks' moments combine
+        # exactly (Moments.update_from_groups). A GPU takes the batch whole (one block).
+        B = x.shape[0]
+        rows = B if x.device.type != "cpu" else max(1, _BLOCK_ELEMENTS // self.d_in)
+        f64 = dict(dtype=torch.float64, device=x.device)
+        err, dot, x_norm, xhat_norm, spread = torch.empty(5, B, **f64)
+        starts = range(0, B, rows)
+        means = torch.empty(len(starts), self.d_in, **f64)
+        scatters = torch.empty(len(starts), **f64)
+        reference = None if self.reference_mean is None else self.reference_mean.to(x.device)
+        norm = torch.linalg.vector_norm
+        for i, lo in enumerate(starts):
+            hi = min(lo + rows, B)
+            xb, hb = x[lo:hi].to(torch.float64), x_hat[lo:hi].to(torch.float64)
+            # Squared norms as vector_norm(...)² (squared below): one fused pass, no temporary.
+            norm(xb - hb, dim=-1, out=err[lo:hi])
+            torch.sum(xb * hb, -1, out=dot[lo:hi])
+            norm(xb, dim=-1, out=x_norm[lo:hi])
+            norm(hb, dim=-1, out=xhat_norm[lo:hi])
+            if reference is not None:
+                norm(xb - reference, dim=-1, out=spread[lo:hi])
+            torch.mean(xb, 0, out=means[i])
+            norm(xb - means[i], out=scatters[i])
+        err.pow_(2)
+        self.moments.update_from_groups(
+            torch.tensor([min(rows, B - lo) for lo in starts], **f64), means, scatters.pow_(2)
+        )
         nonzero = x_norm > 0
-        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        zero = torch.zeros((), **f64)
         fvu_b, n_fvu_b = zero, zero
-        if self.reference_mean is not None:
-            spread = (x - self.reference_mean.to(x.device)).pow_(2).sum(-1)
+        if reference is not None:
+            spread.pow_(2)
             fvu_b = torch.where(spread > 0, err / spread.clamp_min(_TINY), 0.0).sum()
             n_fvu_b = (spread > 0).sum().to(torch.float64)
         cos = dot / (x_norm * xhat_norm).clamp_min(_TINY)
         l2_ratio = torch.where(nonzero, xhat_norm / x_norm.clamp_min(_TINY), 0.0)
-        self.moments.update(x)
-        return torch.stack(
+        batch = torch.stack(
             [
                 err.sum(),
                 fvu_b,
@@ -202,6 +230,7 @@ class ReconstructionStats:
                 dot.sum(),
             ]
         )
+        self.sums = self.sums.to(x.device) + batch
 
     def merge(self, other: "ReconstructionStats") -> "ReconstructionStats":
         """Fold `other` into self (order-independent up to float64 rounding); returns self."""
