@@ -92,13 +92,13 @@ class Moments:
         self._combine(x.shape[0], mean, scatter)
 
     @torch.no_grad()
-    def update_from_groups(self, counts: Tensor, means: Tensor, scatters: Tensor) -> None:
-        """Fold in groups of rows given by their counts (g,), means (g, d) and scatters (g,)
-        (full=False only): the batch's mean is the count-weighted mean of the groups' means and
-        its scatter Σ scatter_g + Σ n_g ‖x̄_g − x̄‖², a sum of non-negative terms."""
+    def update_from_groups(self, n: int, counts: Tensor, means: Tensor, scatters: Tensor) -> None:
+        """Fold in groups of n rows in all, given by their counts (g,), means (g, d) and
+        scatters (g,) (full=False only): the rows' mean is the count-weighted mean of the
+        groups' means and their scatter Σ scatter_g + Σ n_g ‖x̄_g − x̄‖², a sum of non-negative
+        terms. `n` is passed, not summed from `counts`, so nothing waits for a device."""
         if self.full:
             raise ValueError("update_from_groups needs Moments(d, full=False)")
-        n = int(counts.sum())
         if n == 0:
             return
         mean = (counts[:, None] * means).sum(0) / n
@@ -206,9 +206,9 @@ class ReconstructionStats:
             torch.mean(xb, 0, out=means[i])
             norm(xb - means[i], out=scatters[i])
         err.pow_(2)
-        self.moments.update_from_groups(
-            torch.tensor([min(rows, B - lo) for lo in starts], **f64), means, scatters.pow_(2)
-        )
+        counts = torch.full((len(starts),), float(rows), **f64)
+        counts[-1] = B - starts[-1]  # the last block may be short
+        self.moments.update_from_groups(B, counts, means, scatters.pow_(2))
         nonzero = x_norm > 0
         zero = torch.zeros((), **f64)
         fvu_b, n_fvu_b = zero, zero
