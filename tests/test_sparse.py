@@ -119,6 +119,18 @@ def test_row_topk_gives_torch_topk_values_ties_included(rows, groups, k, distinc
     assert all(len(set(row.tolist())) == k for row in indices)
 
 
+def test_row_topk_keeps_nan_and_inf_where_torch_topk_does():
+    # Diverged pre-activations must surface in the values (and so in the loss, which stops the
+    # run), never be skipped by the grouping: NaN and +Inf are picked first, as by torch.topk.
+    pre = torch.randn(3, sparse._TOPK_GROUP * 8)
+    pre[1, 37], pre[2, 5] = float("nan"), float("inf")
+    values, indices = row_topk(pre, 2)
+    assert values[1].isnan().any() and 37 in indices[1].tolist()
+    assert values[2].isinf().any() and 5 in indices[2].tolist()
+    expected, _ = pre[0].topk(2)
+    assert torch.equal(values[0].sort().values, expected.sort().values)
+
+
 def test_row_topk_grouped_path_is_taken_where_it_applies(monkeypatch):
     # The grouped path runs (not a silent fallback) for n = 16·m with m ≥ 4k, and not otherwise.
     calls = []
